@@ -1,0 +1,1 @@
+"""BuildKit gateway frontend (`# syntax=REGISTRY/lazybuild`): Dockerfile -> LLB. See ARCHITECTURE.md."""

@@ -1,0 +1,183 @@
+"""The `lazybuild` command line. Subcommands print results on stdout and people-facing errors on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import stat
+import sys
+
+from . import __version__
+from . import estargz
+
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMG]i?B?)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`4194304`, `4MiB`, `512Ki` -> bytes."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4194304 or 4MiB)")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    size = int(m.group(1)) * _UNITS[unit]
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return size
+
+
+def read_prioritized_files(path: str) -> list[str]:
+    """One path per line, or the NDJSON access record `{"path": ...}` that `lazybuild mount --record` writes."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    line = json.loads(line)["path"]
+                except (ValueError, KeyError, TypeError):
+                    raise SystemExit(f"lazybuild: error: {path}:{lineno}: expected a path or {{\"path\": ...}}")
+            out.append(line)
+    return out
+
+
+def _progress(total: int, label: str):
+    """A progress bar on a terminal; nothing in CI or when stderr is a file."""
+    if not sys.stderr.isatty() or os.environ.get("CI"):
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
+    return bar.update, bar.close
+
+
+def cmd_layer_convert(args) -> int:
+    prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else []
+    total = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else 0
+    update, close = _progress(total, os.path.basename(args.input))
+    try:
+        blob = estargz.convert_file(
+            args.input,
+            args.output,
+            compression="zstd" if args.zstd else "gzip",
+            level=args.level,
+            chunk_size=args.chunk_size,
+            prioritized_files=prioritized,
+            allow_prioritized_not_found=args.allow_missing_prioritized,
+            progress=update,
+        )
+    finally:
+        close()
+    for path in blob.missed_prioritized:
+        print(f"lazybuild: warning: prioritized file {path!r} is not in the layer", file=sys.stderr)
+    print(json.dumps(blob.to_json(), indent=None))
+    return 0
+
+
+def cmd_layer_verify(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        files = r.verify(args.toc_digest)
+        print(f"ok: {args.blob}: {r.kind} eStargz, {len(r.entries)} TOC entries, {files} files verified, TOC {r.toc_digest}")
+    if not args.toc_digest:
+        print("lazybuild: note: no --toc-digest given: chunks were checked against the TOC, the TOC against nothing", file=sys.stderr)
+    return 0
+
+
+def _mode_string(e: estargz.TOCEntry) -> str:
+    kind = {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p", "hardlink": "h"}.get(e.type, "-")
+    return kind + stat.filemode(e.mode & 0o7777)[1:]
+
+
+def cmd_layer_ls(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        for e in r.entries:
+            if e.type == "chunk" and not args.chunks:
+                continue
+            if args.json:
+                d = e.to_go_dict()
+                d["path"] = e.path
+                if e.is_payload():
+                    d["compressedRange"] = list(r.compressed_range(e))
+                print(json.dumps(d, ensure_ascii=False))
+                continue
+            owner = f"{e.user_name or e.uid}:{e.group_name or e.gid}"
+            size = f"{e.dev_major},{e.dev_minor}" if e.type in ("char", "block") else str(e.chunk_size if e.type == "chunk" else e.size)
+            name = e.path + ("/" if e.type == "dir" and e.path else "")
+            link = f" -> {e.link_name}" if e.type == "symlink" else f" link to {e.link_name}" if e.type == "hardlink" else ""
+            extra = f" @{e.chunk_offset}" if e.type == "chunk" else ""
+            print(f"{_mode_string(e)} {owner:>15} {size:>10} {name or '.'}{link}{extra}")
+    return 0
+
+
+def cmd_layer_extract(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        if args.toc_digest:
+            r.verify_toc(args.toc_digest)
+        warnings = estargz.extract(r, args.dir)
+    for w in warnings:
+        print(f"lazybuild: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
+    p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    layer = sub.add_parser("layer", help="convert, verify, list and extract single eStargz layers")
+    lsub = layer.add_subparsers(dest="layer_command", required=True)
+
+    c = lsub.add_parser("convert", help="tar (plain, gzip or zstd) -> eStargz; prints the blob's digests as JSON")
+    c.add_argument("input", metavar="IN.tar", help="input tar, plain/gzip/zstd, or - for stdin")
+    c.add_argument("output", metavar="OUT", help="output blob (written under a temporary name, then renamed)")
+    c.add_argument("--zstd", action="store_true", help="eStargz with zstd (application/vnd.oci.image.layer.v1.tar+zstd)")
+    c.add_argument("--chunk-size", type=parse_size, default=estargz.DEFAULT_CHUNK_SIZE, metavar="N",
+                   help="payload chunk size (default 4MiB)")
+    c.add_argument("--level", type=int, default=None, metavar="L", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
+    c.add_argument("--prioritized-files", metavar="FILE",
+                   help="paths to put first, before .prefetch.landmark: one per line, or NDJSON {\"path\": ...}")
+    c.add_argument("--allow-missing-prioritized", action="store_true",
+                   help="warn instead of failing when a prioritized path is not in the layer")
+    c.set_defaults(func=cmd_layer_convert)
+
+    v = lsub.add_parser("verify", help="check the TOC digest and every chunk digest; exit 0 only if all verify")
+    v.add_argument("blob", metavar="BLOB")
+    v.add_argument("--toc-digest", metavar="D", help="expected TOC digest (the containerd.io/snapshot/stargz/toc.digest annotation)")
+    v.set_defaults(func=cmd_layer_verify)
+
+    ls = lsub.add_parser("ls", help="list TOC entries")
+    ls.add_argument("blob", metavar="BLOB")
+    ls.add_argument("--json", action="store_true", help="one JSON object per entry, with its compressed byte range")
+    ls.add_argument("--chunks", action="store_true", help="also list chunk entries")
+    ls.set_defaults(func=cmd_layer_ls)
+
+    x = lsub.add_parser("extract", help="unpack a layer into a directory (every byte verified)")
+    x.add_argument("blob", metavar="BLOB")
+    x.add_argument("dir", metavar="DIR")
+    x.add_argument("--toc-digest", metavar="D", help="refuse the layer unless its TOC has this digest")
+    x.set_defaults(func=cmd_layer_extract)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except estargz.EStargzError as e:
+        print(f"lazybuild: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lazybuild: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lazybuild: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The eStargz table of contents: entries, names, and the exact JSON bytes stargz-snapshotter writes.
+
+The TOC digest (annotation `containerd.io/snapshot/stargz/toc.digest`) is the sha256 of the raw JSON
+bytes, so the serialization here follows Go's `json.MarshalIndent(toc, "", "\\t")` of
+`estargz/types.go`: field order, omitempty rules, base64 xattr values, HTML escaping
+(reference/estargz.md §1.3).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from .errors import FormatError, UnsafeEntryError
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+LANDMARK_CONTENTS = b"\x0f"
+
+# Layer-descriptor annotations the snapshotter and Stargz Store read.
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+# stargz-snapshotter's zstd variant still writes containers/storage's *old* key names.
+ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+
+MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TYPE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
+
+
+@dataclass
+class TOCEntry:
+    """One TOC entry. Field order is Go's serialization order; `name` and `type` are always written."""
+
+    name: str
+    type: str
+    size: int = 0
+    modtime: str = ""  # RFC3339, seconds, UTC; "" for the epoch
+    link_name: str = ""
+    mode: int = 0  # the tar header's mode field
+    uid: int = 0
+    gid: int = 0
+    user_name: str = ""
+    group_name: str = ""
+    offset: int = 0  # compressed offset of the member/frame holding this payload
+    inner_offset: int = 0  # v0.13+: uncompressed offset inside a shared member
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""  # sha256 of the whole file (reg only)
+    chunk_offset: int = 0
+    chunk_size: int = 0
+    chunk_digest: str = ""
+
+    # Filled in by the reader (never serialized): normalized path, end of the compressed range.
+    path: str = field(default="", compare=False, repr=False)
+    compressed_end: int = field(default=0, compare=False, repr=False)
+
+    def is_payload(self) -> bool:
+        """True for entries whose bytes live in a member of their own (non-empty reg, chunk)."""
+        return (self.type == "reg" and self.size > 0) or self.type == "chunk"
+
+    def to_go_dict(self) -> dict:
+        """The entry as Go's encoding/json writes it (omitempty on everything but name and type)."""
+        d: dict = {"name": self.name, "type": self.type}
+        for key, value in (
+            ("size", self.size),
+            ("modtime", self.modtime),
+            ("linkName", self.link_name),
+            ("mode", self.mode),
+            ("uid", self.uid),
+            ("gid", self.gid),
+            ("userName", self.user_name),
+            ("groupName", self.group_name),
+            ("offset", self.offset),
+            ("innerOffset", self.inner_offset),
+            ("devMajor", self.dev_major),
+            ("devMinor", self.dev_minor),
+        ):
+            if value:
+                d[key] = value
+        if self.xattrs:
+            d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+        for key, value in (
+            ("digest", self.digest),
+            ("chunkOffset", self.chunk_offset),
+            ("chunkSize", self.chunk_size),
+            ("chunkDigest", self.chunk_digest),
+        ):
+            if value:
+                d[key] = value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TOCEntry":
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("type"), str):
+            raise FormatError(f"TOC entry without a name or type: {d!r:.200}")
+        xattrs = {}
+        for k, v in (d.get("xattrs") or {}).items():
+            try:
+                xattrs[k] = base64.b64decode(v, validate=True)
+            except (ValueError, TypeError) as e:
+                raise FormatError(f"TOC entry {d['name']!r}: xattr {k!r} is not base64") from e
+        try:
+            return cls(
+                name=d["name"],
+                type=d["type"],
+                size=int(d.get("size", 0)),
+                modtime=d.get("modtime", "") or "",
+                link_name=d.get("linkName", "") or "",
+                mode=int(d.get("mode", 0)),
+                uid=int(d.get("uid", 0)),
+                gid=int(d.get("gid", 0)),
+                user_name=d.get("userName", "") or "",
+                group_name=d.get("groupName", "") or "",
+                offset=int(d.get("offset", 0)),
+                inner_offset=int(d.get("innerOffset", 0)),
+                dev_major=int(d.get("devMajor", 0)),
+                dev_minor=int(d.get("devMinor", 0)),
+                xattrs=xattrs,
+                digest=d.get("digest", "") or "",
+                chunk_offset=int(d.get("chunkOffset", 0)),
+                chunk_size=int(d.get("chunkSize", 0)),
+                chunk_digest=d.get("chunkDigest", "") or "",
+            )
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"TOC entry {d['name']!r}: bad field: {e}") from e
+
+
+def clean_name(name: str) -> str:
+    """Go's `strings.TrimPrefix(path.Clean("/"+name), "/")`: the key every reader and the sorter use."""
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def safe_name(name: str, what: str = "entry") -> str:
+    """clean_name, but a name whose `..` climbs above the layer root is refused rather than folded.
+
+    Go folds `../x` into `x`; a layer that says `../x` was made to escape, so we name it instead.
+    A leading `/` is kept relative to the root, as GNU tar and the reference do.
+    """
+    depth = 0
+    for part in name.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafeEntryError(f"{what} {name!r} escapes the layer root")
+        elif part not in ("", "."):
+            depth += 1
+    return clean_name(name)
+
+
+def format_modtime(mtime: float) -> str:
+    """Go: `t.UTC().Round(time.Second).Format(time.RFC3339)`, empty when Unix() == 0."""
+    if 0 <= mtime < 1:
+        return ""
+    seconds = math.floor(mtime + 0.5)  # Go rounds half up
+    try:
+        t = _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return ""
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_modtime(text: str) -> float:
+    """Seconds since the epoch of a TOC modtime; 0 when absent."""
+    if not text:
+        return 0.0
+    if not _RFC3339.match(text):
+        raise FormatError(f"TOC modtime {text!r} is not RFC 3339")
+    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# Go's encoder escapes these inside strings; Python's does not (reference/estargz.md §1.3).
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _go_string(value: str) -> str:
+    # Names that were not UTF-8 in the tar arrive as surrogate escapes; Go writes U+FFFD for them.
+    return _SURROGATE_RE.sub("\ufffd", value)
+
+
+def _sanitize(obj):
+    if isinstance(obj, str):
+        return _go_string(obj)
+    if isinstance(obj, dict):
+        return {_go_string(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def go_json_indent(obj) -> bytes:
+    """`json.MarshalIndent(obj, "", "\\t")` as Go writes it, for dicts/lists/str/int."""
+    text = json.dumps(_sanitize(obj), ensure_ascii=False, indent="\t", separators=(",", ": "))
+    # <, >, & and U+2028/9 can only occur inside strings in JSON text, so a plain substitution is exact.
+    return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text).encode("utf-8")
+
+
+def toc_json(entries: list[TOCEntry]) -> bytes:
+    """The raw TOC JSON whose sha256 is the TOC digest."""
+    return go_json_indent({"version": 1, "entries": [e.to_go_dict() for e in entries]})
+
+
+def parse_toc_json(raw: bytes) -> list[TOCEntry]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"TOC is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
+        raise FormatError("TOC JSON has no entries list")
+    if doc.get("version", 1) != 1:
+        raise FormatError(f"TOC version {doc.get('version')!r} is not supported (want 1)")
+    return [TOCEntry.from_json(d) for d in doc.get("entries") or []]

@@ -1,0 +1,283 @@
+"""tar -> eStargz (gzip) or eStargz-with-zstd, streaming, with members compressed in parallel.
+
+Byte layout (reference/estargz.md §1.1-1.2): a file's tar header goes at the end of the *previous*
+member; each payload chunk opens a member; tar padding and the headers of following non-payload
+entries share the chunk's member; the TOC and footer close the blob. Members are independent, so
+they are compressed on a thread pool (zlib-ng and zstandard release the GIL) and written in order;
+memory stays bounded by the few chunks in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+from .compression import compression_for, tar_padding
+from .errors import UnsafeEntryError, UnsupportedEntryError
+from .order import sort_members
+from .tarinput import SpooledTar, TarMember
+from .toc import (
+    LANDMARK_CONTENTS,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    TOCEntry,
+    format_modtime,
+    safe_name,
+    toc_json,
+)
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+
+_TYPES = {
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+@dataclass
+class LayerBlob:
+    """What the writer knew about the blob it wrote: callers never recompute it."""
+
+    digest: str
+    size: int
+    toc_digest: str
+    diff_id: str
+    uncompressed_size: int
+    media_type: str
+    annotations: dict[str, str]
+    missed_prioritized: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "digest": self.digest,
+            "size": self.size,
+            "tocDigest": self.toc_digest,
+            "diffID": self.diff_id,
+            "uncompressedSize": self.uncompressed_size,
+            "mediaType": self.media_type,
+            "annotations": self.annotations,
+        }
+
+
+@dataclass
+class _Member:
+    """The uncompressed bytes of one member: literal pieces and (offset, length) ranges of the input."""
+
+    pieces: list = field(default_factory=list)
+    chunk: TOCEntry | None = None  # the payload chunk this member starts with
+    chunk_size: int = 0
+    file_hash: "hashlib._Hash | None" = None  # for files of several chunks: the whole-file digest
+    file_entry: TOCEntry | None = None  # the reg entry whose digest that hash fills in
+    last_chunk: bool = False
+
+
+def _entry_type(info: tarfile.TarInfo) -> str:
+    if info.isreg():
+        return "reg"
+    t = _TYPES.get(info.type)
+    if t is None:
+        raise UnsupportedEntryError(f"tar entry {info.name!r} has type {info.type!r}, which eStargz cannot hold")
+    return t
+
+
+class _Names:
+    """userName/groupName are written only when they change for that uid/gid (Go `nameIfChanged`)."""
+
+    def __init__(self):
+        self.last: dict[int, str] = {}
+
+    def if_changed(self, ident: int, name: str) -> str:
+        if not name or self.last.get(ident) == name:
+            return ""
+        self.last[ident] = name
+        return name
+
+
+def build(
+    source: str | BinaryIO,
+    out: BinaryIO,
+    *,
+    compression: str = "gzip",
+    level: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prioritized_files: list[str] = (),
+    allow_prioritized_not_found: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    tmpdir: str | None = None,
+) -> LayerBlob:
+    """Write the eStargz form of the tar `source` (path, '-' or stream; plain, gzip or zstd) to `out`."""
+    if chunk_size <= 0:
+        raise ValueError("chunk size must be positive")
+    comp = compression_for(compression, level)
+    with SpooledTar(source, tmpdir) as tar:
+        members = tar.members()
+        for m in members:
+            safe_name(m.info.name, "tar entry")
+            if m.info.islnk():
+                safe_name(m.info.linkname, f"hardlink {m.info.name!r} -> target")
+        ordered, missed = sort_members(members, list(prioritized_files), allow_prioritized_not_found)
+        blob = _write(tar, ordered, out, comp, chunk_size, workers or os.cpu_count() or 1, progress)
+    blob.missed_prioritized = missed
+    return blob
+
+
+def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk_size: int, workers: int, progress) -> LayerBlob:
+    toc: list[TOCEntry] = []
+    users, groups = _Names(), _Names()
+    blob_hash, diff_hash = hashlib.sha256(), hashlib.sha256()
+    written = {"blob": 0, "raw": 0}
+    in_flight: collections.deque = collections.deque()
+
+    def compress(member: _Member) -> tuple[bytes, bytes, str]:
+        raw = b"".join(tar.pread(*p) if isinstance(p, tuple) else p for p in member.pieces)
+        chunk_digest = ""
+        if member.chunk is not None:
+            chunk_digest = "sha256:" + hashlib.sha256(memoryview(raw)[: member.chunk_size]).hexdigest()
+        return comp.compress_member(raw), raw, chunk_digest
+
+    def drain_one() -> None:
+        member, future = in_flight.popleft()
+        compressed, raw, chunk_digest = future.result()
+        if member.chunk is not None:
+            member.chunk.offset = written["blob"]
+            member.chunk.chunk_digest = chunk_digest
+            if member.file_hash is not None:
+                member.file_hash.update(memoryview(raw)[: member.chunk_size])
+                if member.last_chunk:
+                    member.file_entry.digest = "sha256:" + member.file_hash.hexdigest()
+            elif member.file_entry is not None:
+                member.file_entry.digest = chunk_digest  # one chunk: the file digest is the chunk digest
+        out.write(compressed)
+        blob_hash.update(compressed)
+        diff_hash.update(raw)
+        written["blob"] += len(compressed)
+        written["raw"] += len(raw)
+        if progress and member.chunk is not None:
+            progress(member.chunk_size)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz") as pool:
+
+        def emit(member: _Member) -> None:
+            if not member.pieces:
+                return
+            in_flight.append((member, pool.submit(compress, member)))
+            while len(in_flight) > 2 * workers + 2:
+                drain_one()
+
+        member = _Member()
+        for m in ordered:
+            info = m.info
+            kind = _entry_type(info)
+            ent = TOCEntry(
+                name=info.name + ("/" if kind == "dir" and not info.name.endswith("/") else ""),
+                type=kind,
+                mode=info.mode & 0o7777,
+                uid=info.uid,
+                gid=info.gid,
+                user_name=users.if_changed(info.uid, info.uname),
+                group_name=groups.if_changed(info.gid, info.gname),
+                modtime=format_modtime(info.mtime),
+                xattrs={
+                    k[len(XATTR_PAX_PREFIX) :]: v.encode("utf-8", "surrogateescape")
+                    for k, v in info.pax_headers.items()
+                    if k.startswith(XATTR_PAX_PREFIX)
+                },
+            )
+            if kind == "reg":
+                info.type = tarfile.REGTYPE  # '\0' and '7' are regular files too; write them as '0'
+                ent.size = info.size
+            else:
+                info.size = 0
+            if kind in ("symlink", "hardlink"):
+                ent.link_name = info.linkname
+            if kind in ("char", "block"):
+                ent.dev_major, ent.dev_minor = info.devmajor, info.devminor
+            try:
+                member.pieces.append(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            except ValueError as e:
+                raise UnsupportedEntryError(f"tar entry {info.name!r} cannot be re-encoded: {e}") from e
+
+            if kind != "reg" or ent.size == 0:
+                if kind == "reg":
+                    ent.digest = EMPTY_DIGEST
+                toc.append(ent)
+                continue
+
+            file_entry, size, done = ent, ent.size, 0
+            file_hash = hashlib.sha256() if size > chunk_size else None
+            while done < size:
+                emit(member)
+                this = min(chunk_size, size - done)
+                if size - done >= chunk_size:
+                    ent.chunk_size = chunk_size  # the reference's quirk: set whenever remain >= chunk size
+                ent.chunk_offset = done
+                data = LANDMARK_CONTENTS if m.data_offset < 0 else (m.data_offset + done, this)
+                member = _Member(
+                    pieces=[data],
+                    chunk=ent,
+                    chunk_size=this,
+                    file_hash=file_hash,
+                    file_entry=file_entry,
+                    last_chunk=done + this == size,
+                )
+                toc.append(ent)
+                done += this
+                ent = TOCEntry(name=info.name, type="chunk")
+            member.pieces.append(tar_padding(size))
+        emit(member)
+        while in_flight:
+            drain_one()
+
+    raw_toc = toc_json(toc)
+    trailer, trailer_raw, extra_annotations = comp.trailer(written["blob"], raw_toc)
+    out.write(trailer)
+    blob_hash.update(trailer)
+    diff_hash.update(trailer_raw)
+    toc_digest = "sha256:" + hashlib.sha256(raw_toc).hexdigest()
+    uncompressed_size = written["raw"] + len(trailer_raw)
+    return LayerBlob(
+        digest="sha256:" + blob_hash.hexdigest(),
+        size=written["blob"] + len(trailer),
+        toc_digest=toc_digest,
+        diff_id="sha256:" + diff_hash.hexdigest(),
+        uncompressed_size=uncompressed_size,
+        media_type=comp.media_type,
+        annotations={
+            TOC_DIGEST_ANNOTATION: toc_digest,
+            UNCOMPRESSED_SIZE_ANNOTATION: str(uncompressed_size),
+            **extra_annotations,
+        },
+    )
+
+
+def convert_file(src: str, dest: str, **options) -> LayerBlob:
+    """build() into `dest`, written under a temporary name in the same directory and renamed when complete."""
+    directory = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(prefix=".lazybuild-", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            blob = build(src, out, **options)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        return blob
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,1 @@
+"""Lazy FUSE mounts of eStargz images (pyfuse3). See ARCHITECTURE.md."""

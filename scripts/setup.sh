@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (Debian bookworm, root) for lazybuild: system packages, the Python package
+# with its test extras, and the reference eStargz checker. Idempotent: reruns reuse what is there.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared=${LAZYBUILD_SHARED:-$here/../shared}
+
+# System packages: zstd/tar/attr for test fixtures, Go + the upstream estargz library for the oracle.
+pkgs="zstd tar attr golang-go golang-github-containerd-stargz-snapshotter-dev"
+missing=""
+for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "setup: installing$missing"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+# The Python package, editable, with the test extras.
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e "$here[test]"
+
+# The reference checker (upstream estargz v0.12 from Debian), rebuilt only when its source changes.
+oracle=/usr/local/bin/estargz-oracle
+stamp=/var/cache/lazybuild/estargz-oracle.sha256
+want=$(sha256sum "$shared/tools/estargz-oracle/main.go" | cut -d' ' -f1)
+if [ ! -x "$oracle" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  mkdir -p /var/cache/lazybuild
+  bash "$shared/tools/estargz-oracle/build.sh" "$oracle"
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready ($(lazybuild --version), $oracle)"

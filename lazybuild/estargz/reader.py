@@ -222,6 +222,9 @@ class LayerReader:
         if node is None:  # an implicit parent: the reference makes it 0755 root:root
             node = self.nodes[path] = Node(path, TOCEntry(name=path + "/", type="dir", mode=0o755, path=path))
             self._dir(posixpath.dirname(path)).children[posixpath.basename(path)] = node
+        elif node.entry.type == "symlink":
+            # Go would hang children on the symlink; followed on disk they would land wherever it points.
+            raise UnsafeEntryError(f"{self.name}: entries lie under the symlink {path!r} -> {node.entry.link_name!r}")
         elif node.entry.type != "dir":
             raise FormatError(f"{self.name}: {path!r} is a {node.entry.type} but has children")
         return node

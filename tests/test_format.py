@@ -188,3 +188,15 @@ def test_a_chunk_is_served_from_its_compressed_range_alone(tmp_path):
         assert r.decode_chunk(chunk, compressed) == data[3 * CHUNK:]
         with pytest.raises(KeyError):
             r.chunk_for("big", len(data))
+
+
+def test_fast_toc_json_equals_the_generic_encoder():
+    from lazybuild.estargz.toc import go_json_indent
+
+    names = ["plain", "ünï/日本", "tab\there", 'quote"back\\slash', "ctl\x01\x1f", "bad-\udcff-utf8", "<&>\u2029"]
+    entries = [TOCEntry(name=n, type="reg", size=i, mode=0o644, uid=i, user_name=n, offset=i * 7,
+                        xattrs={"user." + n: n.encode("utf-8", "surrogateescape")} if i % 2 else {},
+                        digest="sha256:d", chunk_digest="sha256:c") for i, n in enumerate(names)]
+    entries.append(TOCEntry(name="x/", type="dir"))
+    assert toc_json(entries) == go_json_indent({"version": 1, "entries": [e.to_go_dict() for e in entries]})
+    assert toc_json([]) == b'{\n\t"version": 1,\n\t"entries": []\n}'

@@ -185,6 +185,7 @@ def parse_modtime(text: str) -> float:
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_encode_str = json.encoder.encode_basestring  # the C encoder, ensure_ascii=False, as Go (raw UTF-8)
 
 
 def _go_string(value: str) -> str:
@@ -209,9 +210,27 @@ def go_json_indent(obj) -> bytes:
     return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text).encode("utf-8")
 
 
+def _go_value(value, indent: str) -> str:
+    if isinstance(value, str):
+        return _encode_str(value if value.isascii() else _go_string(value))
+    if isinstance(value, dict):  # xattrs, the only nested object
+        inner = indent + "\t"
+        items = ",\n".join(f"{inner}{_encode_str(_go_string(k))}: {_go_value(v, inner)}" for k, v in value.items())
+        return "{\n" + items + "\n" + indent + "}"
+    return str(value)
+
+
 def toc_json(entries: list[TOCEntry]) -> bytes:
-    """The raw TOC JSON whose sha256 is the TOC digest."""
-    return go_json_indent({"version": 1, "entries": [e.to_go_dict() for e in entries]})
+    """The raw TOC JSON whose sha256 is the TOC digest: exactly go_json_indent() of the TOC, written
+    directly because Python's json module falls back to its slow pure-Python encoder when indenting."""
+    if not entries:
+        return go_json_indent({"version": 1, "entries": []})
+    parts = []
+    for e in entries:
+        fields = ",\n".join(f'\t\t\t"{k}": {_go_value(v, chr(9) * 3)}' for k, v in e.to_go_dict().items())
+        parts.append("\t\t{\n" + fields + "\n\t\t}")
+    text = '{\n\t"version": 1,\n\t"entries": [\n' + ",\n".join(parts) + "\n\t]\n}"
+    return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text).encode("utf-8")
 
 
 def parse_toc_json(raw: bytes) -> list[TOCEntry]:

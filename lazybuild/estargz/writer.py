@@ -92,6 +92,20 @@ def _entry_type(info: tarfile.TarInfo) -> str:
     return t
 
 
+def _header(m: TarMember, kind: str):
+    """The entry's header blocks: the input's own bytes (PAX/GNU extension blocks included) whenever
+    they can stand as they are, which keeps the layer lossless and costs no re-encoding."""
+    info = m.info
+    if m.data_offset >= 0 and (kind == "reg" or info.size == 0):
+        return (info.offset, m.data_offset - info.offset)
+    # A landmark, or a non-file entry that claims a payload (which we drop): write a fresh header.
+    info.size = 0 if kind != "reg" else info.size
+    try:
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    except ValueError as e:
+        raise UnsupportedEntryError(f"tar entry {info.name!r} cannot be re-encoded: {e}") from e
+
+
 class _Names:
     """userName/groupName are written only when they change for that uid/gid (Go `nameIfChanged`)."""
 
@@ -184,7 +198,7 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
             ent = TOCEntry(
                 name=info.name + ("/" if kind == "dir" and not info.name.endswith("/") else ""),
                 type=kind,
-                mode=info.mode & 0o7777,
+                mode=info.mode,
                 uid=info.uid,
                 gid=info.gid,
                 user_name=users.if_changed(info.uid, info.uname),
@@ -197,18 +211,15 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
                 },
             )
             if kind == "reg":
-                info.type = tarfile.REGTYPE  # '\0' and '7' are regular files too; write them as '0'
                 ent.size = info.size
-            else:
-                info.size = 0
             if kind in ("symlink", "hardlink"):
                 ent.link_name = info.linkname
             if kind in ("char", "block"):
                 ent.dev_major, ent.dev_minor = info.devmajor, info.devminor
-            try:
-                member.pieces.append(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-            except ValueError as e:
-                raise UnsupportedEntryError(f"tar entry {info.name!r} cannot be re-encoded: {e}") from e
+            header = _header(m, kind)
+            if isinstance(header, bytes):
+                ent.mode &= 0o7777  # a re-encoded header holds only the permission bits
+            member.pieces.append(header)
 
             if kind != "reg" or ent.size == 0:
                 if kind == "reg":

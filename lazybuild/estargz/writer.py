@@ -148,49 +148,83 @@ def build(
     return blob
 
 
+class _Pipeline:
+    """Members go to the pool in batches (thousands of small files would otherwise cost a thread
+    hand-off each) and come back in order; offsets and digests are filled in as they are written."""
+
+    BATCH_MEMBERS = 512
+
+    def __init__(self, tar: SpooledTar, comp, out: BinaryIO, pool: ThreadPoolExecutor, workers: int, batch_bytes: int, progress):
+        self.tar, self.comp, self.out, self.pool, self.progress = tar, comp, out, pool, progress
+        self.max_in_flight = 2 * workers + 2
+        self.batch_bytes = batch_bytes
+        self.batch: list[_Member] = []
+        self.batch_size = 0
+        self.in_flight: collections.deque = collections.deque()
+        self.blob_hash, self.diff_hash = hashlib.sha256(), hashlib.sha256()
+        self.blob_size = self.raw_size = 0
+
+    def add(self, member: _Member) -> None:
+        if not member.pieces:
+            return
+        self.batch.append(member)
+        self.batch_size += sum(p[1] if isinstance(p, tuple) else len(p) for p in member.pieces)
+        if self.batch_size >= self.batch_bytes or len(self.batch) >= self.BATCH_MEMBERS:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.batch:
+            self.in_flight.append((self.batch, self.pool.submit(self._compress, self.batch)))
+            self.batch, self.batch_size = [], 0
+        while len(self.in_flight) > self.max_in_flight:
+            self._drain()
+
+    def _compress(self, batch: list[_Member]) -> list[tuple[bytes, bytes, str]]:
+        done = []
+        for member in batch:
+            raw = b"".join(self.tar.pread(*p) if isinstance(p, tuple) else p for p in member.pieces)
+            chunk_digest = ""
+            if member.chunk is not None:
+                chunk_digest = "sha256:" + hashlib.sha256(memoryview(raw)[: member.chunk_size]).hexdigest()
+            done.append((self.comp.compress_member(raw), raw, chunk_digest))
+        return done
+
+    def _drain(self) -> None:
+        batch, future = self.in_flight.popleft()
+        results = future.result()
+        for member, (compressed, raw, chunk_digest) in zip(batch, results):
+            if member.chunk is not None:
+                member.chunk.offset = self.blob_size
+                member.chunk.chunk_digest = chunk_digest
+                if member.file_hash is not None:
+                    member.file_hash.update(memoryview(raw)[: member.chunk_size])
+                    if member.last_chunk:
+                        member.file_entry.digest = "sha256:" + member.file_hash.hexdigest()
+                elif member.file_entry is not None:
+                    member.file_entry.digest = chunk_digest  # one chunk: the file digest is the chunk digest
+            self.blob_size += len(compressed)
+            self.raw_size += len(raw)
+        compressed = b"".join(r[0] for r in results)
+        raw = b"".join(r[1] for r in results)
+        self.out.write(compressed)
+        self.blob_hash.update(compressed)
+        self.diff_hash.update(raw)
+        if self.progress:
+            self.progress(sum(m.chunk_size for m in batch))
+
+    def finish(self) -> None:
+        self._submit()
+        while self.in_flight:
+            self._drain()
+
+
 def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk_size: int, workers: int, progress) -> LayerBlob:
     toc: list[TOCEntry] = []
     users, groups = _Names(), _Names()
-    blob_hash, diff_hash = hashlib.sha256(), hashlib.sha256()
-    written = {"blob": 0, "raw": 0}
-    in_flight: collections.deque = collections.deque()
-
-    def compress(member: _Member) -> tuple[bytes, bytes, str]:
-        raw = b"".join(tar.pread(*p) if isinstance(p, tuple) else p for p in member.pieces)
-        chunk_digest = ""
-        if member.chunk is not None:
-            chunk_digest = "sha256:" + hashlib.sha256(memoryview(raw)[: member.chunk_size]).hexdigest()
-        return comp.compress_member(raw), raw, chunk_digest
-
-    def drain_one() -> None:
-        member, future = in_flight.popleft()
-        compressed, raw, chunk_digest = future.result()
-        if member.chunk is not None:
-            member.chunk.offset = written["blob"]
-            member.chunk.chunk_digest = chunk_digest
-            if member.file_hash is not None:
-                member.file_hash.update(memoryview(raw)[: member.chunk_size])
-                if member.last_chunk:
-                    member.file_entry.digest = "sha256:" + member.file_hash.hexdigest()
-            elif member.file_entry is not None:
-                member.file_entry.digest = chunk_digest  # one chunk: the file digest is the chunk digest
-        out.write(compressed)
-        blob_hash.update(compressed)
-        diff_hash.update(raw)
-        written["blob"] += len(compressed)
-        written["raw"] += len(raw)
-        if progress and member.chunk is not None:
-            progress(member.chunk_size)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz") as pool:
-
-        def emit(member: _Member) -> None:
-            if not member.pieces:
-                return
-            in_flight.append((member, pool.submit(compress, member)))
-            while len(in_flight) > 2 * workers + 2:
-                drain_one()
-
+        pipe = _Pipeline(tar, comp, out, pool, workers, max(chunk_size, 1 << 20), progress)
+        emit = pipe.add
         member = _Member()
         for m in ordered:
             info = m.info
@@ -249,21 +283,20 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
                 ent = TOCEntry(name=info.name, type="chunk")
             member.pieces.append(tar_padding(size))
         emit(member)
-        while in_flight:
-            drain_one()
+        pipe.finish()
 
     raw_toc = toc_json(toc)
-    trailer, trailer_raw, extra_annotations = comp.trailer(written["blob"], raw_toc)
+    trailer, trailer_raw, extra_annotations = comp.trailer(pipe.blob_size, raw_toc)
     out.write(trailer)
-    blob_hash.update(trailer)
-    diff_hash.update(trailer_raw)
+    pipe.blob_hash.update(trailer)
+    pipe.diff_hash.update(trailer_raw)
     toc_digest = "sha256:" + hashlib.sha256(raw_toc).hexdigest()
-    uncompressed_size = written["raw"] + len(trailer_raw)
+    uncompressed_size = pipe.raw_size + len(trailer_raw)
     return LayerBlob(
-        digest="sha256:" + blob_hash.hexdigest(),
-        size=written["blob"] + len(trailer),
+        digest="sha256:" + pipe.blob_hash.hexdigest(),
+        size=pipe.blob_size + len(trailer),
         toc_digest=toc_digest,
-        diff_id="sha256:" + diff_hash.hexdigest(),
+        diff_id="sha256:" + pipe.diff_hash.hexdigest(),
         uncompressed_size=uncompressed_size,
         media_type=comp.media_type,
         annotations={

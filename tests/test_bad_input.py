@@ -27,9 +27,10 @@ import tarfile
 
 
 def _write_blob(dest: str, head: bytes, doc: dict) -> None:
-    trailer, _, _ = Gzip().trailer(len(head), json.dumps(doc, indent="\t").encode())
     with open(dest, "wb") as f:
-        f.write(head + trailer)
+        f.write(head)
+        f.add_raw = lambda raw: None
+        Gzip().write_trailer(f, len(head), [json.dumps(doc, indent="\t").encode()])
 
 
 def rewrite_toc(src: str, dest: str, mutate) -> None:

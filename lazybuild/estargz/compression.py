@@ -119,10 +119,19 @@ class Gzip:
         c = zlib_ng.compressobj(self.level, zlib_ng.DEFLATED, 31)
         return c.compress(data) + c.flush()
 
-    def trailer(self, toc_offset: int, toc: bytes) -> tuple[bytes, bytes, dict[str, str]]:
-        """(compressed trailer, its uncompressed part for the diffID, extra annotations)."""
-        raw = toc_tar_header(len(toc)) + toc + tar_padding(len(toc)) + TAR_EOF
-        return self.compress_member(raw) + gzip_footer(toc_offset), raw, {}
+    def write_trailer(self, sink, toc_offset: int, toc_parts: list[bytes]) -> dict[str, str]:
+        """Write the TOC member and footer to `sink` (`.write(compressed)`, `.add_raw(uncompressed)`).
+
+        The TOC is a tar entry here, so its bytes and the tar EOF are part of the diffID stream.
+        Returns the annotations this compression adds (none for gzip).
+        """
+        c = zlib_ng.compressobj(self.level, zlib_ng.DEFLATED, 31)
+        toc_size = sum(len(p) for p in toc_parts)
+        for raw in (toc_tar_header(toc_size), *toc_parts, tar_padding(toc_size) + TAR_EOF):
+            sink.add_raw(raw)
+            sink.write(c.compress(raw))
+        sink.write(c.flush() + gzip_footer(toc_offset))
+        return {}
 
 
 class Zstd:
@@ -144,15 +153,19 @@ class Zstd:
             c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
         return c.compress(data)
 
-    def trailer(self, toc_offset: int, toc: bytes) -> tuple[bytes, bytes, dict[str, str]]:
-        compressed_toc = self.compress_member(toc)
+    def write_trailer(self, sink, toc_offset: int, toc_parts: list[bytes]) -> dict[str, str]:
+        """The TOC, zstd-compressed, in a skippable frame, then the footer in another: neither is part of
+        the decompressed stream, so nothing is added to the diffID."""
+        c = zstandard.ZstdCompressor(level=self.level).compressobj()
+        compressed_toc = b"".join(c.compress(p) for p in toc_parts) + c.flush()
+        toc_size = sum(len(p) for p in toc_parts)
         toc_data_offset = toc_offset + 8  # the footer points past the skippable frame's 8-byte header
-        out = skippable_frame(compressed_toc) + skippable_frame(zstd_footer(toc_data_offset, len(compressed_toc), len(toc)))
-        annotations = {
+        sink.write(skippable_frame(compressed_toc))
+        sink.write(skippable_frame(zstd_footer(toc_data_offset, len(compressed_toc), toc_size)))
+        return {
             ZSTD_MANIFEST_CHECKSUM_ANNOTATION: "sha256:" + hashlib.sha256(compressed_toc).hexdigest(),
-            ZSTD_MANIFEST_POSITION_ANNOTATION: f"{toc_data_offset}:{len(compressed_toc)}:{len(toc)}:{ZSTD_MANIFEST_TYPE_CRFS}",
+            ZSTD_MANIFEST_POSITION_ANNOTATION: f"{toc_data_offset}:{len(compressed_toc)}:{toc_size}:{ZSTD_MANIFEST_TYPE_CRFS}",
         }
-        return out, b"", annotations
 
 
 def compression_for(name: str, level: int | None = None):

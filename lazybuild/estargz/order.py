@@ -10,15 +10,13 @@ import posixpath
 import tarfile
 
 from .errors import PrioritizedFileNotFound
-from .tarinput import TarMember
+from .tarinput import TarHeader, TarMember
 from .toc import LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, clean_name
 
 
 def landmark(name: str) -> TarMember:
     """A landmark entry: tar.Header{Typeflag: '0', Name: name, Size: 1}, so mode, owner and mtime are 0."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime, info.uname, info.gname = len(LANDMARK_CONTENTS), 0, 0, "", ""
-    return TarMember(info, -1)
+    return TarMember(TarHeader(name, tarfile.REGTYPE, 0, len(LANDMARK_CONTENTS)), -1)
 
 
 def index_members(members: list[TarMember]) -> dict[str, TarMember]:

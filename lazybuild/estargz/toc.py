@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import json
 import math
 import posixpath
 import re
+import types
 from dataclasses import dataclass, field
 
 from .errors import FormatError, UnsafeEntryError
@@ -33,10 +35,12 @@ ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-positio
 MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TYPE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
+NO_XATTRS = types.MappingProxyType({})  # shared by the many entries without xattrs
+
 ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 
 
-@dataclass
+@dataclass(slots=True)
 class TOCEntry:
     """One TOC entry. Field order is Go's serialization order; `name` and `type` are always written."""
 
@@ -157,6 +161,7 @@ def safe_name(name: str, what: str = "entry") -> str:
     return clean_name(name)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # files of one package share mtimes: share the strings too
 def format_modtime(mtime: float) -> str:
     """Go: `t.UTC().Round(time.Second).Format(time.RFC3339)`, empty when Unix() == 0."""
     if 0 <= mtime < 1:
@@ -220,17 +225,26 @@ def _go_value(value, indent: str) -> str:
     return str(value)
 
 
-def toc_json(entries: list[TOCEntry]) -> bytes:
-    """The raw TOC JSON whose sha256 is the TOC digest: exactly go_json_indent() of the TOC, written
-    directly because Python's json module falls back to its slow pure-Python encoder when indenting."""
-    if not entries:
-        return go_json_indent({"version": 1, "entries": []})
-    parts = []
+def toc_json_parts(entries) -> list[bytes]:
+    """The raw TOC JSON, in pieces that join to exactly go_json_indent() of the TOC. Written directly
+    (Python's json falls back to its slow pure-Python encoder when indenting) and in pieces, so a TOC of
+    100,000 entries is never copied whole; `entries` may be a consuming iterator."""
+    parts = [b'{\n\t"version": 1,\n\t"entries": [\n']
     for e in entries:
         fields = ",\n".join(f'\t\t\t"{k}": {_go_value(v, chr(9) * 3)}' for k, v in e.to_go_dict().items())
-        parts.append("\t\t{\n" + fields + "\n\t\t}")
-    text = '{\n\t"version": 1,\n\t"entries": [\n' + ",\n".join(parts) + "\n\t]\n}"
-    return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text).encode("utf-8")
+        text = "\t\t{\n" + fields + "\n\t\t},\n"
+        if _GO_ESCAPE_RE.search(text):
+            text = _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text)
+        parts.append(text.encode("utf-8"))
+    if len(parts) == 1:
+        return [go_json_indent({"version": 1, "entries": []})]
+    parts[-1] = parts[-1][:-2] + b"\n\t]\n}"  # the last entry takes no comma
+    return parts
+
+
+def toc_json(entries: list[TOCEntry]) -> bytes:
+    """The raw TOC JSON whose sha256 is the TOC digest."""
+    return b"".join(toc_json_parts(entries))
 
 
 def parse_toc_json(raw: bytes) -> list[TOCEntry]:

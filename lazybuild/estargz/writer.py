@@ -21,20 +21,20 @@ from typing import BinaryIO, Callable
 from .compression import compression_for, tar_padding
 from .errors import UnsafeEntryError, UnsupportedEntryError
 from .order import sort_members
-from .tarinput import SpooledTar, TarMember
+from .tarinput import SpooledTar, TarHeader, TarMember
 from .toc import (
     LANDMARK_CONTENTS,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     TOCEntry,
+    NO_XATTRS,
     format_modtime,
     safe_name,
-    toc_json,
+    toc_json_parts,
 )
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
-XATTR_PAX_PREFIX = "SCHILY.xattr."
 
 _TYPES = {
     tarfile.DIRTYPE: "dir",
@@ -83,7 +83,7 @@ class _Member:
     last_chunk: bool = False
 
 
-def _entry_type(info: tarfile.TarInfo) -> str:
+def _entry_type(info: TarHeader) -> str:
     if info.isreg():
         return "reg"
     t = _TYPES.get(info.type)
@@ -101,7 +101,7 @@ def _header(m: TarMember, kind: str):
     # A landmark, or a non-file entry that claims a payload (which we drop): write a fresh header.
     info.size = 0 if kind != "reg" else info.size
     try:
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        return info.tobuf()
     except ValueError as e:
         raise UnsupportedEntryError(f"tar entry {info.name!r} cannot be re-encoded: {e}") from e
 
@@ -143,6 +143,7 @@ def build(
             if m.info.islnk():
                 safe_name(m.info.linkname, f"hardlink {m.info.name!r} -> target")
         ordered, missed = sort_members(members, list(prioritized_files), allow_prioritized_not_found)
+        del members  # _write consumes `ordered`; nothing else may hold the headers
         blob = _write(tar, ordered, out, comp, chunk_size, workers or os.cpu_count() or 1, progress)
     blob.missed_prioritized = missed
     return blob
@@ -156,7 +157,7 @@ class _Pipeline:
 
     def __init__(self, tar: SpooledTar, comp, out: BinaryIO, pool: ThreadPoolExecutor, workers: int, batch_bytes: int, progress):
         self.tar, self.comp, self.out, self.pool, self.progress = tar, comp, out, pool, progress
-        self.max_in_flight = 2 * workers + 2
+        self.max_in_flight = workers + 2
         self.batch_bytes = batch_bytes
         self.batch: list[_Member] = []
         self.batch_size = 0
@@ -192,9 +193,10 @@ class _Pipeline:
     def _drain(self) -> None:
         batch, future = self.in_flight.popleft()
         results = future.result()
+        offset = self.blob_size
         for member, (compressed, raw, chunk_digest) in zip(batch, results):
             if member.chunk is not None:
-                member.chunk.offset = self.blob_size
+                member.chunk.offset = offset
                 member.chunk.chunk_digest = chunk_digest
                 if member.file_hash is not None:
                     member.file_hash.update(memoryview(raw)[: member.chunk_size])
@@ -202,15 +204,25 @@ class _Pipeline:
                         member.file_entry.digest = "sha256:" + member.file_hash.hexdigest()
                 elif member.file_entry is not None:
                     member.file_entry.digest = chunk_digest  # one chunk: the file digest is the chunk digest
-            self.blob_size += len(compressed)
+            offset += len(compressed)
             self.raw_size += len(raw)
+            self.diff_hash.update(raw)
         compressed = b"".join(r[0] for r in results)
-        raw = b"".join(r[1] for r in results)
-        self.out.write(compressed)
-        self.blob_hash.update(compressed)
-        self.diff_hash.update(raw)
+        del results
+        self.write(compressed)
         if self.progress:
             self.progress(sum(m.chunk_size for m in batch))
+
+    def write(self, compressed: bytes) -> None:
+        """Append compressed bytes to the blob (also the trailer's sink interface)."""
+        self.out.write(compressed)
+        self.blob_hash.update(compressed)
+        self.blob_size += len(compressed)
+
+    def add_raw(self, raw: bytes) -> None:
+        """Account uncompressed bytes that belong to the diffID stream."""
+        self.diff_hash.update(raw)
+        self.raw_size += len(raw)
 
     def finish(self) -> None:
         self._submit()
@@ -226,7 +238,8 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
         pipe = _Pipeline(tar, comp, out, pool, workers, max(chunk_size, 1 << 20), progress)
         emit = pipe.add
         member = _Member()
-        for m in ordered:
+        for i, m in enumerate(ordered):
+            ordered[i] = None  # free each input header once its entry exists: memory stays flat
             info = m.info
             kind = _entry_type(info)
             ent = TOCEntry(
@@ -238,11 +251,7 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
                 user_name=users.if_changed(info.uid, info.uname),
                 group_name=groups.if_changed(info.gid, info.gname),
                 modtime=format_modtime(info.mtime),
-                xattrs={
-                    k[len(XATTR_PAX_PREFIX) :]: v.encode("utf-8", "surrogateescape")
-                    for k, v in info.pax_headers.items()
-                    if k.startswith(XATTR_PAX_PREFIX)
-                },
+                xattrs=info.xattrs or NO_XATTRS,
             )
             if kind == "reg":
                 ent.size = info.size
@@ -285,16 +294,17 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
         emit(member)
         pipe.finish()
 
-    raw_toc = toc_json(toc)
-    trailer, trailer_raw, extra_annotations = comp.trailer(pipe.blob_size, raw_toc)
-    out.write(trailer)
-    pipe.blob_hash.update(trailer)
-    pipe.diff_hash.update(trailer_raw)
-    toc_digest = "sha256:" + hashlib.sha256(raw_toc).hexdigest()
-    uncompressed_size = pipe.raw_size + len(trailer_raw)
+    ordered.clear()  # the input's headers are no longer needed; the TOC entries are all we keep
+    toc_parts = toc_json_parts(_consume(toc))  # entries are freed as their JSON is made
+    toc_hash = hashlib.sha256()
+    for part in toc_parts:
+        toc_hash.update(part)
+    toc_digest = "sha256:" + toc_hash.hexdigest()
+    extra_annotations = comp.write_trailer(pipe, pipe.blob_size, toc_parts)
+    uncompressed_size = pipe.raw_size
     return LayerBlob(
         digest="sha256:" + pipe.blob_hash.hexdigest(),
-        size=pipe.blob_size + len(trailer),
+        size=pipe.blob_size,
         toc_digest=toc_digest,
         diff_id="sha256:" + pipe.diff_hash.hexdigest(),
         uncompressed_size=uncompressed_size,
@@ -305,6 +315,12 @@ def _write(tar: SpooledTar, ordered: list[TarMember], out: BinaryIO, comp, chunk
             **extra_annotations,
         },
     )
+
+
+def _consume(items: list):
+    for i, item in enumerate(items):
+        items[i] = None
+        yield item
 
 
 def convert_file(src: str, dest: str, **options) -> LayerBlob:

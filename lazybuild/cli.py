@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `lazybuild layer ls | head`: the reader has gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except estargz.EStargzError as e:
         print(f"lazybuild: error: {e}", file=sys.stderr)
         return 1

@@ -45,20 +45,24 @@ def read_prioritized_files(path: str) -> list[str]:
     return out
 
 
-def _progress(total: int, label: str):
-    """A progress bar on a terminal; nothing in CI or when stderr is a file."""
+def _progress(label: str):
+    """(callback(done, total), close) drawing a bar on a terminal; nothing in CI or when stderr is a file."""
     if not sys.stderr.isatty() or os.environ.get("CI"):
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
-    return bar.update, bar.close
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
 
 
 def cmd_layer_convert(args) -> int:
     prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else []
-    total = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else 0
-    update, close = _progress(total, os.path.basename(args.input))
+    update, close = _progress(os.path.basename(args.input))
     try:
         blob = estargz.convert_file(
             args.input,

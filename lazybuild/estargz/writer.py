@@ -129,10 +129,13 @@ def build(
     prioritized_files: list[str] = (),
     allow_prioritized_not_found: bool = False,
     workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     tmpdir: str | None = None,
 ) -> LayerBlob:
-    """Write the eStargz form of the tar `source` (path, '-' or stream; plain, gzip or zstd) to `out`."""
+    """Write the eStargz form of the tar `source` (path, '-' or stream; plain, gzip or zstd) to `out`.
+
+    `progress(done_bytes, total_bytes)` is called as the uncompressed stream is written.
+    """
     if chunk_size <= 0:
         raise ValueError("chunk size must be positive")
     comp = compression_for(compression, level)
@@ -157,6 +160,7 @@ class _Pipeline:
 
     def __init__(self, tar: SpooledTar, comp, out: BinaryIO, pool: ThreadPoolExecutor, workers: int, batch_bytes: int, progress):
         self.tar, self.comp, self.out, self.pool, self.progress = tar, comp, out, pool, progress
+        self.total_size = os.fstat(tar.file.fileno()).st_size  # the uncompressed input: what progress counts to
         self.max_in_flight = workers + 2
         self.batch_bytes = batch_bytes
         self.batch: list[_Member] = []
@@ -211,7 +215,7 @@ class _Pipeline:
         del results
         self.write(compressed)
         if self.progress:
-            self.progress(sum(m.chunk_size for m in batch))
+            self.progress(self.raw_size, self.total_size)
 
     def write(self, compressed: bytes) -> None:
         """Append compressed bytes to the blob (also the trailer's sink interface)."""

@@ -200,3 +200,40 @@ def test_fast_toc_json_equals_the_generic_encoder():
     entries.append(TOCEntry(name="x/", type="dir"))
     assert toc_json(entries) == go_json_indent({"version": 1, "entries": [e.to_go_dict() for e in entries]})
     assert toc_json([]) == b'{\n\t"version": 1,\n\t"entries": []\n}'
+
+
+def test_inner_offset_entries_sharing_one_member(tmp_path):
+    """v0.13+ writers (--estargz-min-chunk-size) put small files in one member, found by innerOffset."""
+    from lazybuild.estargz.compression import Gzip, tar_padding
+
+    def header(name, size):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = size, 1600000000
+        return info.tobuf(tarfile.USTAR_FORMAT)
+
+    a, b = b"first file\n" * 30, b"second\n"
+    shared = (b"\x0f" + tar_padding(1) + header("a", len(a)) + a + tar_padding(len(a))
+              + header("b", len(b)) + b + tar_padding(len(b)))
+    gz = Gzip()
+    m0 = gz.compress_member(header(".no.prefetch.landmark", 1))
+    m1 = gz.compress_member(shared)
+    sha = lambda d: "sha256:" + hashlib.sha256(d).hexdigest()
+    inner_a = 512 + 512
+    inner_b = inner_a + len(a) + len(tar_padding(len(a))) + 512
+    entries = [
+        {"name": ".no.prefetch.landmark", "type": "reg", "size": 1, "offset": len(m0), "digest": sha(b"\x0f"),
+         "chunkDigest": sha(b"\x0f")},
+        {"name": "a", "type": "reg", "size": len(a), "offset": len(m0), "innerOffset": inner_a, "digest": sha(a),
+         "chunkDigest": sha(a)},
+        {"name": "b", "type": "reg", "size": len(b), "offset": len(m0), "innerOffset": inner_b, "digest": sha(b),
+         "chunkDigest": sha(b)},
+    ]
+    path = tmp_path / "inner.blob"
+    with open(path, "wb") as f:
+        f.write(m0 + m1)
+        f.add_raw = lambda raw: None
+        gz.write_trailer(f, len(m0) + len(m1), [json.dumps({"version": 1, "entries": entries}).encode()])
+    with LayerReader.open_file(str(path)) as r:
+        assert r.verify() == 3
+        assert r.read_file("a") == a and r.read_file("b") == b
+        assert r.compressed_range(r.chunk_for("a", 0)) == r.compressed_range(r.chunk_for("b", 0))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 from .compression import compression_for, tar_padding
-from .errors import UnsafeEntryError, UnsupportedEntryError
+from .errors import PrioritizedFileNotFound, UnsafeEntryError, UnsupportedEntryError
 from .order import sort_members
 from .tarinput import SpooledTar, TarHeader, TarMember
 from .toc import (
@@ -141,13 +141,16 @@ def build(
     comp = compression_for(compression, level)
     with SpooledTar(source, tmpdir) as tar:
         members = tar.members()
-        for m in members:
-            safe_name(m.info.name, "tar entry")
-            if m.info.islnk():
-                safe_name(m.info.linkname, f"hardlink {m.info.name!r} -> target")
-        ordered, missed = sort_members(members, list(prioritized_files), allow_prioritized_not_found)
-        del members  # _write consumes `ordered`; nothing else may hold the headers
-        blob = _write(tar, ordered, out, comp, chunk_size, workers or os.cpu_count() or 1, progress)
+        try:
+            for m in members:
+                safe_name(m.info.name, "tar entry")
+                if m.info.islnk():
+                    safe_name(m.info.linkname, f"hardlink {m.info.name!r} -> target")
+            ordered, missed = sort_members(members, list(prioritized_files), allow_prioritized_not_found)
+            del members  # _write consumes `ordered`; nothing else may hold the headers
+            blob = _write(tar, ordered, out, comp, chunk_size, workers or os.cpu_count() or 1, progress)
+        except (UnsafeEntryError, UnsupportedEntryError, PrioritizedFileNotFound) as e:
+            raise type(e)(f"{tar.name}: {e}") from None  # name the layer as well as the entry
     blob.missed_prioritized = missed
     return blob
 

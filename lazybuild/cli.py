@@ -127,6 +127,76 @@ def cmd_layer_extract(args) -> int:
     return 0
 
 
+def _log(message: str) -> None:
+    print(f"lazybuild: {message}", file=sys.stderr)
+
+
+def _platform(args):
+    from .image import Platform
+
+    return Platform.parse(args.platform) if getattr(args, "platform", None) else None
+
+
+def cmd_copy(args, convert=None) -> int:
+    from .transfer import Location, copy_image, open_dest, open_source
+
+    src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
+    mount_from = src_loc.ref.repository if src_loc.kind == dst_loc.kind == "registry" and src_loc.ref.host == dst_loc.ref.host else None
+    src = open_source(src_loc, args.insecure)
+    try:
+        dst = open_dest(dst_loc, args.insecure, mount_from)
+        try:
+            def layer_progress(label):
+                update, close = _progress(label)
+                return update
+            digest = copy_image(src, dst, platform=_platform(args), all_platforms=getattr(args, "all_platforms", False),
+                                convert=convert, log=_log, layer_progress=layer_progress)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    print(json.dumps({"source": str(src_loc), "destination": str(dst_loc), "digest": digest}))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    return cmd_copy(args)
+
+
+def cmd_push(args) -> int:
+    return cmd_copy(args)
+
+
+def cmd_convert(args) -> int:
+    from .transfer import ConvertOptions
+
+    prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else None
+    return cmd_copy(args, ConvertOptions("zstd" if args.zstd else "gzip", args.chunk_size, prioritized, args.force))
+
+
+def cmd_inspect(args) -> int:
+    from .registry import Reference, Registry
+
+    ref = Reference.parse(args.ref[len("docker://"):] if args.ref.startswith("docker://") else args.ref)
+    with Registry(ref.host, insecure=args.insecure) as reg:
+        resolved = reg.resolve(ref, _platform(args))
+        config = json.loads(reg_read(reg, ref.repository, resolved.manifest.config.digest))
+    out = {"reference": str(ref), "digest": resolved.manifest.digest, "manifest": json.loads(resolved.manifest.raw),
+           "config": config}
+    if resolved.index is not None:
+        out["index"] = json.loads(resolved.index.raw)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def reg_read(reg, repository: str, digest: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    reg.fetch_blob(repository, digest, buf)
+    return buf.getvalue()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
@@ -164,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("dir", metavar="DIR")
     x.add_argument("--toc-digest", metavar="D", help="refuse the layer unless its TOC has this digest")
     x.set_defaults(func=cmd_layer_extract)
+    loc_help = "a registry reference (host[:port]/repo[:tag|@digest]), oci:DIR[:TAG] or docker-archive:FILE"
+    for name, func, helptext in (("pull", cmd_pull, "copy an image from a registry into an OCI layout"),
+                                 ("push", cmd_push, "copy an image (OCI layout, docker-archive) to a registry"),
+                                 ("convert", cmd_convert, "turn every layer of an image into eStargz (or zstd)")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("src", metavar="SRC", help=loc_help)
+        c.add_argument("dst", metavar="DST", help=loc_help.replace(" or docker-archive:FILE", ""))
+        c.add_argument("--platform", metavar="P", help="os/arch[/variant] to take from a multi-platform image (default: this machine's)")
+        c.add_argument("--all-platforms", action="store_true", help="every platform of a multi-platform image")
+        c.add_argument("--insecure", action="store_true", help="skip TLS verification (plain HTTP is automatic for loopback registries)")
+        if name == "convert":
+            c.add_argument("--zstd", action="store_true", help="eStargz with zstd instead of gzip")
+            c.add_argument("--chunk-size", type=parse_size, default=estargz.DEFAULT_CHUNK_SIZE, metavar="N")
+            c.add_argument("--prioritized-files", metavar="FILE", help="paths to put first in every layer that holds them")
+            c.add_argument("--force", action="store_true", help="convert layers that already are eStargz too")
+        c.set_defaults(func=func)
+    i = sub.add_parser("inspect", help="print the manifest and config of an image in a registry as JSON")
+    i.add_argument("ref", metavar="REF")
+    i.add_argument("--platform", metavar="P")
+    i.add_argument("--insecure", action="store_true")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 
@@ -184,6 +275,10 @@ def _bounded_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .layout import LayoutError
+    from .registry import RegistryAuthError, RegistryError
+    from .transfer import TransferError
+
     _bounded_malloc()
     args = build_parser().parse_args(argv)
     try:
@@ -192,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except estargz.EStargzError as e:
+        print(f"lazybuild: error: {e}", file=sys.stderr)
+        return 1
+    except (RegistryError, RegistryAuthError, LayoutError, TransferError, ValueError) as e:
         print(f"lazybuild: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -1,0 +1,322 @@
+"""Copy and convert images between registries, OCI layouts and docker-archive tarballs.
+
+`lazybuild pull`, `push` and `convert` are all one loop: for each chosen platform's manifest, bring
+the config and every layer from the source to the destination, optionally turning each layer into
+eStargz/zstd on the way (then diff_ids, media types and annotations follow), and record the result
+(a tag in the registry, an entry in index.json).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from . import estargz
+from .image import (
+    INDEX_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    canonical_json,
+    is_layer,
+    parse_manifest_or_index,
+    sha256_digest,
+)
+from .layout import DockerArchive, LayoutError, OCILayout
+from .registry import Reference, Registry, RegistryError
+
+
+class TransferError(Exception):
+    pass
+
+
+@dataclass
+class Location:
+    kind: str  # registry | oci | docker-archive
+    ref: Reference | None = None
+    path: str = ""
+    tag: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Location":
+        if text.startswith("oci:"):
+            path, _, tag = text[4:].partition(":")
+            if not path:
+                raise ValueError(f"{text!r}: oci: needs a directory (oci:DIR[:TAG])")
+            return cls("oci", path=path, tag=tag)
+        if text.startswith("docker-archive:"):
+            path, _, tag = text[len("docker-archive:"):].partition(":")
+            return cls("docker-archive", path=path, tag=tag)
+        if text.startswith("docker://"):
+            text = text[len("docker://"):]
+        return cls("registry", ref=Reference.parse(text))
+
+    def __str__(self) -> str:
+        if self.kind == "registry":
+            return str(self.ref)
+        return f"{self.kind}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+
+# --- sources --------------------------------------------------------------------------------------------
+
+
+class Source(abc.ABC):
+    """Reads one image: its manifests (per platform) and their blobs, every blob verified."""
+
+    @abc.abstractmethod
+    def manifests(self, platform: Platform | None, all_platforms: bool) -> list[tuple[Manifest, Platform | None]]:
+        """The image manifest of each chosen platform (platform None when the source has a single manifest)."""
+
+    @abc.abstractmethod
+    def fetch(self, desc: Descriptor, out: BinaryIO, progress=None) -> None:
+        """Write the blob into `out`, raising rather than leaving bytes that do not match its digest."""
+
+    def read(self, desc: Descriptor) -> bytes:
+        with tempfile.TemporaryFile() as f:
+            self.fetch(desc, f)
+            f.seek(0)
+            return f.read()
+
+    def close(self) -> None:
+        pass
+
+
+class RegistrySource(Source):
+    def __init__(self, ref: Reference, insecure: bool = False):
+        self.ref = ref
+        self.registry = Registry(ref.host, insecure=insecure)
+
+    def manifests(self, platform, all_platforms):
+        raw, media_type = self.registry.get_manifest(self.ref)
+        doc = parse_manifest_or_index(raw, media_type)
+        if isinstance(doc, Manifest):
+            return [(doc, None)]
+        chosen = doc.manifests if all_platforms else [doc.select(platform or Platform.host())]
+        out = []
+        for d in chosen:
+            raw, mt = self.registry.get_manifest(self.ref.with_digest(d.digest))
+            if (mt or d.media_type) in INDEX_TYPES:
+                continue  # nested indexes (attestations and the like) are not images
+            out.append((Manifest.parse(raw, mt or d.media_type), d.platform))
+        return out
+
+    def fetch(self, desc, out, progress=None):
+        self.registry.fetch_blob(self.ref.repository, desc.digest, out, progress)
+
+    def close(self):
+        self.registry.close()
+
+
+class OCISource(Source):
+    def __init__(self, path: str, tag: str):
+        self.layout, self.tag = OCILayout(path), tag
+
+    def manifests(self, platform, all_platforms):
+        return self.layout.manifests_for(self.tag, platform, all_platforms)
+
+    def fetch(self, desc, out, progress=None):
+        start = out.tell()
+        with self.layout.open_blob(desc.digest) as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        out.seek(start)
+        h = hashlib.sha256()
+        for block in iter(lambda: out.read(1 << 20), b""):
+            h.update(block)
+        if "sha256:" + h.hexdigest() != desc.digest:
+            raise TransferError(f"{self.layout.root}: blob {desc.digest} is corrupt")
+
+
+class ArchiveSource(Source):
+    def __init__(self, path: str, tag: str):
+        self.archive, self.tag = DockerArchive(path), tag
+        self.paths: dict[str, str] = {}
+
+    def manifests(self, platform, all_platforms):
+        out = []
+        for manifest, paths, plat in self.archive.manifests_for(self.tag):
+            self.paths.update(paths)
+            out.append((manifest, plat))
+        return out
+
+    def fetch(self, desc, out, progress=None):
+        with self.archive.open_member(self.paths[desc.digest]) as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+
+def open_source(loc: Location, insecure: bool = False) -> Source:
+    if loc.kind == "registry":
+        return RegistrySource(loc.ref, insecure)
+    if loc.kind == "oci":
+        return OCISource(loc.path, loc.tag)
+    return ArchiveSource(loc.path, loc.tag)
+
+
+# --- destinations ---------------------------------------------------------------------------------------
+
+
+class Dest(abc.ABC):
+    @abc.abstractmethod
+    def put_blob(self, desc: Descriptor, path: str) -> None:
+        """Store the blob whose bytes are in the file `path`."""
+
+    @abc.abstractmethod
+    def put_manifest(self, manifest: Manifest) -> None:
+        """Store a manifest by digest (its blobs are already there)."""
+
+    @abc.abstractmethod
+    def finish(self, images: list[tuple[Manifest, Platform | None]]) -> str:
+        """Tag/record the result; returns the digest users refer to (manifest, or index for several)."""
+
+    def close(self) -> None:
+        pass
+
+
+class RegistryDest(Dest):
+    def __init__(self, ref: Reference, insecure: bool = False, mount_from: str | None = None):
+        self.ref, self.mount_from = ref, mount_from
+        self.registry = Registry(ref.host, insecure=insecure)
+
+    def put_blob(self, desc, path):
+        self.registry.push_blob(self.ref.repository, desc.digest, desc.size, lambda: open(path, "rb"),
+                                mount_from=self.mount_from)
+
+    def put_manifest(self, manifest):
+        self.registry.put_manifest(self.ref.repository, manifest.digest, manifest.raw, manifest.media_type)
+
+    def finish(self, images):
+        tag = self.ref.tag or "latest"
+        if len(images) == 1:
+            m = images[0][0]
+            return self.registry.put_manifest(self.ref.repository, tag, m.raw, m.media_type)
+        index = Index.build([m.descriptor(p) for m, p in images])
+        return self.registry.put_manifest(self.ref.repository, tag, index.raw, OCI_INDEX)
+
+    def close(self):
+        self.registry.close()
+
+
+class OCIDest(Dest):
+    def __init__(self, path: str, tag: str):
+        self.layout, self.tag = OCILayout(path, create=True), tag or "latest"
+
+    def put_blob(self, desc, path):
+        self.layout.write_blob(desc.digest, lambda f: _copy_file(path, f))
+
+    def put_manifest(self, manifest):
+        self.layout.put_bytes(manifest.raw)
+
+    def finish(self, images):
+        if len(images) == 1:
+            m, p = images[0]
+            self.layout.add_to_index(m.descriptor(p), self.tag)
+            return m.digest
+        index = Index.build([m.descriptor(p) for m, p in images])
+        self.layout.put_bytes(index.raw)
+        self.layout.add_to_index(Descriptor(OCI_INDEX, index.digest, len(index.raw)), self.tag)
+        return index.digest
+
+
+def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = None) -> Dest:
+    if loc.kind == "registry":
+        return RegistryDest(loc.ref, insecure, mount_from)
+    if loc.kind == "oci":
+        return OCIDest(loc.path, loc.tag)
+    raise TransferError(f"{loc}: writing docker-archive files is not supported; use oci:DIR or a registry")
+
+
+def _copy_file(path: str, f: BinaryIO) -> None:
+    with open(path, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertOptions:
+    compression: str = "gzip"  # gzip (eStargz) | zstd (eStargz with zstd)
+    chunk_size: int = estargz.DEFAULT_CHUNK_SIZE
+    prioritized_files: list[str] | None = None
+    force: bool = False
+
+
+def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_platforms: bool = False,
+               convert: ConvertOptions | None = None, log: Callable[[str], None] = lambda s: None,
+               layer_progress: Callable[[str], Callable] | None = None) -> str:
+    """Copy (and with `convert`, turn into eStargz) the image; returns the digest of what was recorded."""
+    images = []
+    with tempfile.TemporaryDirectory(prefix="lazybuild-copy-") as tmp:
+        for manifest, plat in src.manifests(platform, all_platforms):
+            if convert is not None and plat is not None and all_platforms and not Platform.host().matches(plat):
+                log(f"{plat}: converted as is (layers are not run, only re-encoded)")
+            config_raw = src.read(manifest.config)
+            layers, diff_ids, changed = [], [], False
+            for i, layer in enumerate(manifest.layers):
+                if not is_layer(layer.media_type):
+                    raise TransferError(f"layer {i} of {manifest.digest} has media type {layer.media_type!r}")
+                path = os.path.join(tmp, layer.digest.split(":", 1)[1])
+                with open(path, "w+b") as f:
+                    src.fetch(layer, f)
+                if convert is not None and (convert.force or estargz.TOC_DIGEST_ANNOTATION not in layer.annotations):
+                    out = path + ".esgz"
+                    blob = estargz.convert_file(path, out, compression=convert.compression, chunk_size=convert.chunk_size,
+                                                prioritized_files=convert.prioritized_files or [],
+                                                allow_prioritized_not_found=True,
+                                                progress=layer_progress(f"layer {i + 1}/{len(manifest.layers)}") if layer_progress else None)
+                    os.unlink(path)
+                    path = out
+                    layer = Descriptor(blob.media_type, blob.digest, blob.size, dict(blob.annotations))
+                    diff_ids.append(blob.diff_id)
+                    changed = True
+                    log(f"layer {i + 1}/{len(manifest.layers)}: {blob.digest} ({blob.size} bytes, TOC {blob.toc_digest})")
+                else:
+                    diff_ids.append(None)
+                dst.put_blob(layer, path)
+                os.unlink(path)
+                layers.append(layer)
+            if changed:
+                config = json.loads(config_raw)
+                old = config.get("rootfs", {}).get("diff_ids", [])
+                if len(old) != len(diff_ids):
+                    raise TransferError(f"config of {manifest.digest} lists {len(old)} diff_ids for {len(diff_ids)} layers")
+                config["rootfs"]["diff_ids"] = [new or prev for new, prev in zip(diff_ids, old)]
+                config_raw = canonical_json(config)
+                layers = [_oci_layer(d) for d in layers]
+                config_desc = Descriptor(OCI_CONFIG, sha256_digest(config_raw), len(config_raw))
+                manifest = Manifest.build(config_desc, layers, manifest.annotations or None, OCI_MANIFEST)
+            cfg_path = os.path.join(tmp, "config")
+            with open(cfg_path, "wb") as f:
+                f.write(config_raw)
+            dst.put_blob(manifest.config, cfg_path)
+            dst.put_manifest(manifest)
+            images.append((manifest, plat))
+        if not images:
+            raise TransferError("the source has no image for the platforms asked for")
+        return dst.finish(images)
+
+
+def _oci_layer(d: Descriptor) -> Descriptor:
+    """Docker media types become OCI ones (layer annotations need an OCI manifest)."""
+    mt = {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip": OCI_LAYER_GZIP,
+        "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
+    }.get(d.media_type, d.media_type)
+    if mt == "application/vnd.oci.image.layer.v1.tar+zstd":
+        mt = OCI_LAYER_ZSTD
+    return Descriptor(mt, d.digest, d.size, d.annotations, d.platform, d.urls)
+
+
+__all__ = ["ConvertOptions", "Location", "TransferError", "copy_image", "open_dest", "open_source",
+           "RegistryError", "LayoutError"]

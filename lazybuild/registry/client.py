@@ -66,6 +66,15 @@ def _ssl_context(host: str, certs_dir: str | None) -> ssl.SSLContext:
     return ctx
 
 
+def _speaks_tls(host: str, timeout_s: float) -> bool:
+    """Loopback registries may be plain HTTP (as Docker allows) or TLS: ask the port which."""
+    try:
+        httpx.get(f"https://{host}/v2/", verify=False, timeout=min(timeout_s, 5.0))
+        return True
+    except httpx.HTTPError:
+        return False
+
+
 @dataclass
 class Resolved:
     """A reference resolved to one image manifest (and the index it was chosen from, if any)."""
@@ -81,8 +90,9 @@ class Registry:
                  certs_dir: str | None = None, backoff_s: float = 0.2):
         ref = Reference(host, "x")
         self.host = host
-        plain_http = ref.is_loopback if loopback is None else loopback
-        self.base = f"{'http' if plain_http else 'https'}://{ref.api_host}"
+        if loopback is None:
+            loopback = ref.is_loopback and not _speaks_tls(ref.api_host, timeout_s)
+        self.base = f"{'http' if loopback else 'https'}://{ref.api_host}"
         verify: ssl.SSLContext | bool = False if insecure else _ssl_context(host, certs_dir)
         timeout = httpx.Timeout(timeout_s)
         self._token_client = httpx.Client(timeout=timeout, verify=verify)
@@ -115,6 +125,15 @@ class Registry:
                 r = self.client.send(req, stream=stream)
             except RegistryAuthError as e:
                 raise RegistryError(f"{what}: {e}") from None
+            except httpx.ConnectError as e:
+                if "CERTIFICATE_VERIFY_FAILED" in str(e) or "SSL" in type(e.__context__).__name__:
+                    raise RegistryError(
+                        f"{what}: TLS verification of {url} failed ({e}); put the registry's CA certificate in "
+                        f"/etc/docker/certs.d/{self.host}/ca.crt (or $LAZYBUILD_CERTS_DIR), or use --insecure",
+                        None, url) from None
+                last = e
+                time.sleep(self.backoff_s * 2**attempt)
+                continue
             except httpx.TransportError as e:
                 last = e
                 if method not in ("GET", "HEAD") and "content" in kw and not isinstance(kw["content"], bytes):

@@ -1,0 +1,308 @@
+"""Real registries for the tests: Debian's docker-registry (distribution v2) on 127.0.0.1, plain HTTP, TLS +
+htpasswd, or token auth with a small token issuer of ours; and a fault-injecting proxy in front of one."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 20) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+class RegistryProcess:
+    """docker-registry serve CONFIG, filesystem storage in `workdir`."""
+
+    def __init__(self, workdir: str, *, tls: tuple[str, str] | None = None, htpasswd: str | None = None,
+                 token: dict | None = None):
+        os.makedirs(workdir, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        lines = ["version: 0.1", "log:", "  level: error", "storage:", "  filesystem:",
+                 f"    rootdirectory: {workdir}/data", "  delete:", "    enabled: true", "http:",
+                 f"  addr: 127.0.0.1:{self.port}"]
+        if tls:
+            lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+        if htpasswd:
+            lines += ["auth:", "  htpasswd:", "    realm: lazybuild-test", f"    path: {htpasswd}"]
+        if token:
+            lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in token.items()]
+        config = os.path.join(workdir, "config.yml")
+        with open(config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.log = open(os.path.join(workdir, "registry.log"), "w")
+        self.proc = subprocess.Popen(["docker-registry", "serve", config], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def make_tls(workdir: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (IP SAN), as `openssl` makes it."""
+    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def make_htpasswd(workdir: str, user: str, password: str) -> str:
+    path = os.path.join(workdir, "htpasswd")
+    out = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True).stdout
+    with open(path, "w") as f:
+        f.write(out)
+    return path
+
+
+class TokenIssuer:
+    """A token service as docker/distribution's token auth expects: RS256 JWTs with an x5c chain that
+    the registry checks against `rootcertbundle`. Grants what the basic credentials allow."""
+
+    def __init__(self, workdir: str, user: str, password: str):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.user, self.password = user, password
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lazybuild-token-issuer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                     .serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+                     .not_valid_after(now + datetime.timedelta(days=2)).sign(self.key, hashes.SHA256()))
+        self.bundle = os.path.join(workdir, "token-bundle.pem")
+        with open(self.bundle, "wb") as f:
+            f.write(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.der_b64 = base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()
+        self.issued = 0
+        self.ttl_s = 300
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                auth = self.headers.get("Authorization", "")
+                ok = auth == "Basic " + base64.b64encode(f"{issuer.user}:{issuer.password}".encode()).decode()
+                if auth and not ok:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                access = []
+                for scope in q.get("scope", []):
+                    for one in scope.split(" "):
+                        kind, _, rest = one.partition(":")
+                        repo, _, actions = rest.rpartition(":")
+                        granted = actions.split(",") if ok else [a for a in actions.split(",") if a == "pull" and repo.startswith("public/")]
+                        access.append({"type": kind, "name": repo, "actions": granted})
+                body = json.dumps({"token": issuer.token(q.get("service", [""])[0], access), "expires_in": issuer.ttl_s}).encode()
+                issuer.issued += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.realm = f"http://127.0.0.1:{self.port}/token"
+
+    def token(self, service: str, access: list) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.der_b64]}
+        claims = {"iss": "lazybuild-test", "sub": self.user, "aud": service, "exp": now + self.ttl_s, "nbf": now - 60,
+                  "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+        signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + b64(signature)
+
+    def registry_config(self) -> dict:
+        return {"realm": self.realm, "service": "lazybuild-test-registry", "issuer": "lazybuild-test",
+                "rootcertbundle": self.bundle}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of a registry that misbehaves on purpose, a fault at a time.
+
+    faults (set by tests, consumed as they fire):
+      drop_body: n   - close the connection halfway through the next n blob bodies
+      status: [(code, n)] - answer `code` to the next n requests
+      ignore_range   - answer 200 with the whole body to ranged GETs
+      reject_multirange - answer 400 to multi-range requests
+      redirect_blobs - answer 307 to blob GETs, pointing at a second port that serves them
+      require_basic  - the main port answers 401 (Basic) to requests without credentials
+      corrupt_blobs  - flip the first byte of whole-blob bodies
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.faults: dict = {}
+        self.lock = threading.Lock()
+        self.requests: list[tuple[int, str, str, dict]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self, method):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                with proxy.lock:
+                    proxy.requests.append((self.server.server_port, method, self.path, dict(self.headers)))
+                    fault = proxy._take(method, self.path, self.headers, self.server.server_port)
+                if fault == "need_auth":
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="proxy"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault == "redirect":
+                    target = f"http://127.0.0.1:{proxy.redirect_port}{self.path}"
+                    self.send_response(307)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if isinstance(fault, int):
+                    self.send_response(fault)
+                    self.send_header("Content-Length", "0")
+                    if fault == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                if fault == "reject_multirange":
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault == "ignore_range":
+                    headers = {k: v for k, v in headers.items() if k.lower() != "range"}
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request(method, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v.replace(f"http://{proxy.upstream}", f"http://127.0.0.1:{self.server.server_port}"))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fault == "corrupt_body" and data:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                if fault == "drop_body" and method == "GET":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if method != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_HEAD(self):
+                self._forward("HEAD")
+
+            def do_PUT(self):
+                self._forward("PUT")
+
+            def do_POST(self):
+                self._forward("POST")
+
+            def do_PATCH(self):
+                self._forward("PATCH")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_port
+        self.host = f"127.0.0.1:{self.port}"
+        self.redirect_server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.redirect_port = self.redirect_server.server_port
+        for s in (self.server, self.redirect_server):
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+
+    def _take(self, method, path, headers, port):
+        f = self.faults
+        is_blob_get = method == "GET" and "/blobs/sha256:" in path
+        if f.get("status"):
+            code, n = f["status"][0]
+            f["status"][0] = (code, n - 1)
+            if n - 1 <= 0:
+                f["status"].pop(0)
+            return code
+        if f.get("require_basic") and port == self.port and not headers.get("Authorization", "").startswith("Basic "):
+            return "need_auth"
+        if is_blob_get and f.get("corrupt_blobs") and not headers.get("Range"):
+            return "corrupt_body"
+        if is_blob_get and f.get("redirect_blobs") and port == self.port:
+            return "redirect"
+        rng = headers.get("Range", "")
+        if is_blob_get and rng and "," in rng and f.get("reject_multirange"):
+            return "reject_multirange"
+        if is_blob_get and rng and f.get("ignore_range"):
+            return "ignore_range"
+        if is_blob_get and f.get("drop_body", 0) > 0 and not rng:
+            f["drop_body"] -= 1
+            return "drop_body"
+        return None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.redirect_server.shutdown()
+
+
+def docker_config(workdir: str, host: str, user: str, password: str) -> str:
+    """A DOCKER_CONFIG directory with `auths` for host, as `docker login` writes it."""
+    d = os.path.join(workdir, "docker-config")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"auths": {host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}, f)
+    return d
+
+
+def ping(url: str, **kw) -> int:
+    return httpx.get(url, **kw).status_code

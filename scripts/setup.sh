@@ -5,8 +5,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=${LAZYBUILD_SHARED:-$here/../shared}
 
-# System packages: zstd/tar/attr for test fixtures, Go + the upstream estargz library for the oracle.
-pkgs="zstd tar attr golang-go golang-github-containerd-stargz-snapshotter-dev"
+# System packages: zstd/tar/attr for test fixtures; docker-registry, openssl, htpasswd, skopeo and umoci for the
+# registry tests; Go + the upstream estargz library for the oracle.
+pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci golang-go golang-github-containerd-stargz-snapshotter-dev"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -19,6 +19,7 @@ from zlib_ng import zlib_ng
 import tarcases
 from lazybuild.image import Platform
 from lazybuild.registry import Credentials, Reference, Registry, RegistryError
+from images import debootstrap_rootfs, docker_archive
 from registry_harness import FaultProxy, RegistryProcess, TokenIssuer, docker_config, make_htpasswd, make_tls
 
 pytestmark = pytest.mark.integration
@@ -49,22 +50,7 @@ def archive(tmp_path_factory, tars) -> str:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    layers = [open(tars["ustar"], "rb").read(), open(top, "rb").read()]
-    diff_ids = ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                         "history": [{"created_by": "base"}, {"created_by": "top"}]}).encode()
-    cfg_name = hashlib.sha256(config).hexdigest() + ".json"
-    path = str(d / "image.tar")
-    with tarfile.open(path, "w") as tf:
-        members = [(cfg_name, config)] + [(f"{i}/layer.tar", x) for i, x in enumerate(layers)]
-        members.append(("manifest.json", json.dumps([{"Config": cfg_name, "RepoTags": ["test:latest"],
-                                                      "Layers": [f"{i}/layer.tar" for i in range(2)]}]).encode()))
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return docker_archive([tars["ustar"], top], str(d / "image.tar"))
 
 
 @pytest.fixture(scope="session")
@@ -300,3 +286,36 @@ def test_bad_bytes_and_dead_registries_fail_clearly(proxy, pushed):
     with Registry("127.0.0.1:1", backoff_s=0.01, timeout_s=2) as dead:
         with pytest.raises(RegistryError, match="127.0.0.1:1.*reachable"):
             dead.get_manifest(Reference.parse("127.0.0.1:1/x/y:z"))
+
+
+def test_debian_image_round_trip(registry, oracle, tmp_path_factory):
+    """A real root filesystem (debootstrap minbase + python3 + gcc): pushed, converted, pulled back; the
+    converted image unpacks (umoci) to the same tree, and every layer passes the reference's check."""
+    d = tmp_path_factory.mktemp("debian")
+    rootfs = debootstrap_rootfs()
+    archive = docker_archive([rootfs], str(d / "debian.tar"))
+    base, conv = f"{registry.host}/debian/dev:base", f"{registry.host}/debian/dev:esgz"
+    lazybuild("push", f"docker-archive:{archive}", base)
+    lazybuild("convert", base, conv, "--prioritized-files", _python_startup_files(d))
+    lazybuild("pull", conv, f"oci:{d}/layout:esgz")
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{base}", f"oci:{d}/orig:base"],
+                   check=True, capture_output=True)
+    from lazybuild.layout import OCILayout
+
+    layout = OCILayout(str(d / "layout"))
+    (manifest, _), = layout.manifests_for("esgz")
+    for layer in manifest.layers:
+        toc = layer.annotations["containerd.io/snapshot/stargz/toc.digest"]
+        subprocess.run([oracle, "verify", "-toc", toc, layout.blob_path(layer.digest)], check=True, capture_output=True)
+        order = subprocess.run([oracle, "order", layout.blob_path(layer.digest)], check=True, capture_output=True,
+                               text=True).stdout.splitlines()
+        assert order.index(".prefetch.landmark") > 0 and "usr/bin/python3.11" in order[: order.index(".prefetch.landmark")]
+    original = _unpack(f"{d}/orig:base", str(d / "u1"))
+    assert len(original) > 5000
+    assert _unpack(f"{d}/layout:esgz", str(d / "u2")) == original
+
+
+def _python_startup_files(d) -> str:
+    path = d / "prio.txt"
+    path.write_text("usr/bin/python3.11\nusr/lib/python3.11/os.py\nusr/lib/python3.11/site.py\n")
+    return str(path)

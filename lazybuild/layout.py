@@ -102,6 +102,15 @@ class OCILayout:
                 os.unlink(tmp)
             raise
 
+    def adopt_blob(self, digest: str, path: str) -> None:
+        """Move a file whose content the caller has checked against `digest` into the layout."""
+        target = self.blob_path(digest)
+        if os.path.exists(target):
+            os.unlink(path)
+            return
+        os.chmod(path, 0o644)
+        os.replace(path, target)
+
     def put_bytes(self, data: bytes) -> str:
         digest = sha256_digest(data)
         self.write_blob(digest, lambda f: f.write(data))

@@ -17,7 +17,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-from . import estargz
 from .image import (
     INDEX_TYPES,
     OCI_CONFIG,
@@ -167,9 +166,12 @@ def open_source(loc: Location, insecure: bool = False) -> Source:
 
 
 class Dest(abc.ABC):
+    staging_dir: str | None = None  # where blobs are staged: on the destination's filesystem when it has one
+
     @abc.abstractmethod
     def put_blob(self, desc: Descriptor, path: str) -> None:
-        """Store the blob whose bytes are in the file `path`."""
+        """Store the blob whose bytes (already checked against desc.digest) are in the file `path`;
+        the file is the destination's to keep or drop."""
 
     @abc.abstractmethod
     def put_manifest(self, manifest: Manifest) -> None:
@@ -210,9 +212,10 @@ class RegistryDest(Dest):
 class OCIDest(Dest):
     def __init__(self, path: str, tag: str):
         self.layout, self.tag = OCILayout(path, create=True), tag or "latest"
+        self.staging_dir = self.layout.root  # staged beside the blobs, so adopting one is a rename
 
     def put_blob(self, desc, path):
-        self.layout.write_blob(desc.digest, lambda f: _copy_file(path, f))
+        self.layout.adopt_blob(desc.digest, path)
 
     def put_manifest(self, manifest):
         self.layout.put_bytes(manifest.raw)
@@ -236,18 +239,13 @@ def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = No
     raise TransferError(f"{loc}: writing docker-archive files is not supported; use oci:DIR or a registry")
 
 
-def _copy_file(path: str, f: BinaryIO) -> None:
-    with open(path, "rb") as src:
-        shutil.copyfileobj(src, f, 1 << 20)
-
-
 # --- the loop -------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ConvertOptions:
     compression: str = "gzip"  # gzip (eStargz) | zstd (eStargz with zstd)
-    chunk_size: int = estargz.DEFAULT_CHUNK_SIZE
+    chunk_size: int = 4 << 20
     prioritized_files: list[str] | None = None
     force: bool = False
 
@@ -256,8 +254,10 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                convert: ConvertOptions | None = None, log: Callable[[str], None] = lambda s: None,
                layer_progress: Callable[[str], Callable] | None = None) -> str:
     """Copy (and with `convert`, turn into eStargz) the image; returns the digest of what was recorded."""
+    if convert is not None:
+        from . import estargz  # only conversions pay for the compressors' import
     images = []
-    with tempfile.TemporaryDirectory(prefix="lazybuild-copy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".lazybuild-copy-", dir=dst.staging_dir) as tmp:
         for manifest, plat in src.manifests(platform, all_platforms):
             if convert is not None and plat is not None and all_platforms and not Platform.host().matches(plat):
                 log(f"{plat}: converted as is (layers are not run, only re-encoded)")
@@ -284,7 +284,8 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                 else:
                     diff_ids.append(None)
                 dst.put_blob(layer, path)
-                os.unlink(path)
+                if os.path.exists(path):
+                    os.unlink(path)
                 layers.append(layer)
             if changed:
                 config = json.loads(config_raw)

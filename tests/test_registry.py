@@ -319,3 +319,61 @@ def _python_startup_files(d) -> str:
     path = d / "prio.txt"
     path.write_text("usr/bin/python3.11\nusr/lib/python3.11/os.py\nusr/lib/python3.11/site.py\n")
     return str(path)
+
+
+def test_multi_platform_images(registry, pushed, tmp_path):
+    """An index of two platforms: pushed whole with --all-platforms, one picked by --platform, converted whole."""
+    from lazybuild.image import OCI_CONFIG, OCI_INDEX, Descriptor, Index, Manifest
+    from lazybuild.layout import OCILayout
+
+    lazybuild("pull", pushed, f"oci:{tmp_path}/l:single")
+    layout = OCILayout(str(tmp_path / "l"))
+    (base, _), = layout.manifests_for("single")
+    config = json.loads(layout.read_blob(base.config.digest))
+    entries = []
+    for arch in ("amd64", "arm64"):
+        raw = json.dumps({**config, "architecture": arch}).encode()
+        cfg = Descriptor(OCI_CONFIG, layout.put_bytes(raw), len(raw))
+        m = Manifest.build(cfg, base.layers)
+        layout.put_bytes(m.raw)
+        entries.append(m.descriptor(Platform("linux", arch)))
+    index = Index.build(entries)
+    layout.put_bytes(index.raw)
+    layout.add_to_index(Descriptor(OCI_INDEX, index.digest, len(index.raw)), "multi")
+
+    ref = f"{registry.host}/multi/img:v1"
+    lazybuild("push", f"oci:{tmp_path}/l:multi", ref, "--all-platforms")
+    assert len(json.loads(lazybuild("inspect", ref).stdout)["index"]["manifests"]) == 2
+    assert json.loads(lazybuild("inspect", ref, "--platform", "linux/arm64").stdout)["config"]["architecture"] == "arm64"
+    lazybuild("convert", ref, f"{registry.host}/multi/img:esgz", "--all-platforms")
+    info = json.loads(lazybuild("inspect", f"{registry.host}/multi/img:esgz", "--platform", "linux/arm64").stdout)
+    assert info["config"]["architecture"] == "arm64" and len(info["index"]["manifests"]) == 2
+    assert all("containerd.io/snapshot/stargz/toc.digest" in x["annotations"] for x in info["manifest"]["layers"])
+    p = lazybuild("pull", ref, f"oci:{tmp_path}/p", "--platform", "linux/s390x", ok=False)
+    assert p.returncode == 1 and "linux/s390x" in p.stderr and "--platform" in p.stderr
+
+
+def test_cross_repository_mount_and_credential_helper(registry, pushed, proxy, tmp_path):
+    """eStargz layers kept by convert into another repository are mounted, not uploaded; credentials can
+    come from a docker-credential-* helper."""
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "docker-credential-lazytest"
+    helper.write_text('#!/bin/sh\nread server\necho "{\\"Username\\": \\"dave\\", \\"Secret\\": \\"pw-$server\\"}"\n')
+    helper.chmod(0o755)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.json").write_text(json.dumps({"credHelpers": {proxy.host: "lazytest"}}))
+    env = {"DOCKER_CONFIG": str(conf), "PATH": f"{helper_dir}:{os.environ['PATH']}"}
+    via_proxy = pushed.replace(pushed.split("/")[0], proxy.host)
+    proxy.faults = {"require_basic": True}
+    lazybuild("convert", via_proxy, f"{proxy.host}/test/base:mount-src", env=env)
+    lazybuild("convert", f"{proxy.host}/test/base:mount-src", f"{proxy.host}/elsewhere/img:v1", env=env)
+    posts = [path for port, method, path, h in proxy.requests if method == "POST" and "/elsewhere/img/" in path]
+    assert len(posts) == 3 and all("mount=sha256" in p and "from=test%2Fbase" in p for p in posts)  # 2 layers + config
+    auths = {h.get("Authorization") for port, m, path, h in proxy.requests if h.get("Authorization")}
+    import base64
+
+    assert auths == {"Basic " + base64.b64encode(f"dave:pw-{proxy.host}".encode()).decode()}
+    uploads = [path for port, method, path, h in proxy.requests if method in ("PUT", "PATCH") and "/elsewhere/img/blobs/" in path]
+    assert uploads == []

@@ -148,7 +148,7 @@ def cmd_copy(args, convert=None) -> int:
         try:
             def layer_progress(label):
                 update, close = _progress(label)
-                return update
+                return update  # bars are transient (leave=False): closing at exit is enough
             digest = copy_image(src, dst, platform=_platform(args), all_platforms=getattr(args, "all_platforms", False),
                                 convert=convert, log=_log, layer_progress=layer_progress)
         finally:
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("convert", cmd_convert, "turn every layer of an image into eStargz (or zstd)")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("src", metavar="SRC", help=loc_help)
-        c.add_argument("dst", metavar="DST", help=loc_help.replace(" or docker-archive:FILE", ""))
+        c.add_argument("dst", metavar="DST", help=loc_help)
         c.add_argument("--platform", metavar="P", help="os/arch[/variant] to take from a multi-platform image (default: this machine's)")
         c.add_argument("--all-platforms", action="store_true", help="every platform of a multi-platform image")
         c.add_argument("--insecure", action="store_true", help="skip TLS verification (plain HTTP is automatic for loopback registries)")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
@@ -231,12 +233,54 @@ class OCIDest(Dest):
         return index.digest
 
 
+class ArchiveDest(Dest):
+    """A `docker save`-style tarball (what `docker load` reads). It holds one image and no annotations;
+    layers are stored as they are (docker load and skopeo accept compressed ones)."""
+
+    def __init__(self, path: str, tag: str):
+        self.path, self.tag = path, tag
+        self.staging_dir = os.path.dirname(os.path.abspath(path))
+        self.blobs = tempfile.mkdtemp(prefix=".lazybuild-archive-", dir=self.staging_dir)
+
+    def put_blob(self, desc, path):
+        os.replace(path, os.path.join(self.blobs, desc.digest.split(":", 1)[1]))
+
+    def put_manifest(self, manifest):
+        pass  # the archive's manifest.json is written by finish()
+
+    def finish(self, images):
+        if len(images) != 1:
+            raise TransferError(f"{self.path}: a docker archive holds one image; choose one with --platform")
+        manifest = images[0][0]
+        hexof = lambda d: d.digest.split(":", 1)[1]
+        entry = {"Config": hexof(manifest.config) + ".json", "RepoTags": [self.tag] if self.tag else [],
+                 "Layers": [hexof(layer) + "/layer.tar" for layer in manifest.layers]}
+        tmp = self.path + ".partial"
+        try:
+            with tarfile.open(tmp, "w") as tf:
+                tf.add(os.path.join(self.blobs, hexof(manifest.config)), entry["Config"])
+                for layer, name in zip(manifest.layers, entry["Layers"]):
+                    tf.add(os.path.join(self.blobs, hexof(layer)), name)
+                data = json.dumps([entry]).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return manifest.digest
+
+    def close(self):
+        shutil.rmtree(self.blobs, ignore_errors=True)
+
+
 def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = None) -> Dest:
     if loc.kind == "registry":
         return RegistryDest(loc.ref, insecure, mount_from)
     if loc.kind == "oci":
         return OCIDest(loc.path, loc.tag)
-    raise TransferError(f"{loc}: writing docker-archive files is not supported; use oci:DIR or a registry")
+    return ArchiveDest(loc.path, loc.tag)
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -259,22 +303,21 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
     images = []
     with tempfile.TemporaryDirectory(prefix=".lazybuild-copy-", dir=dst.staging_dir) as tmp:
         for manifest, plat in src.manifests(platform, all_platforms):
-            if convert is not None and plat is not None and all_platforms and not Platform.host().matches(plat):
-                log(f"{plat}: converted as is (layers are not run, only re-encoded)")
             config_raw = src.read(manifest.config)
             layers, diff_ids, changed = [], [], False
             for i, layer in enumerate(manifest.layers):
                 if not is_layer(layer.media_type):
                     raise TransferError(f"layer {i} of {manifest.digest} has media type {layer.media_type!r}")
+                label = f"layer {i + 1}/{len(manifest.layers)}"
                 path = os.path.join(tmp, layer.digest.split(":", 1)[1])
                 with open(path, "w+b") as f:
-                    src.fetch(layer, f)
+                    src.fetch(layer, f, _counting(layer_progress(f"{label} fetch") if layer_progress else None, layer.size))
                 if convert is not None and (convert.force or estargz.TOC_DIGEST_ANNOTATION not in layer.annotations):
                     out = path + ".esgz"
                     blob = estargz.convert_file(path, out, compression=convert.compression, chunk_size=convert.chunk_size,
                                                 prioritized_files=convert.prioritized_files or [],
                                                 allow_prioritized_not_found=True,
-                                                progress=layer_progress(f"layer {i + 1}/{len(manifest.layers)}") if layer_progress else None)
+                                                progress=layer_progress(f"{label} convert") if layer_progress else None)
                     os.unlink(path)
                     path = out
                     layer = Descriptor(blob.media_type, blob.digest, blob.size, dict(blob.annotations))
@@ -306,6 +349,20 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
         if not images:
             raise TransferError("the source has no image for the platforms asked for")
         return dst.finish(images)
+
+
+def _counting(update: Callable[[int, int], None] | None, total: int) -> Callable[[int], None] | None:
+    """Adapt a (done, total) progress display to the (bytes just moved) callbacks of downloads."""
+    if update is None:
+        return None
+    done = 0
+
+    def add(n: int) -> None:
+        nonlocal done
+        done += n
+        update(done, total)
+
+    return add
 
 
 def _oci_layer(d: Descriptor) -> Descriptor:

@@ -171,6 +171,7 @@ class FaultProxy:
       redirect_blobs - answer 307 to blob GETs, pointing at a second port that serves them
       require_basic  - the main port answers 401 (Basic) to requests without credentials
       corrupt_blobs  - flip the first byte of whole-blob bodies
+      refuse_head    - answer 405 to HEAD (as some object stores do)
     """
 
     def __init__(self, upstream: str):
@@ -276,6 +277,8 @@ class FaultProxy:
             return code
         if f.get("require_basic") and port == self.port and not headers.get("Authorization", "").startswith("Basic "):
             return "need_auth"
+        if method == "HEAD" and f.get("refuse_head"):
+            return 405
         if is_blob_get and f.get("corrupt_blobs") and not headers.get("Range"):
             return "corrupt_body"
         if is_blob_get and f.get("redirect_blobs") and port == self.port:

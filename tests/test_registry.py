@@ -214,6 +214,17 @@ def test_token_auth(tmp_path_factory, archive):
         lazybuild("convert", ref, f"{reg.host}/team/img:esgz", env=env)
         assert json.loads(lazybuild("inspect", f"{reg.host}/team/img:esgz", env=env).stdout)["manifest"]["layers"]
         assert issuer.issued >= 2
+        # a token the registry no longer takes (expired, revoked) is fetched anew on the 401 it answers
+        from lazybuild.registry.auth import load_credentials
+
+        with Registry(reg.host, credentials=load_credentials(reg.host, os.path.join(env["DOCKER_CONFIG"], "config.json"))) as client:
+            r = Reference.parse(ref)
+            client.get_manifest(r)
+            issued = issuer.issued
+            for key in client.auth._tokens:
+                client.auth._tokens[key] = "revoked"
+            client.get_manifest(r)
+        assert issuer.issued == issued + 1
         # anonymous: the token service grants nothing on team/, so the registry refuses
         p = lazybuild("inspect", ref, env={"DOCKER_CONFIG": work + "/nobody"}, ok=False)
         assert p.returncode == 1 and "401" in p.stderr
@@ -251,6 +262,9 @@ def test_faults_retried_or_worked_around(proxy, pushed):
         got = io.BytesIO()
         reg.fetch_blob(ref.repository, layer.digest, got)
         assert got.getvalue() == data
+
+        proxy.faults = {"refuse_head": True}  # size from a 1-byte ranged GET instead
+        assert reg.blob_size(ref.repository, layer.digest) == len(data)
 
         ranges = [(0, 100), (1000, 1100)]
         for fault in ("ignore_range", "reject_multirange", "redirect_blobs"):
@@ -377,3 +391,15 @@ def test_cross_repository_mount_and_credential_helper(registry, pushed, proxy, t
     assert auths == {"Basic " + base64.b64encode(f"dave:pw-{proxy.host}".encode()).decode()}
     uploads = [path for port, method, path, h in proxy.requests if method in ("PUT", "PATCH") and "/elsewhere/img/blobs/" in path]
     assert uploads == []
+
+
+def test_docker_archive_destination(registry, pushed, tmp_path):
+    out = tmp_path / "img.tar"
+    lazybuild("convert", pushed, f"docker-archive:{out}:lazy/img:esgz")
+    info = json.loads(subprocess.run(["skopeo", "inspect", f"docker-archive:{out}"], check=True, capture_output=True,
+                                     text=True).stdout)
+    assert len(info["Layers"]) == 2
+    assert json.loads(subprocess.run(["tar", "-xOf", str(out), "manifest.json"], check=True, capture_output=True,
+                                     text=True).stdout)[0]["RepoTags"] == ["lazy/img:esgz"]
+    lazybuild("push", f"docker-archive:{out}", f"{registry.host}/from/archive:v1")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".lazybuild")]

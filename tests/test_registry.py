@@ -314,6 +314,9 @@ def test_debian_image_round_trip(registry, oracle, tmp_path_factory):
     lazybuild("pull", conv, f"oci:{d}/layout:esgz")
     subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{base}", f"oci:{d}/orig:base"],
                    check=True, capture_output=True)
+    subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{conv}"], check=True, capture_output=True)
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{conv}", f"oci:{d}/skopeo:esgz"],
+                   check=True, capture_output=True)
     from lazybuild.layout import OCILayout
 
     layout = OCILayout(str(d / "layout"))

@@ -159,14 +159,6 @@ def cmd_copy(args, convert=None) -> int:
     return 0
 
 
-def cmd_pull(args) -> int:
-    return cmd_copy(args)
-
-
-def cmd_push(args) -> int:
-    return cmd_copy(args)
-
-
 def cmd_convert(args) -> int:
     from .transfer import ConvertOptions
 
@@ -180,21 +172,13 @@ def cmd_inspect(args) -> int:
     ref = Reference.parse(args.ref[len("docker://"):] if args.ref.startswith("docker://") else args.ref)
     with Registry(ref.host, insecure=args.insecure) as reg:
         resolved = reg.resolve(ref, _platform(args))
-        config = json.loads(reg_read(reg, ref.repository, resolved.manifest.config.digest))
+        config = json.loads(reg.read_blob(ref.repository, resolved.manifest.config.digest))
     out = {"reference": str(ref), "digest": resolved.manifest.digest, "manifest": json.loads(resolved.manifest.raw),
            "config": config}
     if resolved.index is not None:
         out["index"] = json.loads(resolved.index.raw)
     print(json.dumps(out, indent=2))
     return 0
-
-
-def reg_read(reg, repository: str, digest: str) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    reg.fetch_blob(repository, digest, buf)
-    return buf.getvalue()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--toc-digest", metavar="D", help="refuse the layer unless its TOC has this digest")
     x.set_defaults(func=cmd_layer_extract)
     loc_help = "a registry reference (host[:port]/repo[:tag|@digest]), oci:DIR[:TAG] or docker-archive:FILE"
-    for name, func, helptext in (("pull", cmd_pull, "copy an image from a registry into an OCI layout"),
-                                 ("push", cmd_push, "copy an image (OCI layout, docker-archive) to a registry"),
+    for name, func, helptext in (("pull", cmd_copy, "copy an image from a registry into an OCI layout"),
+                                 ("push", cmd_copy, "copy an image (OCI layout, docker-archive) to a registry"),
                                  ("convert", cmd_convert, "turn every layer of an image into eStargz (or zstd)")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("src", metavar="SRC", help=loc_help)

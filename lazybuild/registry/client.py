@@ -9,6 +9,7 @@ their digest before a caller sees them; errors name the URL, the status and what
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import ssl
@@ -258,6 +259,12 @@ class Registry:
             raise RegistryError(f"{what}: {url} sent {got} bytes whose digest is sha256:{h.hexdigest()}, not {digest} "
                                 "(corrupt transfer or wrong blob); nothing was kept", None, url)
         return got
+
+    def read_blob(self, repository: str, digest: str) -> bytes:
+        """A small blob (a config) in memory, digest checked."""
+        buf = io.BytesIO()
+        self.fetch_blob(repository, digest, buf)
+        return buf.getvalue()
 
     def read_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of each [start, end) range of a blob, in one request where the registry allows.

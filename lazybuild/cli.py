@@ -181,6 +181,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_inspect_dockerfile(args) -> int:
+    from .frontend.dockerfile.dockerignore import DockerIgnore
+    from .frontend.dockerfile.model import load
+
+    context = args.context
+    dockerfile = args.file or os.path.join(context, "Dockerfile")
+    with open(dockerfile, encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    build_args = {}
+    for kv in args.build_arg:
+        key, has_value, value = kv.partition("=")
+        if has_value:
+            build_args[key] = value
+        elif key in os.environ:  # `--build-arg NAME` takes the value from the environment, as docker does
+            build_args[key] = os.environ[key]
+    platform = args.platform or "linux/amd64"
+    build = load(text, filename=dockerfile, build_args=build_args, target=args.target or "", platform=platform)
+    out = build.to_json()
+    out["dockerignore"] = DockerIgnore.for_dockerfile(context, dockerfile).to_json()
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
@@ -234,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--prioritized-files", metavar="FILE", help="paths to put first in every layer that holds them")
             c.add_argument("--force", action="store_true", help="convert layers that already are eStargz too")
         c.set_defaults(func=func)
+    d = sub.add_parser("inspect-dockerfile", help="print the resolved stages, instructions and image config of a Dockerfile as JSON")
+    d.add_argument("context", metavar="CONTEXT", nargs="?", default=".")
+    d.add_argument("-f", "--file", metavar="Dockerfile", help="default: CONTEXT/Dockerfile")
+    d.add_argument("--target", metavar="T", help="the stage to build (default: the last)")
+    d.add_argument("--build-arg", metavar="K=V", action="append", default=[])
+    d.add_argument("--platform", metavar="P", help="target platform (default linux/amd64)")
+    d.set_defaults(func=cmd_inspect_dockerfile)
     i = sub.add_parser("inspect", help="print the manifest and config of an image in a registry as JSON")
     i.add_argument("ref", metavar="REF")
     i.add_argument("--platform", metavar="P")
@@ -261,6 +291,7 @@ def _bounded_malloc() -> None:
 def main(argv: list[str] | None = None) -> int:
     from .layout import LayoutError
     from .registry import RegistryAuthError, RegistryError
+    from .frontend.dockerfile.parser import DockerfileError
     from .transfer import TransferError
 
     _bounded_malloc()
@@ -273,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except estargz.EStargzError as e:
         print(f"lazybuild: error: {e}", file=sys.stderr)
         return 1
-    except (RegistryError, RegistryAuthError, LayoutError, TransferError, ValueError) as e:
+    except (RegistryError, RegistryAuthError, LayoutError, TransferError, DockerfileError, ValueError) as e:
         print(f"lazybuild: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -1,0 +1,1 @@
+"""The Dockerfile front end: parser, shell-word lexer, instructions, stages (BuildKit semantics)."""

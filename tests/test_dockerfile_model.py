@@ -1,0 +1,146 @@
+"""The Dockerfile model: ARG scoping, expansion where BuildKit expands, image config and history, stages
+and targets, flag validation, .dockerignore, and `lazybuild inspect-dockerfile`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from lazybuild.frontend.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.frontend.dockerfile.model import DockerfileError, load
+
+DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+ARG BASE=debian
+ARG TAG=bookworm
+FROM ${BASE}:${TAG} AS build
+ARG TAG
+ARG TARGETARCH
+ARG NOTSET
+ENV DIR=/src OPT=${NOTSET:-dflt}
+WORKDIR ${DIR}/sub
+RUN --mount=type=cache,target=/root/.cache,id=c-${TAG} --network=none echo $DIR ${TAG} > out
+COPY --chown=${TAG}:0 a${TAG} ${DIR}/
+LABEL l1="v ${TAG}"
+FROM scratch AS unused
+COPY x y
+FROM build AS final
+COPY --from=build /src/out /out
+EXPOSE 80 ${TAG}/udp
+ENTRYPOINT ["/bin/app"]
+"""
+
+
+def stage(build, name):
+    return next(s for s in build.stages if s.name == name)
+
+
+def test_args_and_expansion():
+    b = load(DOCKERFILE, build_args={"TAG": "trixie"}, platform="linux/arm64")
+    assert b.syntax == "docker/dockerfile:1"
+    build = stage(b, "build")
+    assert build.base == "debian:trixie"  # global ARGs in FROM, with the build-arg override
+    ins = build.instructions
+    assert ins[0]["args"] == [{"key": "TAG", "value": "trixie"}]  # a redeclared global brings its value
+    assert ins[1]["args"] == [{"key": "TARGETARCH", "value": "arm64"}]
+    assert ins[2]["args"] == [{"key": "NOTSET", "value": None}]
+    assert ins[3]["pairs"] == [{"key": "DIR", "value": "/src"}, {"key": "OPT", "value": "dflt"}]
+    assert ins[4]["path"] == "/src/sub"
+    run = ins[5]
+    assert run["cmd"] == ["/bin/sh", "-c", "echo $DIR ${TAG} > out"]  # RUN text is the shell's to expand
+    assert run["mounts"][0] == {"type": "cache", "target": "/root/.cache", "id": "c-trixie", "sharing": "shared",
+                                "readonly": False}
+    assert run["network"] == "none" and run["workdir"] == "/src/sub"
+    assert ins[6]["chown"] == "trixie:0" and ins[6]["sources"] == ["atrixie"] and ins[6]["dest"] == "/src/"
+    assert build.config["Labels"] == {"l1": "v trixie"}
+    assert "DIR=/src" in build.config["Env"] and build.config["WorkingDir"] == "/src/sub"
+
+
+def test_stages_targets_and_config():
+    b = load(DOCKERFILE)
+    assert [s.name for s in b.stages] == ["build", "final"]  # `unused` is pruned
+    final = b.target
+    assert final.base_stage == 0 and final.instructions[0]["fromStage"] == 0
+    assert final.config["ExposedPorts"] == {"80/tcp": {}, "bookworm/udp": {}}
+    assert final.config["Entrypoint"] == ["/bin/app"] and "Cmd" not in final.config
+    assert final.config["Labels"] == {"l1": "v bookworm"}  # inherited from the base stage
+    created = [h["created_by"] for h in final.history]
+    assert created[-1] == 'ENTRYPOINT ["/bin/app"]' and final.history[-1]["empty_layer"]
+    assert "RUN |2 TAG=bookworm TARGETARCH=amd64 /bin/sh -c echo $DIR ${TAG} > out # buildkit" in created
+    b2 = load(DOCKERFILE, target="UNUSED")
+    assert [s.name for s in b2.stages] == ["unused"] and b2.target.config["Env"][0].startswith("PATH=")
+    with pytest.raises(DockerfileError, match="target stage 'nope' could not be found"):
+        load(DOCKERFILE, target="nope")
+
+
+def test_cmd_entrypoint_shell_and_onbuild():
+    b = load('FROM scratch AS base\nCMD ["a"]\nSHELL ["/bin/bash", "-ec"]\nONBUILD ENV FROM_TRIGGER=1\n'
+             'FROM base\nENTRYPOINT run me\nCMD more\n')
+    t = b.target
+    assert t.config["Entrypoint"] == ["/bin/bash", "-ec", "run me"] and t.config["Cmd"] == ["/bin/bash", "-ec", "more"]
+    assert "FROM_TRIGGER=1" in t.config["Env"] and "OnBuild" not in t.config
+    assert stage(b, "base").config["OnBuild"] == ["ENV FROM_TRIGGER=1"]
+
+
+@pytest.mark.parametrize("text,message,line", [
+    ("FROM x\nCOPY --nope=1 a b\n", "unknown flag: nope", 2),
+    ("FROM x\nRUN --mount=type=disk,target=/x true\n", "unsupported mount type", 2),
+    ("FROM x\nRUN --mount=type=cache true\n", "requires a target", 2),
+    ("FROM x\nRUN --network=bridge true\n", "unsupported network mode", 2),
+    ("FROM x\n\nHEALTHCHECK --interval=abc CMD true\n", "invalid duration", 3),
+    ("FROM x\nHEALTHCHECK --retries=-1 CMD true\n", "cannot be negative", 2),
+    ("FROM x\nONBUILD FROM y\n", "isn't allowed as an ONBUILD trigger", 2),
+    ("FROM x\nCOPY onlyone\n", "requires at least two arguments", 2),
+    ("FROM x y\n", "FROM requires either one or three arguments", 1),
+    ("FROM x AS 1bad\n", "invalid name for build stage", 1),
+    ("RUN true\n", "first instruction must be FROM", 1),
+    ("FROM x\nBOGUS a\n", "unknown instruction: BOGUS", 2),
+    ("FROM x\nSHELL /bin/sh\n", "JSON form", 2),
+    ("FROM x\nCOPY --from=$S a b\n", "does not support variables", 2),
+    ("FROM x\nWORKDIR ${X:?must be set}\n", "must be set", 2),
+])
+def test_errors_name_the_line(text, message, line):
+    with pytest.raises(DockerfileError, match=message) as e:
+        load(text, filename="ctx/Dockerfile")
+    assert str(e.value).startswith(f"ctx/Dockerfile:{line}: ")
+
+
+def test_heredoc_files_reach_the_model():
+    b = load("FROM x\nRUN <<EOF\necho hi\nEOF\nCOPY <<conf /etc/app.conf\nk=v\nconf\n")
+    run, copy = b.target.instructions
+    assert run["files"] == [{"name": "EOF", "data": "echo hi\n", "chomp": False, "expand": True}]
+    assert copy["files"][0]["name"] == "conf" and copy["sources"] == [] and copy["dest"] == "/etc/app.conf"
+
+
+def test_dockerignore(tmp_path):
+    patterns = read_patterns("# comment\n\n/node_modules\n**/*.pyc\n*.md\n!README.md\nbuild/**\n  tmp?/  \n")
+    assert patterns == ["node_modules", "**/*.pyc", "*.md", "!README.md", "build/**", "tmp?"]
+    ig = DockerIgnore(patterns)
+    assert ig.ignored("node_modules/x/y.js") and ig.ignored("a/b/c.pyc") and ig.ignored("c.pyc")
+    assert ig.ignored("NOTES.md") and not ig.ignored("README.md") and not ig.ignored("docs/NOTES.md")
+    assert ig.ignored("build/out/bin") and ig.ignored("tmp1/file") and not ig.ignored("src/main.py")
+    (tmp_path / ".dockerignore").write_text("*.log\n")
+    (tmp_path / "Dockerfile").write_text("FROM x\n")
+    assert DockerIgnore.for_dockerfile(str(tmp_path), str(tmp_path / "Dockerfile")).to_json() == ["*.log"]
+    (tmp_path / "Dockerfile.dockerignore").write_text("secret\n")
+    assert DockerIgnore.for_dockerfile(str(tmp_path), str(tmp_path / "Dockerfile")).to_json() == ["secret"]
+
+
+def test_inspect_dockerfile_cli(tmp_path):
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE)
+    (tmp_path / ".dockerignore").write_text(".git\n")
+    lb = shutil.which("lazybuild")
+    p = subprocess.run([lb, "inspect-dockerfile", str(tmp_path), "--build-arg", "TAG=sid", "--target", "build",
+                        "--platform", "linux/arm64"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["target"] == "build" and out["stages"][0]["base"] == "debian:sid" and out["dockerignore"] == [".git"]
+    assert out["config"]["WorkingDir"] == "/src/sub"
+    (tmp_path / "Dockerfile").write_text("FROM x\nRUN --network=bogus true\n")
+    p = subprocess.run([lb, "inspect-dockerfile", "-f", str(tmp_path / "Dockerfile"), str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and f"{tmp_path}/Dockerfile:2: unsupported network mode" in p.stderr

@@ -109,6 +109,13 @@ def test_errors_name_the_line(text, message, line):
     assert str(e.value).startswith(f"ctx/Dockerfile:{line}: ")
 
 
+def test_proxy_args_go_to_run_only():
+    b = load("FROM x\nRUN true\n", build_args={"HTTP_PROXY": "http://127.0.0.1:3128", "OTHER": "x"})
+    run = b.target.instructions[0]
+    assert run["proxyEnv"] == {"HTTP_PROXY": "http://127.0.0.1:3128"}
+    assert not any("PROXY" in e for e in run["env"]) and "PROXY" not in json.dumps(b.target.history)
+
+
 def test_heredoc_files_reach_the_model():
     b = load("FROM x\nRUN <<EOF\necho hi\nEOF\nCOPY <<conf /etc/app.conf\nk=v\nconf\n")
     run, copy = b.target.instructions

@@ -302,7 +302,7 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
                 config["Author"] = out["maintainer"] = inst.spec["value"]
                 created_by = f"MAINTAINER {inst.spec['value']}"
             elif k == "run":
-                out.update(_run(inst, env, expand, config, scope, stages, by_name, st))
+                out.update(_run(inst, env, expand, config, scope, stages, by_name, st, build_args))
                 used = {a: v for a, v in scope.args.items() if a not in dict(kv.partition("=")[::2] for kv in scope.env)}
                 prefix = f"|{len(used)} " + " ".join(f"{a}={v}" for a, v in sorted(used.items())) + " " if used else ""
                 shown = out["cmd"] if isinstance(out["cmd"], list) else [out["cmd"]]
@@ -334,7 +334,7 @@ def _command(spec: dict, config: dict) -> list[str]:
     return list(config.get("Shell") or DEFAULT_SHELL) + [spec["cmd"]]
 
 
-def _run(inst, env, expand, config, scope, stages, by_name, st) -> dict:
+def _run(inst, env, expand, config, scope, stages, by_name, st, build_args) -> dict:
     out: dict = {"cmd": _command(inst.spec, config), "shellForm": not inst.spec["json"]}
     mounts = []
     for m in inst.spec["mounts"]:
@@ -352,8 +352,8 @@ def _run(inst, env, expand, config, scope, stages, by_name, st) -> dict:
             out[key] = inst.flags[key]
     if inst.spec["files"]:
         out["files"] = inst.spec["files"]
-    # Proxy args reach RUN's environment without entering the image or its cache key.
-    proxies = {k: v for k, v in scope.args.items() if k.upper() in PROXY_ARGS}
+    # Proxy args reach RUN's environment without an ARG line, and never enter the image or its cache key.
+    proxies = {k: v for k, v in {**build_args, **scope.args}.items() if k.upper() in PROXY_ARGS}
     if proxies:
         out["proxyEnv"] = proxies
     out["env"] = [f"{k}={v}" for k, v in scope.mapping().items()]

@@ -33,15 +33,17 @@ class ShellError(ValueError):
         super().__init__(reason if word is None else f"failed to process {_go_quote(word)}: {reason}")
 
 
+_GO_NAMED_ESCAPES = {"\a": r"\a", "\b": r"\b", "\f": r"\f", "\n": r"\n", "\r": r"\r", "\t": r"\t", "\v": r"\v",
+                     "\\": "\\\\", '"': '\\"'}
+
+
 def _go_quote(text: str) -> str:
     """`text` quoted like Go's %q, so our messages read exactly like BuildKit's."""
-    named = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
-             "\\": "\\\\", '"': '\\"'}
     out = []
     for ch in text:
-        if ch in named:
-            out.append(named[ch])
-        elif ch.isprintable():
+        if ch in _GO_NAMED_ESCAPES:
+            out.append(_GO_NAMED_ESCAPES[ch])
+        elif ch.isprintable():  # same set as Go's unicode.IsPrint
             out.append(ch)
         else:
             code = ord(ch)
@@ -111,7 +113,7 @@ class _Scanner:
 
     def __init__(self, text: str):
         # Go's text/scanner, which BuildKit reads words with, skips a leading byte-order mark.
-        self.text = text[1:] if text.startswith("\ufeff") else text
+        self.text = text.removeprefix("\ufeff")
         self.pos = 0
 
     def peek(self) -> str | None:
@@ -122,6 +124,12 @@ class _Scanner:
         if ch is not None:
             self.pos += 1
         return ch
+
+    def take_while(self, pred) -> str:
+        start = self.pos
+        while self.pos < len(self.text) and pred(self.text[self.pos]):
+            self.pos += 1
+        return self.text[start:self.pos]
 
 
 class _Words:
@@ -203,13 +211,9 @@ class _Expander:
         # Everything up to the next ' is literal; there is no way to escape a ' inside.
         scan = self.scan
         quote = scan.next()
-        start = scan.pos
-        end = scan.text.find("'", start)
-        if end < 0:
-            scan.pos = len(scan.text)  # consumed to the end, like the other unterminated cases
+        text = scan.take_while(lambda c: c != "'")
+        if scan.next() is None:
             raise ShellError("unexpected end of statement while looking for matching single-quote")
-        scan.pos = end + 1
-        text = scan.text[start:end]
         return f"{quote}{text}{quote}" if self.lex.raw_quotes else text
 
     def double_quoted(self, raw_escapes: bool) -> str:
@@ -249,10 +253,7 @@ class _Expander:
         if scan.peek() != "<":
             return "<"
         scan.next()
-        start = scan.pos
-        while scan.peek() is not None and scan.peek() in " \t\r":
-            scan.next()
-        return "<<" + scan.text[start:scan.pos]
+        return "<<" + scan.take_while(lambda c: c in " \t\r")
 
     def name(self) -> str:
         scan = self.scan
@@ -260,20 +261,21 @@ class _Expander:
         if ch is None:
             return ""
         if ch.isdecimal():  # positional parameter: all the digits, `$12x` is ${12}x
-            start = scan.pos
-            while scan.peek() is not None and scan.peek().isdecimal():
-                scan.next()
-            return scan.text[start:scan.pos]
+            return scan.take_while(str.isdecimal)
         if ch in _SPECIAL_PARAMS:
             return scan.next()
-        start = scan.pos
-        while (ch := scan.peek()) is not None and (ch.isalpha() or ch.isdecimal() or ch == "_"):
-            scan.next()
-        return scan.text[start:scan.pos]
+        # str.isdecimal is Go's unicode.IsDigit (category Nd); str.isdigit would also take "²"
+        return scan.take_while(lambda c: c.isalpha() or c.isdecimal() or c == "_")
 
     def lookup(self, name: str) -> str | None:
         value = self.env.get(name)
         (self.unmatched if value is None else self.matched).add(name)
+        return value
+
+    def value_of(self, name: str, as_written: str) -> str:
+        value = self.lookup(name)
+        if value is None:
+            return as_written if self.lex.skip_unset_env else ""
         return value
 
     def closed_by(self, stop: str, raw_escapes: bool, missing: str) -> str:
@@ -287,16 +289,12 @@ class _Expander:
             raise
 
     def dollar(self) -> str:
-        scan, skip_unset = self.scan, self.lex.skip_unset_env
+        scan = self.scan
         scan.next()  # the $
         if scan.peek() != "{":
             name = self.name()
-            if not name:
-                return "$"  # `$` before something that cannot start a name is literal
-            value = self.lookup(name)
-            if value is None:
-                return "$" + name if skip_unset else ""
-            return value
+            # `$` before something that cannot start a name is literal
+            return self.value_of(name, "$" + name) if name else "$"
 
         scan.next()  # the {
         ch = scan.peek()
@@ -307,10 +305,7 @@ class _Expander:
         name = self.name()
         op = scan.next()
         if op == "}":
-            value = self.lookup(name)
-            if value is None:
-                return "${" + name + "}" if skip_unset else ""
-            return value
+            return self.value_of(name, "${" + name + "}")
 
         colon = op == ":"  # with ':' an empty value counts as unset
         if colon:
@@ -377,25 +372,26 @@ def _glob_regex(pattern: str, greedy: bool) -> re.Pattern[str]:
     pattern arrives with its escape tokens kept raw, and only backslash means escape here.
     """
     out = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        i += 1
-        if ch == "*":
+    # BuildKit reads the pattern with Go's text/scanner, which drops a leading BOM.
+    for tok in _glob_tokens(pattern.removeprefix("\ufeff")):
+        if tok == "*":
             out.append(".*" if greedy else ".*?")
-        elif ch == "?":
+        elif tok == "?":
             out.append(".")
-        elif ch != "\\":
-            out.append(re.escape(ch))
+        elif not tok.startswith("\\"):
+            out.append(re.escape(tok))
+        elif tok[1:] in ("*", "?", "\\", "}", "/"):
+            # \} and \/ only kept a ${} delimiter from ending the pattern; either way literal
+            out.append(re.escape(tok[1:]))
         else:
-            escaped = pattern[i] if i < len(pattern) else "\ufffd"  # what Go prints for the end
-            if escaped in "}/":
-                continue  # the backslash only kept a ${} delimiter from ending the pattern
-            if escaped not in "*?\\":
-                raise ShellError(f"invalid pattern ({pattern}) in substitution: invalid escape '\\{escaped}'")
-            out.append(re.escape(escaped))
-            i += 1
+            escaped = tok[1:] or "\ufffd"  # what Go prints for a backslash at the end
+            raise ShellError(f"invalid pattern ({pattern}) in substitution: invalid escape '\\{escaped}'")
     return re.compile("".join(out))
+
+
+def _glob_tokens(pattern: str) -> list[str]:
+    """Characters, except that a backslash and the character after it are one token."""
+    return re.findall(r"\\.?|.", pattern, re.DOTALL)
 
 
 def _trim_prefix(pattern: str, value: str, longest: bool) -> str:
@@ -405,19 +401,10 @@ def _trim_prefix(pattern: str, value: str, longest: bool) -> str:
 
 def _trim_suffix(pattern: str, value: str, longest: bool) -> str:
     # A regex finds the leftmost match, not the shortest one ending at the right edge, so
-    # reverse both the value and the pattern and trim a prefix instead.
-    return _trim_prefix(_reverse_pattern(pattern), value[::-1], longest)[::-1]
-
-
-def _reverse_pattern(pattern: str) -> str:
-    # Reverse, but keep each `\x` escape pair in order: a\*c becomes c\*a, not c*\a.
-    units = []
-    i = 0
-    while i < len(pattern):
-        step = 2 if pattern[i] == "\\" and i + 1 < len(pattern) else 1
-        units.append(pattern[i:i + step])
-        i += step
-    return "".join(reversed(units))
+    # reverse both the value and the pattern and trim a prefix instead. Escape pairs keep
+    # their order: a\*c reverses to c\*a, not c*\a.
+    reversed_pattern = "".join(reversed(_glob_tokens(pattern)))
+    return _trim_prefix(reversed_pattern, value[::-1], longest)[::-1]
 
 
 def _replace_all(regex: re.Pattern[str], value: str, replacement: str) -> str:

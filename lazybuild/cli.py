@@ -204,6 +204,35 @@ def cmd_inspect_dockerfile(args) -> int:
     return 0
 
 
+def cmd_mount(args) -> int:
+    from .mounter import mount as m
+
+    if args.status:
+        print(json.dumps(m.status(args.ref_or_dir), indent=2))
+        return 0
+    if not args.dir:
+        raise SystemExit("lazybuild: error: mount needs REF and DIR (or --status DIR)")
+    if args.daemon:
+        argv = [a for a in sys.argv[1:] if a != "--daemon"]
+        return m.daemonize(argv, args.dir)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    opts = m.MountOptions(platform=_platform(args), cache_dir=args.cache, cache_limit_bytes=args.cache_limit,
+                          prefetch=not args.no_prefetch, background_fetch=not args.no_background_fetch,
+                          verify=not args.insecure_skip_verify, record=args.record, insecure=args.insecure,
+                          timeout_s=args.timeout)
+    return m.serve(args.ref_or_dir, args.dir, opts)
+
+
+def cmd_umount(args) -> int:
+    from .mounter import mount as m
+
+    m.umount(args.dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
@@ -264,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--build-arg", metavar="K=V", action="append", default=[])
     d.add_argument("--platform", metavar="P", help="target platform (default linux/amd64)")
     d.set_defaults(func=cmd_inspect_dockerfile)
+    mnt = sub.add_parser("mount", help="mount an image's root filesystem lazily (FUSE, read-only)")
+    mnt.add_argument("ref_or_dir", metavar="REF", help="image reference (with --status: the mount point)")
+    mnt.add_argument("dir", metavar="DIR", nargs="?")
+    mnt.add_argument("--platform", metavar="P")
+    mnt.add_argument("--cache", metavar="DIR", default=os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild"),
+                     help="chunk cache shared by all mounts (default /var/cache/lazybuild)")
+    mnt.add_argument("--cache-limit", type=parse_size, default=10 << 30, metavar="N", help="evict past this size (default 10GiB)")
+    mnt.add_argument("--no-prefetch", action="store_true", help="do not fetch [0, .prefetch.landmark) at mount")
+    mnt.add_argument("--no-background-fetch", action="store_true", help="fetch only what is read")
+    mnt.add_argument("--insecure-skip-verify", action="store_true", help="mount layers whose TOC digest is not in the manifest")
+    mnt.add_argument("--record", metavar="FILE", help="append first accesses as NDJSON {\"path\", \"layer\"}")
+    mnt.add_argument("--daemon", action="store_true", help="return once mounted; serve in the background")
+    mnt.add_argument("--status", action="store_true", help="print per-layer bytes fetched/cached for mount point REF")
+    mnt.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
+    mnt.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-request timeout (default 30 s)")
+    mnt.set_defaults(func=cmd_mount)
+    um = sub.add_parser("umount", help="unmount a lazybuild mount")
+    um.add_argument("dir", metavar="DIR")
+    um.set_defaults(func=cmd_umount)
     i = sub.add_parser("inspect", help="print the manifest and config of an image in a registry as JSON")
     i.add_argument("ref", metavar="REF")
     i.add_argument("--platform", metavar="P")

@@ -1,0 +1,158 @@
+"""The pyfuse3 filesystem: a thin, read-only translation of FUSE calls onto a MergedTree.
+
+Reads run on worker threads (they may wait on the network), so lookups and getattrs keep being
+answered while chunks arrive. Any failure to produce verified bytes is EIO, never data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import threading
+
+import pyfuse3
+import trio
+
+from .rootfs import ROOT_INODE, Inode, MergedTree
+
+log = logging.getLogger("lazybuild.mount")
+ATTR_TIMEOUT_S = 3600.0  # the tree never changes under a mount
+
+
+class Recorder:
+    """`--record FILE`: NDJSON of first accesses, {"path", "layer"}, in order (the optimizer's input)."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "a", encoding="utf-8")
+        self.seen: set[int] = set()
+        self.lock = threading.Lock()
+
+    def access(self, inode: Inode) -> None:
+        with self.lock:
+            if inode.ino in self.seen:
+                return
+            self.seen.add(inode.ino)
+            self.f.write(json.dumps({"path": inode.path, "layer": inode.layer}) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class LazyFS(pyfuse3.Operations):
+    def __init__(self, tree: MergedTree, recorder: Recorder | None = None):
+        super().__init__()
+        self.tree = tree
+        self.recorder = recorder
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.tree.inodes.get(ino)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return inode
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        e = inode.entry
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid, a.st_gid = e.uid, e.gid
+        a.st_rdev = os.makedev(e.dev_major, e.dev_minor) if e.type in ("char", "block") else 0
+        a.st_size = e.size if e.type == "reg" else len(e.link_name.encode("utf-8", "surrogateescape")) if e.type == "symlink" else 0
+        a.st_blksize = 4096
+        a.st_blocks = (a.st_size + 4095) // 4096 * 8
+        ns = int(inode.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT_S
+        return a
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._inode(inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        found = self.tree.lookup(parent_inode, os.fsdecode(name))
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(found)
+
+    async def readlink(self, inode, ctx):
+        node = self._inode(inode)
+        if node.entry.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.recorder:
+            self.recorder.access(node)
+        return os.fsencode(node.entry.link_name)
+
+    async def opendir(self, inode, ctx):
+        if not self._inode(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._inode(fh)
+        names = sorted(node.children.items())
+        for i in range(start_id, len(names)):
+            name, ino = names[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(self.tree.inodes[ino]), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        node = self._inode(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.entry.type != "reg":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.recorder:
+            self.recorder.access(node)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        try:
+            return await trio.to_thread.run_sync(self.tree.read, fh, off, size)
+        except Exception as e:  # network gone, corrupt chunk: the caller gets EIO and the log says why
+            log.error("read of %s at %d failed: %s", self.tree.inodes[fh].path, off, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh):
+        pass
+
+    async def getxattr(self, inode, name, ctx):
+        value = self._inode(inode).entry.xattrs.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(k) for k in self._inode(inode).entry.xattrs]
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def statfs(self, ctx):
+        # overlayfs refuses a lower layer whose filesystem cannot answer statfs
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (self.tree.total_size + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.inodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+__all__ = ["LazyFS", "Recorder", "ROOT_INODE", "is_mounted", "stat"]

@@ -1,0 +1,227 @@
+"""One image layer served lazily: its TOC from the registry, chunks fetched on first read, verified, cached.
+
+A read maps (file, offset) to chunks, serves the cached ones, and fetches the missing ones in one
+request (multi-range where the registry allows), decoding and verifying each before it is cached or
+returned. Layers that are not eStargz are downloaded once, converted locally and then served the
+same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from lazybuild import estargz
+from lazybuild.estargz import LayerReader, TOCEntry
+from lazybuild.image import Descriptor
+from lazybuild.registry import Registry
+
+from .cache import ChunkCache
+
+log = logging.getLogger("lazybuild.mount")
+MERGE_GAP_BYTES = 64 << 10  # misses closer than this are fetched as one range
+
+
+class LayerError(Exception):
+    pass
+
+
+@dataclass
+class LayerStats:
+    digest: str
+    size: int
+    fetched_bytes: int = 0  # compressed bytes that crossed the network
+    served_from_cache: int = 0
+    prefetched_bytes: int = 0
+    lazy: bool = True
+
+    def to_json(self) -> dict:
+        return {"digest": self.digest, "size": self.size, "fetchedBytes": self.fetched_bytes,
+                "fetchedPercent": round(100 * self.fetched_bytes / self.size, 2) if self.size else 0,
+                "servedFromCache": self.served_from_cache, "prefetchedBytes": self.prefetched_bytes, "lazy": self.lazy}
+
+
+class _RemoteBlob:
+    """The estargz Blob protocol over registry Range requests, counting what it fetches."""
+
+    def __init__(self, registry: Registry, repository: str, desc: Descriptor, stats: LayerStats):
+        self.registry, self.repository, self.digest, self.size, self.stats = registry, repository, desc.digest, desc.size, stats
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        parts = self.registry.read_ranges(self.repository, self.digest, ranges)
+        self.stats.fetched_bytes += sum(len(p) for p in parts)
+        return parts
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.read_many([(offset, offset + length)])[0]
+
+
+@dataclass
+class LazyLayer:
+    index: int
+    reader: LayerReader
+    cache: ChunkCache
+    stats: LayerStats
+    remote: "_RemoteBlob | None" = None
+    _locks: dict = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    last_read: float = 0.0
+
+    @classmethod
+    def open(cls, index: int, registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache,
+             workdir: str, verify: bool = True) -> "LazyLayer":
+        stats = LayerStats(desc.digest, desc.size)
+        toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
+        blob = _RemoteBlob(registry, repository, desc, stats)
+        try:
+            reader = LayerReader(blob, name=f"layer {index} ({desc.digest})")
+        except estargz.FooterError:
+            return cls._fetch_whole(index, registry, repository, desc, cache, workdir, stats)
+        if toc_digest:
+            reader.verify_toc(toc_digest)
+        elif verify:
+            raise LayerError(f"layer {index} ({desc.digest}) has no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its "
+                             "TOC cannot be verified; convert the image with `lazybuild convert` or mount with "
+                             "--insecure-skip-verify")
+        return cls(index, reader, cache, stats, blob)
+
+    @classmethod
+    def _fetch_whole(cls, index, registry, repository, desc, cache, workdir, stats) -> "LazyLayer":
+        """Not eStargz: download once, convert locally (kept beside the cache, by layer digest), serve from it."""
+        stats.lazy = False
+        local = os.path.join(workdir, "layers", desc.digest.split(":", 1)[1] + ".esgz")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        if not os.path.exists(local):
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=".download-") as tmp:
+                registry.fetch_blob(repository, desc.digest, tmp)
+                stats.fetched_bytes += desc.size
+                tmp.flush()
+                estargz.convert_file(tmp.name, local)
+        return cls(index, LayerReader.open_file(local), cache, stats, None)
+
+    # --- reads ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def key(chunk: TOCEntry) -> str:
+        return chunk.chunk_digest or chunk.digest
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the regular file `path` of this layer, every one verified."""
+        self.last_read = time.monotonic()
+        chunks = self.reader.chunks.get(path) or []
+        wanted = [c for c in chunks if c.chunk_offset < offset + size and c.chunk_offset + c.chunk_size > offset]
+        data = self.load(wanted)
+        out = b"".join(data[id(c)] for c in wanted)
+        start = offset - (wanted[0].chunk_offset if wanted else 0)
+        return out[start:start + size]
+
+    def load(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
+        """The verified bytes of each chunk, from the cache or fetched together in one request."""
+        out: dict[int, bytes] = {}
+        missing = []
+        for c in chunks:
+            hit = self.cache.get(self.key(c))
+            if hit is not None:
+                out[id(c)] = hit
+                self.stats.served_from_cache += len(hit)
+            else:
+                missing.append(c)
+        if not missing:
+            return out
+        locks = [self._lock_for(self.key(c)) for c in missing]
+        for lk in locks:  # concurrent readers of one chunk fetch it once
+            lk.acquire()
+        try:
+            still = []
+            for c in missing:
+                hit = self.cache.get(self.key(c))
+                if hit is not None:
+                    out[id(c)] = hit
+                else:
+                    still.append(c)
+            if still:
+                out.update(self._fetch(still))
+        finally:
+            for lk in locks:
+                lk.release()
+        return out
+
+    def _fetch(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
+        if self.remote is None:  # a layer converted locally: its reader reads the local file
+            return {id(c): self._store(c, self.reader.read_chunk(c)) for c in chunks}
+        spans = sorted({self.reader.compressed_range(c) for c in chunks})
+        merged: list[list[int]] = []
+        for a, b in spans:
+            if merged and a - merged[-1][1] <= MERGE_GAP_BYTES:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        parts = self.remote.read_many([(a, b) for a, b in merged])
+        out = {}
+        for c in chunks:
+            a, b = self.reader.compressed_range(c)
+            for (ma, mb), part in zip(merged, parts):
+                if ma <= a and b <= mb:
+                    out[id(c)] = self._store(c, self.reader.decode_chunk(c, part[a - ma:b - ma]))
+                    break
+        return out
+
+    def _store(self, chunk: TOCEntry, data: bytes) -> bytes:
+        self.cache.put(self.key(chunk), data)
+        return data
+
+    # --- prefetch and background fetch -------------------------------------------------------------------------
+
+    def payload_chunks(self) -> list[TOCEntry]:
+        return sorted((c for cs in self.reader.chunks.values() for c in cs), key=lambda c: c.offset)
+
+    def prefetch(self) -> int:
+        """Fetch [0, .prefetch.landmark) in one request and cache every chunk in it. Returns its size."""
+        node = self.reader.lookup(estargz.PREFETCH_LANDMARK)
+        if node is None or self.remote is None:
+            return 0
+        end = node.entry.offset
+        chunks = [c for c in self.payload_chunks() if c.compressed_end <= end and not self.cache.has(self.key(c))]
+        if not chunks:
+            return 0
+        before = self.stats.fetched_bytes
+        self.load(chunks)
+        self.stats.prefetched_bytes += self.stats.fetched_bytes - before
+        return end
+
+    def background_fetch(self, stop: threading.Event, idle_s: float = 0.5, batch_bytes: int = 4 << 20) -> None:
+        """Fetch the rest of the layer while nothing else reads (reads always go first)."""
+        if self.remote is None:
+            return
+        batch: list[TOCEntry] = []
+        size = 0
+        for c in self.payload_chunks():
+            if stop.is_set():
+                return
+            if self.cache.has(self.key(c)):
+                continue
+            batch.append(c)
+            size += c.compressed_end - c.offset
+            if size >= batch_bytes:
+                self._background_batch(batch, stop, idle_s)
+                batch, size = [], 0
+        if batch:
+            self._background_batch(batch, stop, idle_s)
+
+    def _background_batch(self, batch, stop, idle_s) -> None:
+        while not stop.is_set() and time.monotonic() - self.last_read < idle_s:
+            time.sleep(idle_s)
+        if stop.is_set():
+            return
+        try:
+            self.load(batch)
+        except Exception as e:  # background work never takes the mount down; reads retry on their own
+            log.warning("background fetch of layer %d: %s", self.index, e)

@@ -1,0 +1,166 @@
+"""`lazybuild mount` / `umount` / `mount --status`: open an image's layers lazily and serve them with FUSE.
+
+At mount: resolve the image, read every layer's footer+TOC in parallel (TOC digests checked against
+the manifest annotations), prefetch each layer's `[0, .prefetch.landmark)`, then serve. The rest is
+fetched in the background when no reads are waiting. SIGTERM/SIGINT or `lazybuild umount` unmount
+cleanly. Per-layer byte counts are written to a status file while mounted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lazybuild.image import Platform
+from lazybuild.registry import Reference, Registry
+
+from .cache import DEFAULT_LIMIT_BYTES, ChunkCache
+from .layer import LazyLayer
+from .rootfs import MergedTree
+
+log = logging.getLogger("lazybuild.mount")
+DEFAULT_CACHE = os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild")
+STATUS_DIR = os.environ.get("LAZYBUILD_RUN", "/run/lazybuild") + "/mounts"
+
+
+@dataclass
+class MountOptions:
+    platform: Platform | None = None
+    cache_dir: str = DEFAULT_CACHE
+    cache_limit_bytes: int = DEFAULT_LIMIT_BYTES
+    prefetch: bool = True
+    background_fetch: bool = True
+    verify: bool = True
+    record: str | None = None
+    insecure: bool = False
+    timeout_s: float = 30.0
+
+
+def status_path(mountpoint: str) -> str:
+    return os.path.join(STATUS_DIR, hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16] + ".json")
+
+
+def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry, dict]:
+    ref = Reference.parse(ref_text)
+    registry = Registry(ref.host, insecure=opts.insecure, timeout_s=opts.timeout_s)
+    resolved = registry.resolve(ref, opts.platform)
+    cache = ChunkCache(opts.cache_dir, opts.cache_limit_bytes)
+    layers_desc = resolved.manifest.layers
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
+        layers = list(pool.map(lambda a: LazyLayer.open(a[0], registry, ref.repository, a[1], cache, opts.cache_dir,
+                                                        opts.verify), enumerate(layers_desc)))
+    if opts.prefetch:
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers)))) as pool:
+            list(pool.map(lambda layer: layer.prefetch(), layers))
+    info = {"reference": str(resolved.reference), "manifest": resolved.manifest.digest}
+    return MergedTree(layers), registry, info
+
+
+def write_status(mountpoint: str, tree: MergedTree, info: dict) -> None:
+    path = status_path(mountpoint)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    doc = {**info, "mountpoint": os.path.realpath(mountpoint), "pid": os.getpid(),
+           "layers": [layer.stats.to_json() for layer in tree.layers]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def serve(ref_text: str, mountpoint: str, opts: MountOptions, ready: "callable | None" = None) -> int:
+    """Mount in this process and serve until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from .fs import LazyFS, Recorder
+
+    tree, registry, info = open_image(ref_text, opts)
+    recorder = Recorder(opts.record) if opts.record else None
+    fs = LazyFS(tree, recorder)
+    options = set(pyfuse3.default_options) | {"fsname=lazybuild", "ro", "allow_other", "default_permissions"}
+    options.discard("default_permissions") if os.geteuid() != 0 else None
+    pyfuse3.init(fs, mountpoint, options)
+    stop = threading.Event()
+    workers = []
+    if opts.background_fetch:
+        for layer in tree.layers:
+            t = threading.Thread(target=layer.background_fetch, args=(stop,), daemon=True, name=f"bg-{layer.index}")
+            t.start()
+            workers.append(t)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()
+                        return
+
+            async def status_loop():
+                while True:
+                    await trio.to_thread.run_sync(write_status, mountpoint, tree, info)
+                    await trio.sleep(1.0)
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(status_loop)
+            if ready:
+                ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        stop.set()
+        pyfuse3.close(unmount=True)
+        write_status(mountpoint, tree, info)
+        if recorder:
+            recorder.close()
+        registry.close()
+    return 0
+
+
+def umount(mountpoint: str) -> None:
+    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        r2 = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
+        if r2.returncode != 0:
+            raise OSError(f"cannot unmount {mountpoint}: {r.stderr.strip() or r2.stderr.strip()}")
+
+
+def status(mountpoint: str) -> dict:
+    try:
+        with open(status_path(mountpoint)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise OSError(f"{mountpoint} is not a lazybuild mount (no status at {status_path(mountpoint)})") from None
+
+
+def daemonize(argv: list[str], mountpoint: str, timeout_s: float = 120.0) -> int:
+    """Start `lazybuild mount` without --daemon in the background; return once the mount is up."""
+    from .fs import is_mounted
+
+    log_path = status_path(mountpoint).replace(".json", ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "lazybuild.cli"] + argv, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if is_mounted(mountpoint):
+            return 0
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise OSError(f"mount failed: {f.read().strip()}")
+        time.sleep(0.05)
+    proc.terminate()
+    raise OSError(f"mount of {mountpoint} did not come up in {timeout_s:.0f} s (log: {log_path})")

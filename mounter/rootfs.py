@@ -1,0 +1,127 @@
+"""The merged root filesystem of an image's layers, with inode numbers, as overlayfs would show it.
+
+Layers apply bottom to top: `.wh.NAME` hides NAME (and all below it) in lower layers, `.wh..wh..opq`
+hides every lower entry of its directory, a directory over a directory merges, anything else replaces.
+Names in one layer that are hardlinks of each other share one inode. Pure data: no FUSE here.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from dataclasses import dataclass, field
+
+from lazybuild.estargz import Node, TOCEntry
+from lazybuild.estargz.toc import parse_modtime
+
+from .layer import LazyLayer
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+ROOT_INODE = 1
+
+_TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
+              "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+
+
+@dataclass
+class Inode:
+    ino: int
+    path: str  # the first name it was found under
+    layer: int
+    entry: TOCEntry
+    nlink: int = 1
+    children: dict[str, int] = field(default_factory=dict)  # directories only: name -> inode
+
+    @property
+    def mode(self) -> int:
+        return _TYPE_BITS[self.entry.type] | (self.entry.mode & 0o7777)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entry.type == "dir"
+
+    @property
+    def mtime(self) -> float:
+        return parse_modtime(self.entry.modtime)
+
+
+class MergedTree:
+    def __init__(self, layers: list[LazyLayer]):
+        self.layers = layers
+        entries: dict[str, tuple[int, Node]] = {}  # path -> (layer, node)
+        children: dict[str, set[str]] = {"": set()}
+        root = (0, layers[0].reader.nodes[""]) if layers else None
+
+        def remove(path: str) -> None:
+            for name in list(children.pop(path, ())):
+                remove(posixpath.join(path, name) if path else name)
+            entries.pop(path, None)
+            parent = posixpath.dirname(path)
+            children.get(parent, set()).discard(posixpath.basename(path))
+
+        for li, layer in enumerate(layers):
+            nodes = list(layer.reader.walk())
+            for node in nodes:  # whiteouts first: they only ever hide what lower layers had
+                base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
+                if base == OPAQUE:
+                    for name in list(children.get(parent, ())):
+                        remove(posixpath.join(parent, name) if parent else name)
+                elif base.startswith(WHITEOUT):
+                    remove(posixpath.join(parent, base[len(WHITEOUT):]) if parent else base[len(WHITEOUT):])
+            for node in nodes:
+                base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
+                if base.startswith(WHITEOUT):
+                    continue
+                old = entries.get(node.path)
+                if old is not None and not (old[1].entry.type == "dir" and node.entry.type == "dir"):
+                    remove(node.path)
+                entries[node.path] = (li, node)
+                children.setdefault(parent, set()).add(base)
+                if node.entry.type == "dir":
+                    children.setdefault(node.path, set())
+            if layer.reader.nodes[""].entry.name:  # the layer's own "./" entry carries the root's metadata
+                root = (li, layer.reader.nodes[""])
+
+        self.inodes: dict[int, Inode] = {}
+        by_entry: dict[tuple[int, int], int] = {}
+        root_layer, root_node = root if root else (0, Node("", TOCEntry(name="", type="dir", mode=0o755)))
+        self.inodes[ROOT_INODE] = Inode(ROOT_INODE, "", root_layer, root_node.entry, 2)
+        next_ino = ROOT_INODE + 1
+        for path in sorted(entries, key=lambda p: p.split("/")):
+            li, node = entries[path]
+            key = (li, id(node.entry))
+            ino = by_entry.get(key) if node.entry.type != "dir" else None
+            if ino is None:
+                ino = next_ino
+                next_ino += 1
+                self.inodes[ino] = Inode(ino, path, li, node.entry)
+                by_entry[key] = ino
+            else:
+                self.inodes[ino].nlink += 1
+            parent = self._by_path(posixpath.dirname(path), entries)
+            self.inodes[parent].children[posixpath.basename(path)] = ino
+        for inode in self.inodes.values():
+            if inode.is_dir:
+                inode.nlink = 2 + sum(1 for c in inode.children.values() if self.inodes[c].is_dir)
+        self.total_size = sum(i.entry.size for i in self.inodes.values() if i.entry.type == "reg")
+
+    def _by_path(self, path: str, entries) -> int:
+        if path == "":
+            return ROOT_INODE
+        node = self.inodes[ROOT_INODE]
+        for part in path.split("/"):
+            node = self.inodes[node.children[part]]
+        return node.ino
+
+    def lookup(self, parent: int, name: str) -> Inode | None:
+        p = self.inodes.get(parent)
+        ino = p.children.get(name) if p else None
+        return self.inodes[ino] if ino else None
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.inodes[ino]
+        if offset >= inode.entry.size:
+            return b""
+        layer = self.layers[inode.layer]
+        return layer.read(inode.entry.path, offset, min(size, inode.entry.size - offset))

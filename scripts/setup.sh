@@ -6,8 +6,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 shared=${LAZYBUILD_SHARED:-$here/../shared}
 
 # System packages: zstd/tar/attr for test fixtures; docker-registry, openssl, htpasswd, skopeo and umoci for the
-# registry tests; Go + the upstream estargz library for the oracle.
-pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci golang-go golang-github-containerd-stargz-snapshotter-dev"
+# registry tests; fuse3 + libfuse3-dev + pkg-config for pyfuse3 (the mounter); debootstrap for the Debian test
+# image; Go + the upstream estargz library for the oracle.
+pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -17,7 +18,7 @@ if [ -n "$missing" ]; then
 fi
 
 # The Python package, editable, with the test extras.
-PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e "$here[test]"
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e "$here[test,mount]"
 
 # The reference checker (upstream estargz v0.12 from Debian), rebuilt only when its source changes.
 oracle=/usr/local/bin/estargz-oracle

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import tarcases  # noqa: E402
+from images import docker_archive  # noqa: E402
+from registry_harness import RegistryProcess  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared"))
@@ -35,3 +39,23 @@ def oracle(tmp_path_factory) -> str:
 def tars(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("tars")
     return {name: make(str(d / f"{name}.tar"), str(d / f"{name}-work")) for name, make in tarcases.CASES.items()}
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    r = RegistryProcess(str(tmp_path_factory.mktemp("registry")))
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory, tars) -> str:
+    """A `docker save`-style archive: two layers (the all-types tar, then one with a whiteout)."""
+    d = tmp_path_factory.mktemp("archive")
+    top = str(d / "top.tar")
+    with tarfile.open(top, "w") as tf:
+        for name, data in (("etc/.wh.empty", b""), ("etc/motd", b"hello from the top layer\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return docker_archive([tars["ustar"], top], str(d / "image.tar"))

@@ -171,6 +171,7 @@ class FaultProxy:
       redirect_blobs - answer 307 to blob GETs, pointing at a second port that serves them
       require_basic  - the main port answers 401 (Basic) to requests without credentials
       corrupt_blobs  - flip the first byte of whole-blob bodies
+      corrupt_ranges - flip a byte in the middle of ranged (206) bodies
       refuse_head    - answer 405 to HEAD (as some object stores do)
     """
 
@@ -233,6 +234,9 @@ class FaultProxy:
                 self.end_headers()
                 if fault == "corrupt_body" and data:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
+                if fault == "corrupt_middle" and data:
+                    mid = len(data) // 2
+                    data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
                 if fault == "drop_body" and method == "GET":
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
@@ -281,6 +285,8 @@ class FaultProxy:
             return 405
         if is_blob_get and f.get("corrupt_blobs") and not headers.get("Range"):
             return "corrupt_body"
+        if is_blob_get and f.get("corrupt_ranges") and headers.get("Range"):
+            return "corrupt_middle"
         if is_blob_get and f.get("redirect_blobs") and port == self.port:
             return "redirect"
         rng = headers.get("Range", "")

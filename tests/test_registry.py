@@ -34,26 +34,6 @@ def lazybuild(*args, env=None, ok=True):
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory):
-    r = RegistryProcess(str(tmp_path_factory.mktemp("registry")))
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="session")
-def archive(tmp_path_factory, tars) -> str:
-    """A `docker save`-style archive: two layers (the all-types tar, then one with a whiteout)."""
-    d = tmp_path_factory.mktemp("archive")
-    top = str(d / "top.tar")
-    with tarfile.open(top, "w") as tf:
-        for name, data in (("etc/.wh.empty", b""), ("etc/motd", b"hello from the top layer\n")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return docker_archive([tars["ustar"], top], str(d / "image.tar"))
-
-
-@pytest.fixture(scope="session")
 def pushed(registry, archive) -> str:
     ref = f"{registry.host}/test/base:v1"
     lazybuild("push", f"docker-archive:{archive}", ref)

@@ -1,0 +1,219 @@
+"""`lazybuild mount` on real FUSE against a real registry: the merged tree, lazy reads, overlay + chroot,
+records, faults. The merged-tree rules are also checked without FUSE."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from images import debootstrap_rootfs, docker_archive
+from lazybuild.estargz import LayerReader, build
+from lazybuild.mounter.cache import ChunkCache
+from lazybuild.mounter.layer import LayerStats, LazyLayer
+from lazybuild.mounter.rootfs import MergedTree
+from registry_harness import FaultProxy
+
+pytestmark = pytest.mark.integration
+LAZYBUILD = shutil.which("lazybuild")
+
+
+def lazybuild(*args, ok=True, env=None):
+    p = subprocess.run([LAZYBUILD, *args], capture_output=True, text=True, env={**os.environ, "CI": "1", **(env or {})})
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+class Mount:
+    def __init__(self, ref, where, cache, *extra):
+        self.dir = str(where)
+        os.makedirs(self.dir, exist_ok=True)
+        lazybuild("mount", "--daemon", ref, self.dir, "--cache", str(cache), *extra)
+
+    def status(self):
+        return json.loads(lazybuild("mount", "--status", self.dir).stdout)
+
+    def close(self):
+        lazybuild("umount", self.dir)
+        for _ in range(100):
+            if not _mounted(self.dir):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{self.dir} still mounted")
+
+
+def _mounted(path):
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def _walk(root):
+    """{path: (type, mode, uid, gid, size|target|sha)} of a tree on disk, hardlinks as their inode groups."""
+    out, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+                inodes.setdefault(st.st_ino, []).append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(full)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                what = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            else:
+                what = None
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, what)
+    return out, sorted(sorted(v) for v in inodes.values() if len(v) > 1)
+
+
+@pytest.fixture(scope="module")
+def debian(registry, tmp_path_factory):
+    """The Debian rootfs image as pushed (uncompressed) and as optimized eStargz, and the rootfs unpacked."""
+    d = tmp_path_factory.mktemp("debian-mount")
+    rootfs = debootstrap_rootfs()
+    base, esgz = f"{registry.host}/mount/debian:base", f"{registry.host}/mount/debian:esgz"
+    lazybuild("push", f"docker-archive:{docker_archive([rootfs], str(d / 'img.tar'))}", base)
+    prio = d / "prio.txt"
+    prio.write_text("usr/bin/python3.11\nusr/lib/python3.11/os.py\nusr/lib/python3.11/site.py\n")
+    lazybuild("convert", base, esgz, "--prioritized-files", str(prio))
+    unpacked = d / "rootfs"
+    unpacked.mkdir()
+    subprocess.run(["tar", "--numeric-owner", "-xpf", rootfs, "-C", str(unpacked)], check=True)
+    return {"base": base, "esgz": esgz, "rootfs": str(unpacked), "dir": d}
+
+
+def test_mount_matches_the_rootfs_and_runs_programs_lazily(debian, tmp_path):
+    m = Mount(debian["esgz"], tmp_path / "mnt", tmp_path / "cache", "--no-background-fetch",
+              "--record", str(tmp_path / "record.ndjson"))
+    overlay = tmp_path / "ov"
+    try:
+        for sub in ("upper", "work", "merged"):
+            (overlay / sub).mkdir(parents=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={m.dir},upperdir={overlay}/upper,workdir={overlay}/work", str(overlay / "merged")],
+                       check=True)
+        try:
+            merged = str(overlay / "merged")
+            assert subprocess.run(["chroot", merged, "/usr/bin/python3", "-c", "print(1)"], capture_output=True,
+                                  text=True, check=True).stdout == "1\n"
+            (overlay / "merged" / "tmp" / "hello.c").write_text('#include <stdio.h>\nint main(){puts("hi");return 0;}\n')
+            out = subprocess.run(["chroot", merged, "sh", "-c", "cd /tmp && gcc hello.c -o hello && ./hello"],
+                                 capture_output=True, text=True, check=True).stdout
+            assert out == "hi\n"
+        finally:
+            subprocess.run(["umount", str(overlay / "merged")], check=True)
+        layer = m.status()["layers"][0]
+        assert layer["lazy"] and layer["fetchedBytes"] < 0.3 * layer["size"], layer  # a small part of the image
+        records = [json.loads(line) for line in (tmp_path / "record.ndjson").read_text().splitlines()]
+        assert {"path": "usr/bin/python3.11", "layer": 0} in records
+
+        mine, my_links = _walk(m.dir)
+        theirs, their_links = _walk(debian["rootfs"])
+        mine.pop(".prefetch.landmark")
+        mine.pop("stargz.index.json", None)
+        assert mine == theirs and my_links == their_links
+        st = os.statvfs(m.dir)
+        assert st.f_blocks > 0
+        with pytest.raises(OSError) as e:
+            open(os.path.join(m.dir, "etc", "hostname"), "w")
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+    finally:
+        m.close()
+
+
+def test_layers_that_are_not_estargz_still_mount(debian, tmp_path):
+    m = Mount(debian["base"], tmp_path / "mnt", tmp_path / "cache")
+    try:
+        with open(os.path.join(m.dir, "etc", "os-release")) as f:
+            assert "Debian" in f.read()
+        assert m.status()["layers"][0]["lazy"] is False
+    finally:
+        m.close()
+
+
+def test_whiteouts_devices_and_hardlinks(registry, archive, tmp_path):
+    ref = f"{registry.host}/mount/layers:esgz"
+    lazybuild("convert", f"docker-archive:{archive}", ref)
+    m = Mount(ref, tmp_path / "mnt", tmp_path / "cache")
+    try:
+        etc = os.listdir(os.path.join(m.dir, "etc"))
+        assert "motd" in etc and "empty" not in etc and not any(n.startswith(".wh.") for n in etc)
+        st = os.lstat(os.path.join(m.dir, "dev", "null"))
+        assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+        a, b = os.stat(os.path.join(m.dir, "etc", "hello.txt")), os.stat(os.path.join(m.dir, "etc", "hl"))
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert os.stat(os.path.join(m.dir, "bin", "suid")).st_mode & 0o7777 == 0o4755
+        with open(os.path.join(m.dir, "data", "f12305"), "rb") as f:
+            data = f.read()
+        assert len(data) == 12305
+    finally:
+        m.close()
+    assert not _mounted(m.dir)
+
+
+def test_corrupt_or_vanishing_registry_gives_eio(registry, archive, tmp_path):
+    ref = f"{registry.host}/mount/faults:esgz"
+    lazybuild("convert", f"docker-archive:{archive}", ref, "--chunk-size", "4KiB")
+    proxy = FaultProxy(registry.host)
+    try:
+        m = Mount(ref.replace(registry.host, proxy.host), tmp_path / "mnt", tmp_path / "cache",
+                  "--no-background-fetch", "--no-prefetch", "--timeout", "2")
+        try:
+            proxy.faults = {"corrupt_ranges": True}
+            with pytest.raises(OSError) as e:
+                open(os.path.join(m.dir, "data", "f4096"), "rb").read()
+            assert e.value.errno == errno.EIO
+            proxy.faults = {"status": [(503, 1000)]}
+            start = time.monotonic()
+            with pytest.raises(OSError) as e:
+                open(os.path.join(m.dir, "data", "f8192"), "rb").read()
+            assert e.value.errno == errno.EIO and time.monotonic() - start < 60
+            proxy.faults = {}
+            with open(os.path.join(m.dir, "data", "f8192"), "rb") as f:  # back: the same read now works
+                assert len(f.read()) == 8192
+        finally:
+            m.close()
+    finally:
+        proxy.stop()
+
+
+def test_merged_tree_rules_without_fuse(tmp_path):
+    """Whiteouts hide lower entries, opaque dirs hide lower children, upper files replace lower ones."""
+    import io
+
+    def layer(i, entries):
+        src = tmp_path / f"l{i}.tar"
+        with tarfile.open(src, "w") as tf:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                else:
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        out = tmp_path / f"l{i}.esgz"
+        with open(out, "wb") as f:
+            build(str(src), f)
+        return LazyLayer(i, LayerReader.open_file(str(out)), ChunkCache(str(tmp_path / "c")), LayerStats("x", 1))
+
+    lower = layer(0, [("a/", None), ("a/keep", b"k"), ("a/gone", b"g"), ("o/", None), ("o/old", b"o"), ("f", b"lower")])
+    upper = layer(1, [("a/.wh.gone", b""), ("o/", None), ("o/.wh..wh..opq", b""), ("o/new", b"n"), ("f", b"upper!")])
+    tree = MergedTree([lower, upper])
+    names = lambda path: sorted(tree.inodes[tree._by_path(path, None)].children)
+    assert names("a") == ["keep"] and names("o") == ["new"]
+    f = tree.lookup(1, "f")
+    assert tree.read(f.ino, 0, 100) == b"upper!" and f.layer == 1

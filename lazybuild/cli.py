@@ -222,7 +222,7 @@ def cmd_mount(args) -> int:
     opts = m.MountOptions(platform=_platform(args), cache_dir=args.cache, cache_limit_bytes=args.cache_limit,
                           prefetch=not args.no_prefetch, background_fetch=not args.no_background_fetch,
                           verify=not args.insecure_skip_verify, record=args.record, insecure=args.insecure,
-                          timeout_s=args.timeout)
+                          timeout_s=args.timeout, layers=args.layers)
     return m.serve(args.ref_or_dir, args.dir, opts)
 
 
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     mnt.add_argument("--no-background-fetch", action="store_true", help="fetch only what is read")
     mnt.add_argument("--insecure-skip-verify", action="store_true", help="mount layers whose TOC digest is not in the manifest")
     mnt.add_argument("--record", metavar="FILE", help="append first accesses as NDJSON {\"path\", \"layer\"}")
+    mnt.add_argument("--layers", action="store_true",
+                     help="one directory per layer (0 = bottom) with overlayfs whiteouts, ready to be lowerdirs")
     mnt.add_argument("--daemon", action="store_true", help="return once mounted; serve in the background")
     mnt.add_argument("--status", action="store_true", help="print per-layer bytes fetched/cached for mount point REF")
     mnt.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")

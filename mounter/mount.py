@@ -25,7 +25,7 @@ from lazybuild.registry import Reference, Registry
 
 from .cache import DEFAULT_LIMIT_BYTES, ChunkCache
 from .layer import LazyLayer
-from .rootfs import MergedTree
+from .rootfs import LayersTree, MergedTree
 
 log = logging.getLogger("lazybuild.mount")
 DEFAULT_CACHE = os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild")
@@ -43,6 +43,7 @@ class MountOptions:
     record: str | None = None
     insecure: bool = False
     timeout_s: float = 30.0
+    layers: bool = False  # one directory per layer instead of the merged tree
 
 
 def status_path(mountpoint: str) -> str:
@@ -62,7 +63,7 @@ def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry,
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers)))) as pool:
             list(pool.map(lambda layer: layer.prefetch(), layers))
     info = {"reference": str(resolved.reference), "manifest": resolved.manifest.digest}
-    return MergedTree(layers), registry, info
+    return (LayersTree(layers) if opts.layers else MergedTree(layers)), registry, info
 
 
 def write_status(mountpoint: str, tree: MergedTree, info: dict) -> None:

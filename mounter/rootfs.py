@@ -125,3 +125,59 @@ class MergedTree:
             return b""
         layer = self.layers[inode.layer]
         return layer.read(inode.entry.path, offset, min(size, inode.entry.size - offset))
+
+
+class LayersTree(MergedTree):
+    """`--layers`: one directory per layer (`0`, `1`, ... bottom first), each the layer as overlayfs wants a
+    lower dir: `.wh.NAME` becomes a 0:0 character device NAME, `.wh..wh..opq` becomes the xattr
+    `trusted.overlay.opaque=y` on its directory."""
+
+    def __init__(self, layers: list[LazyLayer]):
+        self.layers = layers
+        self.inodes = {ROOT_INODE: Inode(ROOT_INODE, "", 0, TOCEntry(name="", type="dir", mode=0o755), 2)}
+        next_ino = ROOT_INODE + 1
+        for li, layer in enumerate(layers):
+            top = Inode(next_ino, str(li), li, layer.reader.nodes[""].entry)
+            if top.entry.type != "dir" or not top.entry.name:
+                top.entry = TOCEntry(name="", type="dir", mode=0o755)
+            self.inodes[next_ino] = top
+            self.inodes[ROOT_INODE].children[str(li)] = next_ino
+            next_ino += 1
+            by_path = {"": top}
+            by_entry: dict[int, int] = {}
+            nodes = list(layer.reader.walk())
+            names = {n.path for n in nodes}
+            for node in nodes:
+                base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
+                pdir = by_path[parent]
+                if base == OPAQUE:
+                    pdir.entry = _with_xattr(pdir.entry, "trusted.overlay.opaque", b"y")
+                    continue
+                entry = node.entry
+                if base.startswith(WHITEOUT):
+                    name = base[len(WHITEOUT):]
+                    if (posixpath.join(parent, name) if parent else name) in names:
+                        continue  # the same layer also has the name: the entry wins, as in the reference
+                    entry = TOCEntry(name=name, type="char", mode=0, dev_major=0, dev_minor=0)
+                    base = name
+                ino = by_entry.get(id(entry)) if entry.type != "dir" else None
+                if ino is None:
+                    ino = next_ino
+                    next_ino += 1
+                    self.inodes[ino] = Inode(ino, node.path, li, entry)
+                    by_entry[id(entry)] = ino
+                else:
+                    self.inodes[ino].nlink += 1
+                pdir.children[base] = ino
+                if entry.type == "dir":
+                    by_path[node.path] = self.inodes[ino]
+        for inode in self.inodes.values():
+            if inode.is_dir:
+                inode.nlink = 2 + sum(1 for c in inode.children.values() if self.inodes[c].is_dir)
+        self.total_size = sum(i.entry.size for i in self.inodes.values() if i.entry.type == "reg")
+
+
+def _with_xattr(entry: TOCEntry, key: str, value: bytes) -> TOCEntry:
+    import dataclasses
+
+    return dataclasses.replace(entry, xattrs={**entry.xattrs, key: value})

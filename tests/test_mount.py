@@ -217,3 +217,51 @@ def test_merged_tree_rules_without_fuse(tmp_path):
     assert names("a") == ["keep"] and names("o") == ["new"]
     f = tree.lookup(1, "f")
     assert tree.read(f.ino, 0, 100) == b"upper!" and f.layer == 1
+
+
+def test_layers_mode_is_an_overlay_lowerdir_stack(registry, archive, tmp_path):
+    ref = f"{registry.host}/mount/layers:esgz2"
+    lazybuild("convert", f"docker-archive:{archive}", ref)
+    m = Mount(ref, tmp_path / "mnt", tmp_path / "cache", "--layers")
+    try:
+        assert sorted(os.listdir(m.dir)) == ["0", "1"]
+        wh = os.lstat(os.path.join(m.dir, "1", "etc", "empty"))
+        assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0  # the whiteout, as overlayfs spells it
+        merged = tmp_path / "merged"
+        merged.mkdir()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={m.dir}/1:{m.dir}/0", str(merged)], check=True)
+        try:
+            etc = os.listdir(merged / "etc")
+            assert "motd" in etc and "empty" not in etc and "hello.txt" in etc
+        finally:
+            subprocess.run(["umount", str(merged)], check=True)
+    finally:
+        m.close()
+
+
+def test_sigterm_unmounts_and_a_second_mount_shares_the_cache(registry, archive, tmp_path):
+    ref = f"{registry.host}/mount/shared:esgz"
+    lazybuild("convert", f"docker-archive:{archive}", ref)
+    cache = tmp_path / "cache"
+    first = Mount(ref, tmp_path / "a", cache, "--no-background-fetch")
+    with open(os.path.join(first.dir, "data", "f12305"), "rb") as f:
+        assert len(f.read()) == 12305
+    os.kill(first.status()["pid"], 15)
+    for _ in range(100):
+        if not _mounted(first.dir):
+            break
+        time.sleep(0.05)
+    assert not _mounted(first.dir)
+    second = Mount(ref, tmp_path / "b", cache, "--no-background-fetch", "--no-prefetch")
+    try:
+        before = second.status()["layers"][0]["fetchedBytes"]
+        with open(os.path.join(second.dir, "data", "f12305"), "rb") as f:
+            assert len(f.read()) == 12305
+        for _ in range(40):  # the status file is rewritten every second
+            after = second.status()["layers"][0]
+            if after["servedFromCache"] >= 12305:
+                break
+            time.sleep(0.1)
+        assert after["fetchedBytes"] == before and after["servedFromCache"] >= 12305
+    finally:
+        second.close()

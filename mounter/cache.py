@@ -8,21 +8,26 @@ recently used entries first when the cache passes its size limit.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import tempfile
 import threading
 
 DEFAULT_LIMIT_BYTES = 10 << 30
+DEFAULT_MEMORY_BYTES = 64 << 20
 
 
 class ChunkCache:
-    def __init__(self, root: str, limit_bytes: int = DEFAULT_LIMIT_BYTES):
+    def __init__(self, root: str, limit_bytes: int = DEFAULT_LIMIT_BYTES, memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.root = os.path.join(root, "chunks", "sha256")
         os.makedirs(self.root, exist_ok=True)
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
         self._size = self._measure()
+        self.memory_bytes = memory_bytes
+        self._memory: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._memory_bytes = 0
 
     def _measure(self) -> int:
         total = 0
@@ -39,7 +44,16 @@ class ChunkCache:
         return os.path.join(self.root, hexpart[:2], hexpart)
 
     def get(self, digest: str) -> bytes | None:
-        """The chunk, or None. A cached file that no longer matches its digest is dropped, never served."""
+        """The chunk, or None. A cached file that no longer matches its digest is dropped, never served.
+
+        Chunks verified by this process are kept in a small memory LRU too: the kernel reads a file in
+        128 KiB pieces, and re-reading and re-hashing a 4 MiB chunk from disk for each would dominate.
+        """
+        with self._lock:
+            hit = self._memory.get(digest)
+            if hit is not None:
+                self._memory.move_to_end(digest)
+                return hit
         path = self.path(digest)
         try:
             with open(path, "rb") as f:
@@ -53,7 +67,16 @@ class ChunkCache:
             os.utime(path)
         except FileNotFoundError:
             pass
+        self._remember(digest, data)
         return data
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        with self._lock:
+            self._memory[digest] = data
+            self._memory_bytes += len(data)
+            while self._memory_bytes > self.memory_bytes and self._memory:
+                _, old = self._memory.popitem(last=False)
+                self._memory_bytes -= len(old)
 
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
@@ -72,6 +95,7 @@ class ChunkCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        self._remember(digest, data)
         with self._lock:
             self._size += len(data)
             over = self._size > self.limit_bytes

@@ -109,7 +109,7 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions, ready: "callable |
             async def status_loop():
                 while True:
                     await trio.to_thread.run_sync(write_status, mountpoint, tree, info)
-                    await trio.sleep(1.0)
+                    await trio.sleep(0.25)
 
             nursery.start_soon(on_signal)
             nursery.start_soon(status_loop)

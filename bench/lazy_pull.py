@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Cold start of `python3 -c 'print(1)'` and `gcc hello.c` from a registry, side by side in one run:
+
+  (a) legacy: pull the tar.gz image and extract it, then run in the extracted tree
+  (b) lazy:   `lazybuild mount` of the unoptimized eStargz image, overlayfs on top, run in a chroot
+  (c) opt:    the same on the optimized eStargz image (files the workloads read first, from a
+              `lazybuild mount --record` of both workloads, before the prefetch landmark)
+
+over loopback and, with --wan, over an emulated slow link: the registry in its own network namespace
+behind a router namespace (veth pairs), 20 ms each way (nfqdelay, built from ../shared/tools) and
+200 Mbit/s (tbf), as ../shared/tools/stargz-anchor/anchor-bench.sh does. Prints seconds and bytes
+fetched per cell (median of --repeat cold runs) and the ratios against (a).
+
+    python3 bench/lazy_pull.py [--repeat 3] [--wan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "tests"))
+from images import debootstrap_rootfs  # noqa: E402
+from registry_harness import RegistryProcess  # noqa: E402
+
+SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(here, "..", "..", "shared"))
+HELLO = '#include <stdio.h>\nint main(){puts("hi");return 0;}\n'
+WORKLOADS = {"python": "python3 -c 'print(1)'", "gcc": "cd /tmp && gcc hello.c -o hello && ./hello"}
+WAN_HOST = "10.99.1.2:5000"  # inside the namespace this bench creates
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw).stdout
+
+
+def lazybuild(*args) -> str:
+    return sh("lazybuild", *args, env={**os.environ, "CI": "1"})
+
+
+def push_legacy(rootfs: str, ref: str, work: str) -> None:
+    """The image as `docker push` would have it: one tar.gz layer."""
+    from lazybuild.image import OCI_CONFIG, OCI_LAYER_GZIP, Descriptor, Manifest, sha256_digest
+    from lazybuild.layout import OCILayout
+
+    layout = OCILayout(os.path.join(work, "legacy"), create=True)
+    gz = os.path.join(work, "layer.tar.gz")
+    sh("sh", "-c", f"gzip -6 -c {rootfs} > {gz}")
+    with open(gz, "rb") as f:
+        data = f.read()
+    diff_id = "sha256:" + sh("sha256sum", rootfs).split()[0]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                         "config": {"Cmd": ["/bin/sh"]}}).encode()
+    cfg = Descriptor(OCI_CONFIG, layout.put_bytes(config), len(config))
+    layer = Descriptor(OCI_LAYER_GZIP, layout.put_bytes(data), len(data))
+    m = Manifest.build(cfg, [layer])
+    layout.put_bytes(m.raw)
+    layout.add_to_index(m.descriptor(), "legacy")
+    lazybuild("push", f"oci:{layout.root}:legacy", ref)
+    assert sha256_digest(data) == layer.digest
+
+
+def run_in(root: str, workload: str) -> None:
+    with open(os.path.join(root, "tmp", "hello.c"), "w") as f:
+        f.write(HELLO)
+    sh("chroot", root, "sh", "-c", workload)
+
+
+def cold_legacy(ref: str, workload: str, work: str) -> tuple[float, int]:
+    d = tempfile.mkdtemp(dir=work)
+    start = time.perf_counter()
+    lazybuild("pull", ref, f"oci:{d}/img:x")
+    index = json.load(open(f"{d}/img/index.json"))
+    manifest = json.load(open(f"{d}/img/blobs/sha256/{index['manifests'][0]['digest'].split(':')[1]}"))
+    root = os.path.join(d, "rootfs")
+    os.makedirs(root)
+    size = 0
+    for layer in manifest["layers"]:
+        blob = f"{d}/img/blobs/sha256/{layer['digest'].split(':')[1]}"
+        size += layer["size"]
+        sh("tar", "-xzf", blob, "-C", root)
+    run_in(root, workload)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(d)
+    return elapsed, size
+
+
+def cold_lazy(ref: str, workload: str, work: str, record: str | None = None) -> tuple[float, int]:
+    d = tempfile.mkdtemp(dir=work)
+    mnt, ov = os.path.join(d, "mnt"), os.path.join(d, "ov")
+    for p in (mnt, f"{ov}/upper", f"{ov}/work", f"{ov}/merged"):
+        os.makedirs(p)
+    extra = ["--record", record] if record else []
+    start = time.perf_counter()
+    lazybuild("mount", "--daemon", "--no-background-fetch", "--cache", os.path.join(d, "cache"), ref, mnt, *extra)
+    sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir={mnt},upperdir={ov}/upper,workdir={ov}/work", f"{ov}/merged")
+    try:
+        run_in(f"{ov}/merged", workload)
+        elapsed = time.perf_counter() - start
+    finally:
+        subprocess.run(["umount", f"{ov}/merged"])
+    time.sleep(0.5)  # the mount rewrites its status file every 0.25 s
+    fetched = sum(layer["fetchedBytes"] for layer in json.loads(lazybuild("mount", "--status", mnt))["layers"])
+    lazybuild("umount", mnt)
+    time.sleep(0.2)
+    shutil.rmtree(d, ignore_errors=True)
+    return elapsed, fetched
+
+
+class Wan:
+    """Router + registry namespaces, veth pairs, delay by nfqdelay and rate by tbf."""
+
+    def __init__(self, storage: str, work: str, delay: str = "20ms", rate: str = "200mbit"):
+        self.procs = []
+        go = shutil.which("go") or sys.exit("--wan needs Go to build nfqdelay (bash scripts/setup.sh installs it)")
+        nfq = os.path.join(work, "nfqdelay")
+        src = os.path.join(SHARED, "tools", "stargz-anchor", "snapshotter", "nfqdelay")
+        tmp_src = os.path.join(work, "nfqdelay-src")
+        shutil.copytree(src, tmp_src)
+        subprocess.run([go, "build", "-o", nfq, "."], cwd=tmp_src, check=True,
+                       env={**os.environ, "GO111MODULE": "off", "GOPATH": os.path.join(work, "gopath"),
+                            "GOCACHE": os.path.join(work, "gocache")})
+        if not shutil.which("iptables-legacy"):
+            subprocess.run(["apt-get", "install", "-y", "-qq", "iptables"], check=True, capture_output=True)
+        R, G = ["ip", "netns", "exec", "lzb-rtr"], ["ip", "netns", "exec", "lzb-reg"]
+        for cmd in (["ip", "netns", "add", "lzb-rtr"], ["ip", "netns", "add", "lzb-reg"],
+                    ["ip", "link", "add", "veth-lzb-h", "type", "veth", "peer", "name", "veth-lzb-r0"],
+                    ["ip", "link", "set", "veth-lzb-r0", "netns", "lzb-rtr"],
+                    ["ip", "link", "add", "veth-lzb-r1", "type", "veth", "peer", "name", "veth-lzb-reg"],
+                    ["ip", "link", "set", "veth-lzb-r1", "netns", "lzb-rtr"],
+                    ["ip", "link", "set", "veth-lzb-reg", "netns", "lzb-reg"],
+                    ["ip", "addr", "add", "10.99.0.1/24", "dev", "veth-lzb-h"], ["ip", "link", "set", "veth-lzb-h", "up"],
+                    ["ip", "route", "add", "10.99.1.0/24", "via", "10.99.0.2", "dev", "veth-lzb-h"],
+                    R + ["ip", "link", "set", "lo", "up"],
+                    R + ["ip", "addr", "add", "10.99.0.2/24", "dev", "veth-lzb-r0"], R + ["ip", "link", "set", "veth-lzb-r0", "up"],
+                    R + ["ip", "addr", "add", "10.99.1.1/24", "dev", "veth-lzb-r1"], R + ["ip", "link", "set", "veth-lzb-r1", "up"],
+                    R + ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                    G + ["ip", "link", "set", "lo", "up"],
+                    G + ["ip", "addr", "add", "10.99.1.2/24", "dev", "veth-lzb-reg"], G + ["ip", "link", "set", "veth-lzb-reg", "up"],
+                    G + ["ip", "route", "add", "default", "via", "10.99.1.1"]):
+            subprocess.run(cmd, check=True)
+        self.procs.append(subprocess.Popen(R + [nfq, "-delay", delay, "-queues", "0,1"], stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+        for i, dev in ((0, "veth-lzb-r0"), (1, "veth-lzb-r1")):
+            subprocess.run(R + ["iptables-legacy", "-t", "mangle", "-A", "PREROUTING", "-i", dev, "-j", "NFQUEUE",
+                                "--queue-num", str(i)], check=True)
+            subprocess.run(R + ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                                "latency", "100ms"], check=True)
+        config = os.path.join(work, "reg-wan.yml")
+        with open(config, "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n"
+                    f"http:\n  addr: {WAN_HOST}\n")
+        self.procs.append(subprocess.Popen(G + ["docker-registry", "serve", config], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL))
+        deadline = time.time() + 20
+        while subprocess.run(["curl", "-fs", f"http://{WAN_HOST}/v2/"], capture_output=True).returncode != 0:
+            if time.time() > deadline:
+                raise SystemExit("the WAN registry did not come up")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        subprocess.run(["ip", "link", "del", "veth-lzb-h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", "lzb-reg"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", "lzb-rtr"], capture_output=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--wan", action="store_true", help="also over the emulated 20 ms / 200 Mbit link")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (mounts, chroot, network namespaces)")
+    work = tempfile.mkdtemp(prefix="lazybuild-bench-lazy-")
+    registry = RegistryProcess(os.path.join(work, "registry"))
+    wan = None
+    try:
+        rootfs = debootstrap_rootfs()
+        refs = {k: f"{registry.host}/bench/dev:{k}" for k in ("legacy", "esgz", "opt")}
+        push_legacy(rootfs, refs["legacy"], work)
+        lazybuild("convert", refs["legacy"], refs["esgz"])
+        record = os.path.join(work, "record.ndjson")
+        for w in WORKLOADS.values():  # the optimizer's profile: what both workloads read, in order
+            cold_lazy(refs["esgz"], w, work, record)
+        lazybuild("convert", refs["esgz"], refs["opt"], "--force", "--prioritized-files", record)
+        links = [("loopback", registry.host)]
+        if args.wan:
+            wan = Wan(os.path.join(work, "registry", "data"), work)
+            links.append(("wan 20ms/200mbit", WAN_HOST))
+        print(f"image: {os.path.getsize(rootfs) / 1e6:.0f} MB rootfs (debootstrap minbase + python3 + gcc); "
+              f"median of {args.repeat} cold runs")
+        print(f"{'link':18} {'workload':8} {'mode':7} {'seconds':>8} {'MB fetched':>11} {'speedup':>8} {'bytes':>6}")
+        for link, host in links:
+            for wname, w in WORKLOADS.items():
+                base = None
+                for mode, fn in (("legacy", cold_legacy), ("lazy", cold_lazy), ("opt", cold_lazy)):
+                    ref = refs[{"legacy": "legacy", "lazy": "esgz", "opt": "opt"}[mode]].replace(registry.host, host)
+                    runs = [fn(ref, w, work) for _ in range(args.repeat)]
+                    sec, fetched = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+                    if base is None:
+                        base = (sec, fetched)
+                    print(f"{link:18} {wname:8} {mode:7} {sec:8.2f} {fetched / 1e6:11.1f} {base[0] / sec:7.1f}x "
+                          f"{100 * fetched / base[1]:5.0f}%")
+    finally:
+        if wan:
+            wan.close()
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

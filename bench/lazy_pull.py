@@ -76,7 +76,7 @@ def run_in(root: str, workload: str) -> None:
 def cold_legacy(ref: str, workload: str, work: str) -> tuple[float, int]:
     d = tempfile.mkdtemp(dir=work)
     start = time.perf_counter()
-    lazybuild("pull", ref, f"oci:{d}/img:x")
+    lazybuild("pull", ref, f"oci:{d}/img:x", "--insecure")
     index = json.load(open(f"{d}/img/index.json"))
     manifest = json.load(open(f"{d}/img/blobs/sha256/{index['manifests'][0]['digest'].split(':')[1]}"))
     root = os.path.join(d, "rootfs")
@@ -99,7 +99,8 @@ def cold_lazy(ref: str, workload: str, work: str, record: str | None = None) -> 
         os.makedirs(p)
     extra = ["--record", record] if record else []
     start = time.perf_counter()
-    lazybuild("mount", "--daemon", "--no-background-fetch", "--cache", os.path.join(d, "cache"), ref, mnt, *extra)
+    lazybuild("mount", "--daemon", "--no-background-fetch", "--insecure", "--cache", os.path.join(d, "cache"), ref, mnt,
+              *extra)
     sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir={mnt},upperdir={ov}/upper,workdir={ov}/work", f"{ov}/merged")
     try:
         run_in(f"{ov}/merged", workload)
@@ -124,8 +125,10 @@ class Wan:
         src = os.path.join(SHARED, "tools", "stargz-anchor", "snapshotter", "nfqdelay")
         tmp_src = os.path.join(work, "nfqdelay-src")
         shutil.copytree(src, tmp_src)
+        if subprocess.run(["dpkg", "-s", "golang-golang-x-sys-dev"], capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "install", "-y", "-qq", "golang-golang-x-sys-dev"], check=True, capture_output=True)
         subprocess.run([go, "build", "-o", nfq, "."], cwd=tmp_src, check=True,
-                       env={**os.environ, "GO111MODULE": "off", "GOPATH": os.path.join(work, "gopath"),
+                       env={**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode",
                             "GOCACHE": os.path.join(work, "gocache")})
         if not shutil.which("iptables-legacy"):
             subprocess.run(["apt-get", "install", "-y", "-qq", "iptables"], check=True, capture_output=True)

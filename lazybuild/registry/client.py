@@ -92,7 +92,8 @@ class Registry:
         ref = Reference(host, "x")
         self.host = host
         if loopback is None:
-            loopback = ref.is_loopback and not _speaks_tls(ref.api_host, timeout_s)
+            # Loopback and --insecure registries may speak plain HTTP, as Docker's insecure-registries do.
+            loopback = (ref.is_loopback or insecure) and not _speaks_tls(ref.api_host, timeout_s)
         self.base = f"{'http' if loopback else 'https'}://{ref.api_host}"
         verify: ssl.SSLContext | bool = False if insecure else _ssl_context(host, certs_dir)
         timeout = httpx.Timeout(timeout_s)

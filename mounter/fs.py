@@ -47,6 +47,7 @@ class LazyFS(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.recorder = recorder
+        self._listing: dict[int, list[tuple[str, int]]] = {}
 
     def _inode(self, ino: int) -> Inode:
         inode = self.tree.inodes.get(ino)
@@ -94,7 +95,9 @@ class LazyFS(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         node = self._inode(fh)
-        names = sorted(node.children.items())
+        names = self._listing.get(fh)
+        if names is None:  # sorted once: a directory of 100,000 entries is read in many batches
+            names = self._listing[fh] = sorted(node.children.items())
         for i in range(start_id, len(names)):
             name, ino = names[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(self.tree.inodes[ino]), i + 1):

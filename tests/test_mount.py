@@ -265,3 +265,31 @@ def test_sigterm_unmounts_and_a_second_mount_shares_the_cache(registry, archive,
         assert after["fetchedBytes"] == before and after["servedFromCache"] >= 12305
     finally:
         second.close()
+
+
+def test_a_directory_of_100000_entries(registry, tmp_path):
+    import io
+
+    src = tmp_path / "big-dir.tar"
+    with tarfile.open(src, "w") as tf:
+        info = tarfile.TarInfo("d")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+        for i in range(100_000):
+            info = tarfile.TarInfo(f"d/f{i:06d}")
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"%02d" % (i % 100)))
+    layer = tmp_path / "layer.esgz"
+    blob = json.loads(lazybuild("layer", "convert", str(src), str(layer)).stdout)
+    ref = f"{registry.host}/mount/bigdir:esgz"
+    archive = docker_archive([str(src)], str(tmp_path / "img.tar"))
+    lazybuild("convert", f"docker-archive:{archive}", ref)
+    m = Mount(ref, tmp_path / "mnt", tmp_path / "cache", "--no-background-fetch")
+    try:
+        names = os.listdir(os.path.join(m.dir, "d"))
+        assert len(names) == 100_000 and "f099999" in names
+        with open(os.path.join(m.dir, "d", "f012345"), "rb") as f:
+            assert f.read() == b"45"
+    finally:
+        m.close()
+    assert blob["tocDigest"].startswith("sha256:")

@@ -78,6 +78,14 @@ class ChunkCache:
                 _, old = self._memory.popitem(last=False)
                 self._memory_bytes -= len(old)
 
+    def memory_get(self, digest: str) -> bytes | None:
+        """Only the memory LRU: never blocks on the disk."""
+        with self._lock:
+            hit = self._memory.get(digest)
+            if hit is not None:
+                self._memory.move_to_end(digest)
+            return hit
+
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
 

@@ -118,6 +118,9 @@ class LazyFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         try:
+            hit = self.tree.read_if_in_memory(fh, off, size)  # most reads: a chunk read moments ago
+            if hit is not None:
+                return hit
             return await trio.to_thread.run_sync(self.tree.read, fh, off, size)
         except Exception as e:  # network gone, corrupt chunk: the caller gets EIO and the log says why
             log.error("read of %s at %d failed: %s", self.tree.inodes[fh].path, off, e)

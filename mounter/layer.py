@@ -123,6 +123,22 @@ class LazyLayer:
         start = offset - (wanted[0].chunk_offset if wanted else 0)
         return out[start:start + size]
 
+    def read_if_in_memory(self, path: str, offset: int, size: int) -> bytes | None:
+        """The same bytes as read(), but only when every chunk is in the memory LRU (no I/O, no waiting)."""
+        chunks = self.reader.chunks.get(path) or []
+        wanted = [c for c in chunks if c.chunk_offset < offset + size and c.chunk_offset + c.chunk_size > offset]
+        parts = []
+        for c in wanted:
+            hit = self.cache.memory_get(self.key(c))
+            if hit is None:
+                return None
+            parts.append(hit)
+        self.last_read = time.monotonic()
+        self.stats.served_from_cache += size
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = offset - (wanted[0].chunk_offset if wanted else 0)
+        return out[start:start + size]
+
     def load(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
         """The verified bytes of each chunk, from the cache or fetched together in one request."""
         out: dict[int, bytes] = {}

@@ -119,6 +119,13 @@ class MergedTree:
         ino = p.children.get(name) if p else None
         return self.inodes[ino] if ino else None
 
+    def read_if_in_memory(self, ino: int, offset: int, size: int) -> bytes | None:
+        inode = self.inodes[ino]
+        if offset >= inode.entry.size:
+            return b""
+        layer = self.layers[inode.layer]
+        return layer.read_if_in_memory(inode.entry.path, offset, min(size, inode.entry.size - offset))
+
     def read(self, ino: int, offset: int, size: int) -> bytes:
         inode = self.inodes[ino]
         if offset >= inode.entry.size:

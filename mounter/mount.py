@@ -77,7 +77,7 @@ def write_status(mountpoint: str, tree: MergedTree, info: dict) -> None:
     os.replace(tmp, path)
 
 
-def serve(ref_text: str, mountpoint: str, opts: MountOptions, ready: "callable | None" = None) -> int:
+def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     """Mount in this process and serve until unmounted or signalled."""
     import pyfuse3
     import trio
@@ -87,8 +87,9 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions, ready: "callable |
     tree, registry, info = open_image(ref_text, opts)
     recorder = Recorder(opts.record) if opts.record else None
     fs = LazyFS(tree, recorder)
+    # The kernel checks permissions from the modes we report (default_permissions); allow_other lets
+    # containers running as other users read the tree.
     options = set(pyfuse3.default_options) | {"fsname=lazybuild", "ro", "allow_other", "default_permissions"}
-    options.discard("default_permissions") if os.geteuid() != 0 else None
     pyfuse3.init(fs, mountpoint, options)
     stop = threading.Event()
     workers = []
@@ -113,8 +114,6 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions, ready: "callable |
 
             nursery.start_soon(on_signal)
             nursery.start_soon(status_loop)
-            if ready:
-                ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

@@ -199,18 +199,48 @@ class LazyLayer:
     def payload_chunks(self) -> list[TOCEntry]:
         return sorted((c for cs in self.reader.chunks.values() for c in cs), key=lambda c: c.offset)
 
-    def prefetch(self) -> int:
-        """Fetch [0, .prefetch.landmark) in one request and cache every chunk in it. Returns its size."""
+    def prefetch_chunks(self) -> list[TOCEntry]:
+        """The uncached chunks of [0, .prefetch.landmark): what the workload reads first."""
         node = self.reader.lookup(estargz.PREFETCH_LANDMARK)
         if node is None or self.remote is None:
-            return 0
+            return []
         end = node.entry.offset
-        chunks = [c for c in self.payload_chunks() if c.compressed_end <= end and not self.cache.has(self.key(c))]
+        return [c for c in self.payload_chunks() if c.compressed_end <= end and not self.cache.has(self.key(c))]
+
+    def prefetch(self, chunks: list[TOCEntry] | None = None, locked: bool = False) -> int:
+        """Stream [0, .prefetch.landmark) in one request, caching each chunk the moment its bytes are in.
+
+        With `locked`, the caller already holds the chunks' locks (taken before the mount serves, so a
+        read of a prefetched file waits for the stream to pass it instead of fetching it again); each
+        lock is released as its chunk is stored. Returns the bytes prefetched."""
+        chunks = self.prefetch_chunks() if chunks is None else chunks
         if not chunks:
             return 0
-        before = self.stats.fetched_bytes
-        self.load(chunks)
-        self.stats.prefetched_bytes += self.stats.fetched_bytes - before
+        locks = [self._lock_for(self.key(c)) for c in chunks]
+        if not locked:
+            for lk in locks:
+                lk.acquire()
+        pending = list(zip(chunks, locks))
+        end = max(c.compressed_end for c in chunks)
+        buf = bytearray()
+        try:
+            for data in self.remote.registry.stream_range(self.remote.repository, self.remote.digest, 0, end):
+                buf += data
+                self.stats.fetched_bytes += len(data)
+                self.stats.prefetched_bytes += len(data)
+                while pending and pending[0][0].compressed_end <= len(buf):
+                    chunk, lk = pending.pop(0)
+                    a, b = self.reader.compressed_range(chunk)
+                    try:
+                        self._store(chunk, self.reader.decode_chunk(chunk, bytes(buf[a:b])))
+                    except estargz.EStargzError as e:
+                        log.error("prefetch of layer %d: %s", self.index, e)  # its reader will fetch and fail alone
+                    lk.release()
+        except Exception as e:  # the mount still serves: readers fetch what the prefetch did not bring
+            log.warning("prefetch of layer %d stopped: %s", self.index, e)
+        finally:
+            for _, lk in pending:
+                lk.release()
         return end
 
     def background_fetch(self, stop: threading.Event, idle_s: float = 0.5, batch_bytes: int = 4 << 20) -> None:

@@ -59,9 +59,6 @@ def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry,
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
         layers = list(pool.map(lambda a: LazyLayer.open(a[0], registry, ref.repository, a[1], cache, opts.cache_dir,
                                                         opts.verify), enumerate(layers_desc)))
-    if opts.prefetch:
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers)))) as pool:
-            list(pool.map(lambda layer: layer.prefetch(), layers))
     info = {"reference": str(resolved.reference), "manifest": resolved.manifest.digest}
     return (LayersTree(layers) if opts.layers else MergedTree(layers)), registry, info
 
@@ -90,14 +87,33 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     # The kernel checks permissions from the modes we report (default_permissions); allow_other lets
     # containers running as other users read the tree.
     options = set(pyfuse3.default_options) | {"fsname=lazybuild", "ro", "allow_other", "default_permissions"}
+    # Prefetch streams while the mount already serves: its chunks are locked first, so a read of a
+    # prefetched file waits for the stream to reach it rather than racing it with a request of its own.
+    prefetching = []
+    if opts.prefetch:
+        for layer in tree.layers:
+            chunks = layer.prefetch_chunks()
+            for c in chunks:
+                layer._lock_for(layer.key(c)).acquire()
+            prefetching.append((layer, chunks))
     pyfuse3.init(fs, mountpoint, options)
     stop = threading.Event()
     workers = []
+    for layer, chunks in prefetching:
+        t = threading.Thread(target=layer.prefetch, args=(chunks, True), daemon=True, name=f"prefetch-{layer.index}")
+        t.start()
+        workers.append(t)
     if opts.background_fetch:
-        for layer in tree.layers:
-            t = threading.Thread(target=layer.background_fetch, args=(stop,), daemon=True, name=f"bg-{layer.index}")
-            t.start()
-            workers.append(t)
+        prefetch_threads = list(workers)
+
+        def background():  # the rest of each layer, once the prefetch no longer needs the link
+            for t in prefetch_threads:
+                t.join()
+            for layer in tree.layers:
+                threading.Thread(target=layer.background_fetch, args=(stop,), daemon=True,
+                                 name=f"bg-{layer.index}").start()
+
+        threading.Thread(target=background, daemon=True, name="bg-start").start()
 
     async def main():
         async with trio.open_nursery() as nursery:

@@ -293,3 +293,35 @@ def test_a_directory_of_100000_entries(registry, tmp_path):
     finally:
         m.close()
     assert blob["tocDigest"].startswith("sha256:")
+
+
+def test_debian_image_through_a_faulty_registry(debian, registry, tmp_path):
+    """The same chroot run through the fault-injecting proxy: bursts of 500/429, multi-range refused,
+    blob GETs redirected to another port. The run succeeds with the right bytes."""
+    proxy = FaultProxy(registry.host)
+    try:
+        proxy.faults = {"status": [(500, 2), (429, 1)], "reject_multirange": True, "redirect_blobs": True}
+        m = Mount(debian["esgz"].replace(registry.host, proxy.host), tmp_path / "mnt", tmp_path / "cache",
+                  "--no-background-fetch")
+        overlay = tmp_path / "ov"
+        try:
+            for sub in ("upper", "work", "merged"):
+                (overlay / sub).mkdir(parents=True)
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"lowerdir={m.dir},upperdir={overlay}/upper,workdir={overlay}/work", str(overlay / "merged")],
+                           check=True)
+            try:
+                proxy.faults["status"] = [(503, 1), (500, 1)]
+                out = subprocess.run(["chroot", str(overlay / "merged"), "/usr/bin/python3", "-c", "print(6 * 7)"],
+                                     capture_output=True, text=True, check=True).stdout
+                assert out == "42\n"
+            finally:
+                subprocess.run(["umount", str(overlay / "merged")], check=True)
+            with open(os.path.join(m.dir, "etc", "os-release")) as f, \
+                    open(os.path.join(debian["rootfs"], "etc", "os-release")) as g:
+                assert f.read() == g.read()
+        finally:
+            m.close()
+        assert any(port == proxy.redirect_port for port, *_ in proxy.requests)
+    finally:
+        proxy.stop()

@@ -21,7 +21,7 @@ from lazybuild.estargz import (
     extract,
 )
 from lazybuild.estargz.compression import Gzip
-from test_format import CHUNK, convert, make_tar
+from test_format import convert, make_tar
 
 import tarfile
 

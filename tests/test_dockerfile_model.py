@@ -4,7 +4,6 @@ and targets, flag validation, .dockerignore, and `lazybuild inspect-dockerfile`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -20,17 +19,10 @@ from lazybuild.estargz import LayerReader, build
 from lazybuild.mounter.cache import ChunkCache
 from lazybuild.mounter.layer import LayerStats, LazyLayer
 from lazybuild.mounter.rootfs import MergedTree
+from cli_runner import lazybuild
 from registry_harness import FaultProxy
 
 pytestmark = pytest.mark.integration
-LAZYBUILD = shutil.which("lazybuild")
-
-
-def lazybuild(*args, ok=True, env=None):
-    p = subprocess.run([LAZYBUILD, *args], capture_output=True, text=True, env={**os.environ, "CI": "1", **(env or {})})
-    if ok:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
 class Mount:
@@ -49,6 +41,24 @@ class Mount:
                 return
             time.sleep(0.05)
         raise AssertionError(f"{self.dir} still mounted")
+
+
+class Overlay:
+    """overlayfs with the mount as its lower dir: the writable root a container would get."""
+
+    def __init__(self, lower, where):
+        self.root = where
+        for sub in ("upper", "work", "merged"):
+            (where / sub).mkdir(parents=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={where}/upper,workdir={where}/work", str(where / "merged")], check=True)
+        self.merged = str(where / "merged")
+
+    def run(self, *cmd) -> str:
+        return subprocess.run(["chroot", self.merged, *cmd], capture_output=True, text=True, check=True).stdout
+
+    def close(self):
+        subprocess.run(["umount", self.merged], check=True)
 
 
 def _mounted(path):
@@ -98,23 +108,15 @@ def debian(registry, tmp_path_factory):
 def test_mount_matches_the_rootfs_and_runs_programs_lazily(debian, tmp_path):
     m = Mount(debian["esgz"], tmp_path / "mnt", tmp_path / "cache", "--no-background-fetch",
               "--record", str(tmp_path / "record.ndjson"))
-    overlay = tmp_path / "ov"
     try:
-        for sub in ("upper", "work", "merged"):
-            (overlay / sub).mkdir(parents=True)
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={m.dir},upperdir={overlay}/upper,workdir={overlay}/work", str(overlay / "merged")],
-                       check=True)
+        ov = Overlay(m.dir, tmp_path / "ov")
         try:
-            merged = str(overlay / "merged")
-            assert subprocess.run(["chroot", merged, "/usr/bin/python3", "-c", "print(1)"], capture_output=True,
-                                  text=True, check=True).stdout == "1\n"
-            (overlay / "merged" / "tmp" / "hello.c").write_text('#include <stdio.h>\nint main(){puts("hi");return 0;}\n')
-            out = subprocess.run(["chroot", merged, "sh", "-c", "cd /tmp && gcc hello.c -o hello && ./hello"],
-                                 capture_output=True, text=True, check=True).stdout
-            assert out == "hi\n"
+            assert ov.run("/usr/bin/python3", "-c", "print(1)") == "1\n"
+            with open(os.path.join(ov.merged, "tmp", "hello.c"), "w") as f:
+                f.write('#include <stdio.h>\nint main(){puts("hi");return 0;}\n')
+            assert ov.run("sh", "-c", "cd /tmp && gcc hello.c -o hello && ./hello") == "hi\n"
         finally:
-            subprocess.run(["umount", str(overlay / "merged")], check=True)
+            ov.close()
         layer = m.status()["layers"][0]
         assert layer["lazy"] and layer["fetchedBytes"] < 0.3 * layer["size"], layer  # a small part of the image
         records = [json.loads(line) for line in (tmp_path / "record.ndjson").read_text().splitlines()]
@@ -303,20 +305,13 @@ def test_debian_image_through_a_faulty_registry(debian, registry, tmp_path):
         proxy.faults = {"status": [(500, 2), (429, 1)], "reject_multirange": True, "redirect_blobs": True}
         m = Mount(debian["esgz"].replace(registry.host, proxy.host), tmp_path / "mnt", tmp_path / "cache",
                   "--no-background-fetch")
-        overlay = tmp_path / "ov"
         try:
-            for sub in ("upper", "work", "merged"):
-                (overlay / sub).mkdir(parents=True)
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={m.dir},upperdir={overlay}/upper,workdir={overlay}/work", str(overlay / "merged")],
-                           check=True)
+            ov = Overlay(m.dir, tmp_path / "ov")
             try:
                 proxy.faults["status"] = [(503, 1), (500, 1)]
-                out = subprocess.run(["chroot", str(overlay / "merged"), "/usr/bin/python3", "-c", "print(6 * 7)"],
-                                     capture_output=True, text=True, check=True).stdout
-                assert out == "42\n"
+                assert ov.run("/usr/bin/python3", "-c", "print(6 * 7)") == "42\n"
             finally:
-                subprocess.run(["umount", str(overlay / "merged")], check=True)
+                ov.close()
             with open(os.path.join(m.dir, "etc", "os-release")) as f, \
                     open(os.path.join(debian["rootfs"], "etc", "os-release")) as g:
                 assert f.read() == g.read()

@@ -10,27 +10,17 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 
 import pytest
 import zstandard
-from zlib_ng import zlib_ng
 
-import tarcases
 from lazybuild.image import Platform
 from lazybuild.registry import Credentials, Reference, Registry, RegistryError
 from images import debootstrap_rootfs, docker_archive
+from cli_runner import lazybuild
 from registry_harness import FaultProxy, RegistryProcess, TokenIssuer, docker_config, make_htpasswd, make_tls
 
 pytestmark = pytest.mark.integration
-LAZYBUILD = shutil.which("lazybuild")
-
-
-def lazybuild(*args, env=None, ok=True):
-    p = subprocess.run([LAZYBUILD, *args], capture_output=True, text=True, env={**os.environ, "CI": "1", **(env or {})})
-    if ok:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
 @pytest.fixture(scope="session")

@@ -320,3 +320,39 @@ def test_debian_image_through_a_faulty_registry(debian, registry, tmp_path):
         assert any(port == proxy.redirect_port for port, *_ in proxy.requests)
     finally:
         proxy.stop()
+
+
+class _Zeros:
+    """A file object of `size` zero bytes ending in a marker, without holding it in memory."""
+
+    def __init__(self, size: int, tail: bytes):
+        self.size, self.tail, self.pos = size, tail, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
+        start, self.pos = self.pos, self.pos + n
+        zeros_end = self.size - len(self.tail)
+        head = b"\0" * max(0, min(self.pos, zeros_end) - start)
+        return head + self.tail[max(0, start - zeros_end):max(0, self.pos - zeros_end)]
+
+
+def test_a_file_over_4_gib(registry, tmp_path):
+    size, tail = (4 << 30) + 4097, b"past the 32-bit boundary"
+    src = tmp_path / "huge.tar"
+    with tarfile.open(src, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("huge.bin")
+        info.size = size
+        tf.addfile(info, _Zeros(size, tail))
+    ref = f"{registry.host}/mount/huge:esgz"
+    lazybuild("convert", f"docker-archive:{docker_archive([str(src)], str(tmp_path / 'img.tar'))}", ref)
+    src.unlink()
+    m = Mount(ref, tmp_path / "mnt", tmp_path / "cache", "--no-background-fetch")
+    try:
+        path = os.path.join(m.dir, "huge.bin")
+        assert os.stat(path).st_size == size
+        with open(path, "rb") as f:
+            f.seek(size - len(tail) - 3)
+            assert f.read() == b"\0\0\0" + tail
+        assert m.status()["layers"][0]["fetchedBytes"] < 50 << 20  # the end of a 4 GiB file, not all of it
+    finally:
+        m.close()

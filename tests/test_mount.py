@@ -343,9 +343,22 @@ def test_a_file_over_4_gib(registry, tmp_path):
         info = tarfile.TarInfo("huge.bin")
         info.size = size
         tf.addfile(info, _Zeros(size, tail))
-    ref = f"{registry.host}/mount/huge:esgz"
-    lazybuild("convert", f"docker-archive:{docker_archive([str(src)], str(tmp_path / 'img.tar'))}", ref)
+    # Convert the one layer and push it from an OCI layout: the 4 GiB tar is the only big file on disk.
+    from lazybuild.image import OCI_CONFIG, Descriptor, Manifest
+    from lazybuild.layout import OCILayout
+
+    layout = OCILayout(str(tmp_path / "layout"), create=True)
+    blob = json.loads(lazybuild("layer", "convert", str(src), str(tmp_path / "layer")).stdout)
     src.unlink()
+    layout.adopt_blob(blob["digest"], str(tmp_path / "layer"))
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [blob["diffID"]]}}).encode()
+    manifest = Manifest.build(Descriptor(OCI_CONFIG, layout.put_bytes(config), len(config)),
+                              [Descriptor(blob["mediaType"], blob["digest"], blob["size"], blob["annotations"])])
+    layout.put_bytes(manifest.raw)
+    layout.add_to_index(manifest.descriptor(), "huge")
+    ref = f"{registry.host}/mount/huge:esgz"
+    lazybuild("push", f"oci:{layout.root}:huge", ref)
     m = Mount(ref, tmp_path / "mnt", tmp_path / "cache", "--no-background-fetch")
     try:
         path = os.path.join(m.dir, "huge.bin")

@@ -188,8 +188,10 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
         st.depends_on.append(st.base_stage)
         triggers = list(base.config.get("OnBuild") or [])
     else:
-        config = copy.deepcopy(base_configs.get(st.base, {}).get("config", {})) if st.base != "scratch" else {}
-        history = []
+        base_image = base_configs.get(st.base, {}) if st.base != "scratch" else {}
+        # BuildKit's empty image (scratch) starts at WorkingDir "/"; an image keeps its config and history.
+        config = copy.deepcopy(base_image.get("config") or {}) if st.base != "scratch" else {"WorkingDir": "/"}
+        history = copy.deepcopy(base_image.get("history") or [])
         args = {}
         triggers = list(config.get("OnBuild") or [])
     config.pop("OnBuild", None)
@@ -204,7 +206,7 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
 
     for inst in body:
         env = scope.mapping()
-        out: dict = {"instruction": inst.kind.upper(), "line": inst.line}
+        out: dict = {"instruction": inst.kind.upper(), "line": inst.line, "text": " ".join(inst.original.split())}
         empty_layer = inst.kind not in LAYER_KINDS
         created_by = inst.original.strip()
         k = inst.kind
@@ -252,6 +254,7 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
                     path = _join(config.get("WorkingDir") or "/", path)
                 config["WorkingDir"] = path
                 out["path"] = path
+                out["user"] = config.get("User") or ""  # WORKDIR creates its directory as this user
                 created_by = f"WORKDIR {path}"
             elif k == "user":
                 config["User"] = out["user"] = expand(inst.spec["value"], env, inst)
@@ -308,12 +311,15 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
                 shown = out["cmd"] if isinstance(out["cmd"], list) else [out["cmd"]]
                 created_by = "RUN " + prefix + " ".join(shown) + " # buildkit"
             elif k in ("copy", "add"):
-                out.update(_copy(inst, env, expand, stages, by_name, st))
+                out.update(_copy(inst, env, expand, stages, by_name, st, lex))
+                out["workdir"] = config.get("WorkingDir") or "/"
                 created_by = f"{k.upper()} " + " ".join(out["sources"] + [out["dest"]]) + " # buildkit"
         except ValueError as e:
             raise DockerfileError(str(e), inst.line, inst.end_line, filename) from None
         st.instructions.append(out)
-        entry = {"created_by": created_by}
+        if k == "workdir" and out["path"] != "/":
+            empty_layer = False  # WORKDIR makes its directory: a layer, as in BuildKit
+        entry = {"created_by": created_by, "comment": "buildkit.dockerfile.v0"}
         if empty_layer:
             entry["empty_layer"] = True
         history.append(entry)
@@ -362,7 +368,7 @@ def _run(inst, env, expand, config, scope, stages, by_name, st, build_args) -> d
     return out
 
 
-def _copy(inst, env, expand, stages, by_name, st) -> dict:
+def _copy(inst, env, expand, stages, by_name, st, lex) -> dict:
     out: dict = {"sources": [expand(s, env, inst) for s in inst.spec["sources"]],
                  "dest": expand(inst.spec["dest"], env, inst)}
     for flag in ("chown", "chmod", "checksum"):
@@ -383,7 +389,20 @@ def _copy(inst, env, expand, stages, by_name, st) -> dict:
             out["fromStage"] = ref
             st.depends_on.append(ref)
     if inst.spec["files"]:
-        out["files"] = inst.spec["files"]
+        # Heredoc contents are expanded like a word, but quotes and escapes stay as written.
+        raw = ShellLex(lex.escape_token, raw_quotes=True, raw_escapes=True)
+        files = []
+        for f in inst.spec["files"]:
+            data = f["data"]
+            if f["chomp"]:
+                data = "\n".join(line.lstrip("\t") for line in data.split("\n"))
+            if f["expand"]:
+                try:
+                    data = raw.process_word(data, env)
+                except ShellError as e:
+                    raise ValueError(f"{inst.kind.upper()}: {e}") from None
+            files.append({"name": f["name"], "data": data})
+        out["files"] = files
     return out
 
 

@@ -1,0 +1,275 @@
+"""The frontend process BuildKit runs: read options, read the Dockerfile, answer with LLB and config.
+
+Flow: Ping (caps) -> Dockerfile from the `dockerfile` local (or an input / URL context) -> parse ->
+ResolveImageConfig for each base image -> parse again with the base configs -> LLB -> Solve -> Return
+{ref, containerimage.config}. Any failure is returned as the build's error, never printed to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+from .convert import CUSTOM_NAME, BuildOptions, ConvertError, Converter, normalize_image
+from .dockerfile import model
+from .dockerfile.dockerignore import read_patterns
+from .dockerfile.parser import DockerfileError
+from .dockerfile.shell import ShellLex
+from .gateway import Bridge, GatewayError
+from .llb import builder
+from .llb.builder import Output
+from .llb.proto import gateway_pb2 as gw
+from .llb.proto import ops_pb2 as pb
+
+# google.rpc codes
+INVALID_ARGUMENT, UNKNOWN, UNIMPLEMENTED = 3, 2, 12
+LOCAL_ATTR_CAPS = {"source.local", "source.local.sessionid", "source.local.sharedkeyhint",
+                   "source.local.followpaths"}
+
+
+@dataclass
+class Options:
+    """BUILDKIT_FRONTEND_OPT_* after parsing, plus the session and workers."""
+
+    raw: dict[str, str] = field(default_factory=dict)
+    session_id: str = ""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str]) -> "Options":
+        raw = {}
+        for k, v in environ.items():
+            if k.startswith("BUILDKIT_FRONTEND_OPT_"):
+                key, _, value = v.partition("=")
+                raw[key] = value
+        return cls(raw, environ.get("BUILDKIT_SESSION_ID", ""))
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.raw.get(key, default)
+
+    def prefixed(self, prefix: str) -> dict[str, str]:
+        return {k[len(prefix):]: v for k, v in self.raw.items() if k.startswith(prefix)}
+
+    @property
+    def filename(self) -> str:
+        return self.get("filename") or "Dockerfile"
+
+    @property
+    def build_args(self) -> dict[str, str]:
+        return self.prefixed("build-arg:")
+
+    @property
+    def platforms(self) -> list[str]:
+        return [p.strip() for p in self.get("platform").split(",") if p.strip()]
+
+
+def platform_string(p: pb.Platform) -> str:
+    return "/".join(x for x in (p.OS, p.Architecture, p.Variant) if x)
+
+
+def parse_platform(text: str) -> pb.Platform:
+    parts = text.strip().lower().split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise DockerfileError(f"invalid platform {text!r}: want os/arch[/variant]", 0, 0)
+    arch, variant = parts[1], parts[2] if len(parts) > 2 else ""
+    arch = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+    if arch == "arm64" and variant == "v8":
+        variant = ""
+    return pb.Platform(OS=parts[0], Architecture=arch, Variant=variant)
+
+
+class Frontend:
+    def __init__(self, bridge: Bridge, opts: Options):
+        self.bridge, self.opts = bridge, opts
+        self.caps = bridge.ping()
+        self.inputs = {k: builder.from_definition(v) for k, v in bridge.inputs().items()}
+
+    # ---- the Dockerfile and its context
+    def local(self, name: str, hint: str, follow: list[str] | None = None, custom: str = "") -> Output:
+        attrs = {"local.session": self.opts.session_id, "local.sharedkeyhint": hint}
+        if follow is not None:
+            attrs["local.followpaths"] = json.dumps(follow)
+        return builder.source(f"local://{name}", attrs, caps=LOCAL_ATTR_CAPS if follow is not None else
+                              LOCAL_ATTR_CAPS - {"source.local.followpaths"},
+                              description={CUSTOM_NAME: custom} if custom else None)
+
+    def url_context(self, url: str) -> Output:
+        """A context given as a URL: a git repository, or a (tar) file over HTTP that is unpacked."""
+        if url.startswith("git://") or url.startswith("git@") or url.split("#")[0].endswith(".git"):
+            remote, _, frag = url.partition("#")
+            return builder.source("git://" + remote.split("://", 1)[-1] + (f"#{frag}" if frag else ""),
+                                  {"git.fullurl": remote}, caps={"source.git", "source.git.fullurl"})
+        # Docker's API upload (http://build-context-ID) can be fetched once: this op must be the very
+        # vertex the built-in frontend already solved (same bytes: filename attr, empty constraints).
+        http = builder.source(url, {"http.filename": "context"}, caps={"source.http"})
+        cp = pb.FileActionCopy(src="/context", dest="/", mode=-1, attemptUnpackDockerCompatibility=True, timestamp=-1)
+        op = pb.Op(inputs=[], file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=0, output=0, copy=cp)]))
+        op.constraints.SetInParent()
+        return Output(builder.Vertex(op, [http], {}, {"file.base"}), 0)
+
+    def context_and_dockerfile(self) -> tuple[Output | None, Output, str]:
+        """(the build context if not the session's local, the state holding the Dockerfile, its path)."""
+        fname = self.opts.filename
+        sub = self.opts.get("contextsubdir")
+        context = self.inputs.get(self.opts.get("contextkey") or "context")
+        url = self.opts.get("context")
+        if context is None and url and ("://" in url or url.startswith("git@")):
+            context = self.url_context(url)
+        if context is not None and sub:
+            context = subdir(context, sub)
+        if "dockerfile" in self.inputs:
+            return context, self.inputs["dockerfile"], fname
+        if context is not None and url:
+            return context, context, fname
+        df = self.local(self.opts.get("dockerfilekey") or "dockerfile", "dockerfile",
+                        [fname, fname + ".dockerignore"], f"[internal] load build definition from {fname}")
+        return context, df, fname
+
+    def read(self, state: Output, path: str, what: str) -> bytes | None:
+        ref = self.bridge.solve(builder.definition(state), what=what)
+        try:
+            return self.bridge.read_file(ref, path)
+        except GatewayError:
+            return None
+
+    # ---- the build
+    def run(self) -> gw.Result:
+        context, df_state, fname = self.context_and_dockerfile()
+        text = self.read(df_state, fname, "load Dockerfile")
+        if text is None and fname == "Dockerfile":
+            text = self.read(df_state, "dockerfile", "load Dockerfile")
+        if text is None:
+            raise DockerfileError(f"failed to read {fname}: no such file in the Dockerfile's directory", 0, 0, fname)
+        text = text.decode("utf-8", errors="replace")
+        excludes = self.dockerignore(context, df_state, fname)
+
+        worker = self.caps.default_platform or pb.Platform(OS="linux", Architecture="amd64")
+        targets = [parse_platform(p) for p in self.opts.platforms] or [worker]
+        results = {}
+        for plat in targets:
+            results[platform_string(plat)] = self.build_platform(text, fname, plat, worker, context, excludes)
+
+        if len(results) == 1 and not self.opts.get("multi-platform") and \
+                self.opts.build_args.get("BUILDKIT_MULTI_PLATFORM", "") not in ("1", "true"):
+            (ref, config), = results.values()
+            res = gw.Result(ref=gw.Ref(id=ref))
+            res.metadata["containerimage.config"] = json.dumps(config).encode()
+            return res
+        if "returnmap" not in self.caps.frontend:
+            raise DockerfileError("several platforms need a BuildKit that returns a map of results", 0, 0, fname)
+        res = gw.Result(refs=gw.RefMap())
+        platforms = []
+        for pid, (ref, config) in results.items():
+            res.refs.refs[pid].id = ref
+            res.metadata[f"containerimage.config/{pid}"] = json.dumps(config).encode()
+            p = parse_platform(pid)
+            platforms.append({"ID": pid, "Platform": {"architecture": p.Architecture, "os": p.OS,
+                                                      **({"variant": p.Variant} if p.Variant else {})}})
+        res.metadata["refs.platforms"] = json.dumps({"Platforms": platforms}).encode()
+        return res
+
+    def dockerignore(self, context: Output | None, df_state: Output, fname: str) -> list[str]:
+        data = self.read(df_state, fname + ".dockerignore", "load .dockerignore")
+        if data is None:
+            src = context if context is not None else self.local(
+                "context", "context-.dockerignore", [".dockerignore"], "[internal] load .dockerignore")
+            data = self.read(src, ".dockerignore", "load .dockerignore")
+        return read_patterns(data.decode("utf-8", errors="replace")) if data else []
+
+    def build_platform(self, text: str, fname: str, plat: pb.Platform, worker: pb.Platform,
+                       context: Output | None, excludes: list[str]) -> tuple[str, dict]:
+        kwargs = dict(filename=fname, build_args=self.opts.build_args, target=self.opts.get("target"),
+                      platform=platform_string(plat), build_platform=platform_string(worker))
+        first = model.load(text, **kwargs)
+        named = self.named_contexts()
+        base_configs = {}
+        stage_platforms = {}
+        for st in first.stages:
+            stage_platforms[st.index] = parse_platform(st.platform) if st.platform else plat
+            if st.base_stage is None and st.base != "scratch" and st.base not in base_configs and st.base not in named:
+                try:
+                    _, config = self.bridge.resolve_image_config(
+                        normalize_image(st.base), stage_platforms[st.index], self.opts.get("image-resolve-mode") or "default",
+                        self.opts.session_id)
+                except GatewayError as e:
+                    raise DockerfileError(f"base image {st.base!r}: {e}", st.line, st.line, fname) from None
+                base_configs[st.base] = config
+        build = model.load(text, base_configs=base_configs, **kwargs)
+        for st in build.stages:
+            stage_platforms.setdefault(st.index, parse_platform(st.platform) if st.platform else plat)
+
+        no_cache = None
+        if "no-cache" in self.opts.raw:
+            no_cache = {s for s in self.opts.get("no-cache").split(",") if s}
+        bopts = BuildOptions(
+            session_id=self.opts.session_id, image_resolve_mode=self.opts.get("image-resolve-mode") or "default",
+            force_network_mode=self.opts.get("force-network-mode"), no_cache=no_cache,
+            extra_hosts=[tuple(h.split("=", 1)) for h in self.opts.get("add-hosts").split(",") if "=" in h],
+            cache_ns=self.opts.build_args.get("BUILDKIT_CACHE_MOUNT_NS", ""), excludes=excludes,
+            context=context, named_contexts=named, context_name=self.opts.get("contextkey") or "context")
+        conv = Converter(build, self.caps, bopts, stage_platforms, ShellLex(build.escape_token), fname)
+        states = conv.convert()
+        final = states[build.target.index]
+        target_plat = stage_platforms[build.target.index]
+        cache_imports = [{"Type": "registry", "Attrs": {"ref": r}} for r in self.opts.get("cache-from").split(",") if r]
+        ref = self.bridge.solve(builder.definition(final), cache_imports=cache_imports, what="build")
+        return ref, image_config(build, target_plat, self.opts.prefixed("label:"))
+
+    def named_contexts(self) -> dict[str, Output]:
+        out = {}
+        for name, value in self.opts.prefixed("context:").items():
+            name = name.split("::")[0]
+            if value.startswith("docker-image://"):
+                out[name] = builder.source("docker-image://" + normalize_image(value[len("docker-image://"):]), {},
+                                           caps={"source.image"})
+            elif value.startswith("local:"):
+                out[name] = self.local(value[len("local:"):], value[len("local:"):], None)
+            elif value.startswith("input:"):
+                if value[len("input:"):] not in self.inputs:
+                    raise DockerfileError(f"named context {name}: no input {value[6:]!r}", 0, 0)
+                out[name] = self.inputs[value[len("input:"):]]
+            else:
+                out[name] = self.url_context(value)
+        return out
+
+
+def subdir(state: Output, sub: str) -> Output:
+    cp = pb.FileActionCopy(src="/" + sub.strip("/"), dest="/", mode=-1, followSymlink=True, dirCopyContents=True,
+                           timestamp=-1)
+    op = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=0, output=0, copy=cp)]))
+    op.constraints.SetInParent()
+    return Output(builder.Vertex(op, [state], {}, {"file.base"}), 0)
+
+
+def image_config(build: model.Build, plat: pb.Platform, labels: dict[str, str]) -> dict:
+    """The image config BuildKit's frontend returns: the target stage's config and history, the target
+    platform, and the `label:` options merged into Labels."""
+    config = dict(build.target.config)
+    if labels:
+        config["Labels"] = {**(config.get("Labels") or {}), **labels}
+    image = {"architecture": plat.Architecture, "os": plat.OS}
+    if plat.Variant:
+        image["variant"] = plat.Variant
+    image.update({"config": config, "rootfs": {"type": "layers", "diff_ids": []}, "history": build.target.history})
+    return image
+
+
+def main() -> int:
+    bridge = Bridge.from_stdio()
+    try:
+        frontend = Frontend(bridge, Options.from_env(dict(os.environ)))
+        result = frontend.run()
+    except (DockerfileError, ConvertError) as e:
+        bridge.return_error(INVALID_ARGUMENT, str(e))
+        return 0
+    except GatewayError as e:
+        bridge.return_error(UNKNOWN, f"lazybuild frontend: {e}")
+        return 0
+    except Exception as e:  # a bug of ours: the user sees its summary, the daemon log the traceback
+        traceback.print_exc(file=sys.stderr)
+        bridge.return_error(UNKNOWN, f"lazybuild frontend: internal error: {type(e).__name__}: {e}")
+        return 0
+    bridge.return_result(result)
+    return 0

@@ -418,8 +418,10 @@ class Converter:
             mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
                 path="/" + doc["name"], mode=0o664, data=doc["data"].encode(), timestamp=-1))]))
             mk.constraints.SetInParent()
+            # The mode is set by the copy, not the mkfile, so the daemon's umask cannot change it.
             add(Output(Vertex(mk, [], {CUSTOM_NAME: "preparing inline document"}, {"file.base"}), 0), "/" + doc["name"],
-                False, followSymlink=False, dirCopyContents=False, allowWildcard=False, allowEmptyWildcard=False)
+                False, followSymlink=False, dirCopyContents=False, allowWildcard=False, allowEmptyWildcard=False,
+                mode=mode if mode != -1 else 0o664)
         if not actions:
             raise self.fail(f"{ins['instruction']} has no source", line)
         # Action j > 0 works on the result of action j-1, addressed past the op's inputs.

@@ -29,7 +29,7 @@ FROM scratch AS unused
 COPY x y
 FROM build AS final
 COPY --from=build /src/out /out
-EXPOSE 80 ${TAG}/udp
+EXPOSE 80 ${PORT:-53}/udp 8000-8001
 ENTRYPOINT ["/bin/app"]
 """
 
@@ -64,7 +64,7 @@ def test_stages_targets_and_config():
     assert [s.name for s in b.stages] == ["build", "final"]  # `unused` is pruned
     final = b.target
     assert final.base_stage == 0 and final.instructions[0]["fromStage"] == 0
-    assert final.config["ExposedPorts"] == {"80/tcp": {}, "bookworm/udp": {}}
+    assert final.config["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}, "8000/tcp": {}, "8001/tcp": {}}  # ranges expand
     assert final.config["Entrypoint"] == ["/bin/app"] and "Cmd" not in final.config
     assert final.config["Labels"] == {"l1": "v bookworm"}  # inherited from the base stage
     created = [h["created_by"] for h in final.history]

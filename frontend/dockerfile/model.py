@@ -83,7 +83,11 @@ class _Scope:
         return m
 
     def set_env(self, key: str, value: str) -> None:
-        self.env = [kv for kv in self.env if kv.partition("=")[0] != key] + [f"{key}={value}"]
+        for i, kv in enumerate(self.env):  # replaced in place, as BuildKit's addEnv does
+            if kv.partition("=")[0] == key:
+                self.env[i] = f"{key}={value}"
+                return
+        self.env.append(f"{key}={value}")
 
 
 def load(text: str, *, filename: str = "Dockerfile", build_args: dict[str, str] | None = None,
@@ -195,9 +199,11 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
         args = {}
         triggers = list(config.get("OnBuild") or [])
     config.pop("OnBuild", None)
+    for key in [k for k, v in config.items() if v is None]:  # JSON nulls from the registry: absent
+        del config[key]
     config.setdefault("Env", [] if st.base == "scratch" or st.base not in base_configs else config.get("Env", []))
-    if st.base == "scratch" or (st.base_stage is None and not config["Env"]):
-        config["Env"] = [f"PATH={DEFAULT_PATH}"]
+    if not any(kv.partition("=")[0] == "PATH" for kv in config["Env"] or []):
+        config["Env"] = list(config["Env"] or []) + [f"PATH={DEFAULT_PATH}"]  # BuildKit always sets PATH
     scope = _Scope(config["Env"], args)
     cmd_set = False
     if triggers:  # ONBUILD triggers of the base run first, as if written at the top of this stage
@@ -265,7 +271,8 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
             elif k == "expose":
                 ports = [p for word in inst.spec["ports"] for p in lex.process_words(word, env)]
                 for p in ports:
-                    config.setdefault("ExposedPorts", {})[p if "/" in p else p + "/tcp"] = {}
+                    for port in _port_specs(p):
+                        config.setdefault("ExposedPorts", {})[port] = {}
                 out["ports"] = ports
                 created_by = "EXPOSE " + " ".join(ports)
             elif k == "volume":
@@ -326,6 +333,22 @@ def _resolve_stage(st: Stage, body: list[Instruction], stages, by_name, meta, bu
     config["Env"] = scope.env
     st.config, st.history = config, history
     stage_args.append(scope.args)
+
+
+def _port_specs(spec: str) -> list[str]:
+    """`80`, `53/udp`, `8000-8002[/proto]` -> ["8000/tcp", ...] as Docker's nat.ParsePortSpecs gives them."""
+    port, _, proto = spec.partition("/")
+    proto = (proto or "tcp").lower()
+    if ":" in port:
+        port = port.rsplit(":", 1)[1]  # ip:host:container forms expose the container port
+    low, dash, high = port.partition("-")
+    if not low.isdigit() or (dash and not high.isdigit()):
+        raise ValueError(f"invalid port {spec!r}: want port[-port][/tcp|udp|sctp]")
+    if not dash:
+        return [f"{int(low)}/{proto}"]
+    if int(high) < int(low):
+        raise ValueError(f"invalid port range {spec!r}: end before start")
+    return [f"{p}/{proto}" for p in range(int(low), int(high) + 1)]
 
 
 def _join(base: str, path: str) -> str:

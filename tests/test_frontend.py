@@ -137,3 +137,72 @@ def test_heredoc_contents(dockerd, frontend_image, tmp_path):
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     out = dockerd.docker("run", "--rm", "heredoc-test", "sh", "-c", "cat /a /b /c").stdout
     assert out == b"run world\nhello world\npy"
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A static file server on 127.0.0.1 (ADD URL and git over dumb HTTP read from it)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_add_url_with_checksum_and_git(dockerd, frontend_image, tmp_path, http_server):
+    root, url = http_server
+    (root / "file.txt").write_text("from http\n")
+    good = "sha256:" + hashlib.sha256(b"from http\n").hexdigest()
+    repo = root / "repo"
+    subprocess.run(f"git init -q -b main {repo} && cd {repo} && echo tracked > t.txt && git add t.txt && "
+                   "git -c user.name=t -c user.email=t@t commit -qm one && git update-server-info", shell=True, check=True)
+    text = (f"FROM lazybuild-test/python:bookworm\nADD --checksum={good} {url}/file.txt /dl/\n"
+            f"ADD {url}/repo/.git#main /src/\n")
+    p = _build_text(dockerd, frontend_image, tmp_path, text, None, "-t", "add-url-test")
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    out = dockerd.docker("run", "--rm", "add-url-test", "sh", "-c", "cat /dl/file.txt /src/t.txt; test ! -e /src/.git").stdout
+    assert out == b"from http\ntracked\n"
+    bad = text.replace(good, "sha256:" + "0" * 64)
+    p = _build_text(dockerd, frontend_image, tmp_path, bad)
+    assert p.returncode != 0 and b"digest mismatch" in p.stderr.lower(), p.stderr.decode()[-2000:]
+
+
+def test_registry_base_pull_platform_and_add_hosts(dockerd, frontend_image, registry, tmp_path):
+    """FROM an image in a registry with --pull (resolve mode pull), an explicit --platform, --add-host."""
+    base = f"{registry.host}/base:bookworm"
+    dockerd.docker("tag", "lazybuild-test/python:bookworm", base)
+    dockerd.docker("push", base)
+    text = f"FROM {base}\nRUN getent hosts lbtest.internal > /hosts && uname -m > /arch\n"
+    p = _build_text(dockerd, frontend_image, tmp_path, text, None, "--pull", "--platform", "linux/amd64",
+                    "--add-host", "lbtest.internal:127.0.0.9", "-t", "pull-test")
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert f"load metadata for {base}" in p.stderr.decode()
+    out = dockerd.docker("run", "--rm", "pull-test", "cat", "/hosts", "/arch").stdout.decode()
+    assert out.split()[:2] == ["127.0.0.9", "lbtest.internal"] and out.split()[-1] == "x86_64"
+    assert dockerd.image_config("pull-test")["Architecture"] == "amd64"
+
+
+def test_engine_api_build_without_session(dockerd, frontend_image, tmp_path):
+    """`POST /build?version=2` with a tar context (no session: the context is an HTTP upload that can be
+    read once) works through the frontend too."""
+    ctx = tmp_path / "api"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"# syntax={frontend_image}\nFROM lazybuild-test/python:bookworm\n"
+                                    "COPY hello.txt /hello.txt\nRUN cat /hello.txt > /copy.txt\n")
+    (ctx / "hello.txt").write_text("hello api\n")
+    tar = tmp_path / "ctx.tar"
+    subprocess.run(["tar", "-C", str(ctx), "-cf", str(tar), "."], check=True)
+    p = subprocess.run(["curl", "-sS", "--unix-socket", dockerd.socket, "-X", "POST", "-H",
+                        "Content-Type: application/x-tar", "--data-binary", f"@{tar}",
+                        "http://localhost/v1.41/build?version=2&t=api-test&networkmode=host"],
+                       capture_output=True, timeout=600)
+    assert p.returncode == 0 and b"errorDetail" not in p.stdout, p.stdout.decode(errors="replace")[-3000:]
+    out = dockerd.docker("run", "--rm", "api-test", "cat", "/copy.txt").stdout
+    assert out == b"hello api\n"

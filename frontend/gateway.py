@@ -130,11 +130,13 @@ class Bridge:
         self.caps = Caps(fcaps, lcaps, workers)
         return self.caps
 
-    def solve(self, definition: pb.Definition, *, evaluate: bool = False, cache_imports: list[dict] | None = None,
-              what: str = "") -> str:
-        """Solve a Definition and return its ref id (lazy unless `evaluate`)."""
-        req = gw.SolveRequest(allowResultReturn=True, allowResultArrayRef=True, Evaluate=evaluate)
-        req.Definition.CopyFrom(definition)
+    def solve(self, definition: pb.Definition | None, *, evaluate: bool = False, cache_imports: list[dict] | None = None,
+              frontend: str = "", frontend_opt: dict[str, str] | None = None, what: str = "") -> str:
+        """Solve a Definition (or run another frontend) and return the ref id (lazy unless `evaluate`)."""
+        req = gw.SolveRequest(allowResultReturn=True, allowResultArrayRef=True, Evaluate=evaluate, Frontend=frontend,
+                              FrontendOpt=frontend_opt or {})
+        if definition is not None:
+            req.Definition.CopyFrom(definition)
         for c in cache_imports or []:
             req.CacheImports.add(Type=c["Type"], Attrs=c.get("Attrs", {}))
         self._check_size(req, what or "solve")

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .convert import CUSTOM_NAME, BuildOptions, ConvertError, Converter, normalize_image
@@ -128,22 +129,38 @@ class Frontend:
         return context, df, fname
 
     def read(self, state: Output, path: str, what: str) -> bytes | None:
-        ref = self.bridge.solve(builder.definition(state), what=what)
+        return self.read_ref(self.bridge.solve(builder.definition(state), what=what), path)
+
+    def read_ref(self, ref: str, path: str) -> bytes | None:
         try:
             return self.bridge.read_file(ref, path)
         except GatewayError:
             return None
 
+    def context_dockerignore(self, context: Output | None) -> bytes | None:
+        src = context if context is not None else self.local(
+            "context", "context-.dockerignore", [".dockerignore"], "[internal] load .dockerignore")
+        return self.read(src, ".dockerignore", "load .dockerignore")
+
     # ---- the build
     def run(self) -> gw.Result:
         context, df_state, fname = self.context_and_dockerfile()
-        text = self.read(df_state, fname, "load Dockerfile")
+        # The Dockerfile, its own .dockerignore and the context's are read at once: each is a round
+        # trip to the client, and this runs on every build.
+        df_ref = self.bridge.solve(builder.definition(df_state), what="load Dockerfile")
+        with ThreadPoolExecutor(3) as pool:
+            text_f = pool.submit(self.read_ref, df_ref, fname)
+            own_ignore_f = pool.submit(self.read_ref, df_ref, fname + ".dockerignore")
+            ctx_ignore_f = pool.submit(self.context_dockerignore, context)
+            text, ignore = text_f.result(), own_ignore_f.result()
+            if ignore is None:
+                ignore = ctx_ignore_f.result()
         if text is None and fname == "Dockerfile":
-            text = self.read(df_state, "dockerfile", "load Dockerfile")
+            text = self.read_ref(df_ref, "dockerfile")
         if text is None:
             raise DockerfileError(f"failed to read {fname}: no such file in the Dockerfile's directory", 0, 0, fname)
         text = text.decode("utf-8", errors="replace")
-        excludes = self.dockerignore(context, df_state, fname)
+        excludes = read_patterns(ignore.decode("utf-8", errors="replace")) if ignore else []
 
         worker = self.caps.default_platform or pb.Platform(OS="linux", Architecture="amd64")
         targets = [parse_platform(p) for p in self.opts.platforms] or [worker]
@@ -169,14 +186,6 @@ class Frontend:
                                                       **({"variant": p.Variant} if p.Variant else {})}})
         res.metadata["refs.platforms"] = json.dumps({"Platforms": platforms}).encode()
         return res
-
-    def dockerignore(self, context: Output | None, df_state: Output, fname: str) -> list[str]:
-        data = self.read(df_state, fname + ".dockerignore", "load .dockerignore")
-        if data is None:
-            src = context if context is not None else self.local(
-                "context", "context-.dockerignore", [".dockerignore"], "[internal] load .dockerignore")
-            data = self.read(src, ".dockerignore", "load .dockerignore")
-        return read_patterns(data.decode("utf-8", errors="replace")) if data else []
 
     def build_platform(self, text: str, fname: str, plat: pb.Platform, worker: pb.Platform,
                        context: Output | None, excludes: list[str]) -> tuple[str, dict]:

@@ -61,31 +61,19 @@ def archive(tmp_path_factory, tars) -> str:
     return docker_archive([tars["ustar"], top], str(d / "image.tar"))
 
 
-BASE_IMAGE = "lazybuild-test/python:bookworm"  # Debian bookworm minbase + python3 + python3-venv
-
-
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory):
     """A Docker 20.10 daemon of our own (BuildKit v0.8 inside) with the test base image imported."""
-    from dockerd_harness import Dockerd
-    from images import debootstrap_rootfs
+    from dockerd_harness import start_with_base
 
-    d = Dockerd(str(tmp_path_factory.mktemp("dockerd")))
-    try:
-        d.import_rootfs(debootstrap_rootfs(("python3", "python3-venv")), BASE_IMAGE)
-        yield d
-    finally:
-        d.stop()
+    d = start_with_base(str(tmp_path_factory.mktemp("dockerd")))
+    yield d
+    d.stop()
 
 
 @pytest.fixture(scope="session")
 def frontend_image(dockerd, registry) -> str:
-    """The frontend image built from the top-level Dockerfile, pushed to the local registry and removed
-    from the daemon, so `# syntax=` makes BuildKit pull it as a user's build would."""
-    ref = f"{registry.host}/lazybuild:test"
-    p = subprocess.run(["bash", os.path.join(REPO, "scripts/frontend-image.sh"), ref, "--python-image", BASE_IMAGE,
-                        "--push"], env=dockerd.env(), capture_output=True)
-    if p.returncode != 0:
-        raise RuntimeError("building the frontend image failed:\n" + (p.stdout + p.stderr).decode(errors="replace")[-4000:])
-    dockerd.docker("rmi", ref)
-    return ref
+    """The frontend image, pushed to the local registry (see dockerd_harness.push_frontend_image)."""
+    from dockerd_harness import push_frontend_image
+
+    return push_frontend_image(dockerd, f"{registry.host}/lazybuild:test")

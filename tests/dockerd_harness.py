@@ -87,3 +87,31 @@ class Dockerd:
         self.log.close()
         subprocess.run(["umount", "-R", self.exec_root], capture_output=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_IMAGE = "lazybuild-test/python:bookworm"  # Debian bookworm minbase + python3 + python3-venv
+
+
+def start_with_base(workdir: str) -> Dockerd:
+    """A daemon with the Debian test base image (debootstrap, cached) imported as BASE_IMAGE."""
+    from images import debootstrap_rootfs
+
+    d = Dockerd(workdir)
+    try:
+        d.import_rootfs(debootstrap_rootfs(("python3", "python3-venv")), BASE_IMAGE)
+    except Exception:
+        d.stop()
+        raise
+    return d
+
+
+def push_frontend_image(d: Dockerd, ref: str) -> str:
+    """Build the frontend image from the top-level Dockerfile on BASE_IMAGE, push it to REF's registry and
+    drop the local copy, so `# syntax=REF` makes BuildKit pull it as a user's build would."""
+    p = subprocess.run(["bash", os.path.join(REPO, "scripts/frontend-image.sh"), ref, "--python-image", BASE_IMAGE,
+                        "--push"], env=d.env(), capture_output=True)
+    if p.returncode != 0:
+        raise RuntimeError("building the frontend image failed:\n" + (p.stdout + p.stderr).decode(errors="replace")[-4000:])
+    d.docker("rmi", ref)
+    return ref

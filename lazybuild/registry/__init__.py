@@ -1,7 +1,19 @@
-"""OCI distribution client (httpx): references, auth, manifests, blobs with ranges, push."""
+"""OCI distribution client (httpx): references, auth, manifests, blobs with ranges, push.
 
-from .auth import Credentials, RegistryAuthError, load_credentials
-from .client import Registry, RegistryError, Resolved
-from .reference import Reference
+Names are imported on first use, so `lazybuild.registry.reference` (all the BuildKit frontend needs)
+does not pull in httpx: the frontend starts on every build, and its image carries no HTTP client.
+"""
 
-__all__ = ["Credentials", "Reference", "Registry", "RegistryAuthError", "RegistryError", "Resolved", "load_credentials"]
+import importlib
+
+_EXPORTS = {"Credentials": "auth", "RegistryAuthError": "auth", "load_credentials": "auth",
+            "Registry": "client", "RegistryError": "client", "Resolved": "client", "Reference": "reference"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

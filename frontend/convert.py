@@ -235,7 +235,7 @@ class Converter:
             caps.add("exec.meta.security")
             op.exec.security = pb.INSECURE
         mounts = [pb.Mount(input=inputs.index(state), dest="/", output=0)]
-        mounts += self._run_mounts(ins, inputs, caps, meta, self._pending_mounts)
+        mounts += self._run_mounts(ins, inputs, caps, op.exec.meta, self._pending_mounts)
         for m in sorted(mounts, key=lambda m: m.dest):
             op.exec.mounts.append(m)
         return self._vertex(op, inputs, caps, name, "RUN " + " ".join(ins["cmd"][-1:]))

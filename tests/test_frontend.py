@@ -206,3 +206,36 @@ def test_engine_api_build_without_session(dockerd, frontend_image, tmp_path):
     assert p.returncode == 0 and b"errorDetail" not in p.stdout, p.stdout.decode(errors="replace")[-3000:]
     out = dockerd.docker("run", "--rm", "api-test", "cat", "/copy.txt").stdout
     assert out == b"hello api\n"
+
+
+def test_ssh_mount_reaches_the_clients_agent(dockerd, frontend_image, tmp_path):
+    """RUN --mount=type=ssh forwards the client's agent socket (docker build --ssh default)."""
+    sock = str(tmp_path / "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            import time
+            time.sleep(0.05)
+        text = ("FROM lazybuild-test/python:bookworm\n"
+                "RUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /agent\n")
+        ctx = tmp_path / "ssh"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(f"# syntax={frontend_image}\n" + text)
+        p = dockerd.docker("build", "--network=host", "--progress=plain", "--ssh", f"default={sock}", "-t", "ssh-test",
+                           str(ctx), check=False)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        assert dockerd.docker("run", "--rm", "ssh-test", "cat", "/agent").stdout == b"/run/buildkit/ssh_agent.0\n"
+    finally:
+        agent.terminate()
+
+
+def test_result_as_a_platform_map(dockerd, frontend_image, tmp_path):
+    """With BUILDKIT_MULTI_PLATFORM the result is a map with refs.platforms, which Docker 20.10's exporter
+    accepts for one platform. (Several platforms at once are refused by Docker 20.10 itself.)"""
+    text = "FROM lazybuild-test/python:bookworm\nRUN echo map > /m\n"
+    p = _build_text(dockerd, frontend_image, tmp_path, text, None, "--build-arg", "BUILDKIT_MULTI_PLATFORM=1",
+                    "-t", "map-test")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert dockerd.docker("run", "--rm", "map-test", "cat", "/m").stdout == b"map\n"

@@ -378,8 +378,7 @@ class Converter:
             self.need("file.copy.includeexcludepatterns", "--exclude", line)
             caps.add("file.copy.includeexcludepatterns")
         if ins.get("parents"):
-            self.need("file.copy.includeexcludepatterns", "--parents", line)
-            caps.add("file.copy.includeexcludepatterns")
+            raise self.fail("COPY --parents is not supported by the lazybuild frontend yet", line)
         link = bool(ins.get("link")) and self.caps.has("mergeop") and not ins.get("chmod")
         base = None if link else state  # --link copies onto scratch and merges the result on top
         inputs = InputList()

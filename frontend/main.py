@@ -31,6 +31,10 @@ LOCAL_ATTR_CAPS = {"source.local", "source.local.sessionid", "source.local.share
                    "source.local.followpaths"}
 
 
+class Unsupported(Exception):
+    """A request this frontend does not implement (answered with gRPC Unimplemented)."""
+
+
 @dataclass
 class Options:
     """BUILDKIT_FRONTEND_OPT_* after parsing, plus the session and workers."""
@@ -144,6 +148,9 @@ class Frontend:
 
     # ---- the build
     def run(self) -> gw.Result:
+        if self.opts.get("requestid"):  # buildx --print / --call: outline, targets, lint, ...
+            raise Unsupported(f"the lazybuild frontend does not answer sub-request {self.opts.get('requestid')!r}; "
+                              "build without --print/--call")
         context, df_state, fname = self.context_and_dockerfile()
         # The Dockerfile, its own .dockerignore and the context's are read at once: each is a round
         # trip to the client, and this runs on every build.
@@ -239,8 +246,11 @@ class Frontend:
                 if value[len("input:"):] not in self.inputs:
                     raise DockerfileError(f"named context {name}: no input {value[6:]!r}", 0, 0)
                 out[name] = self.inputs[value[len("input:"):]]
-            else:
+            elif value.startswith(("http://", "https://", "git://", "git@")):
                 out[name] = self.url_context(value)
+            else:
+                raise Unsupported(f"named context {name}={value}: the lazybuild frontend takes docker-image://, "
+                                  "local:, input:, git and http(s) contexts")
         return out
 
 
@@ -272,6 +282,9 @@ def main() -> int:
         result = frontend.run()
     except (DockerfileError, ConvertError) as e:
         bridge.return_error(INVALID_ARGUMENT, str(e))
+        return 0
+    except Unsupported as e:
+        bridge.return_error(UNIMPLEMENTED, f"lazybuild frontend: {e}")
         return 0
     except GatewayError as e:
         bridge.return_error(UNKNOWN, f"lazybuild frontend: {e}")

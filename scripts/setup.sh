@@ -7,14 +7,20 @@ shared=${LAZYBUILD_SHARED:-$here/../shared}
 
 # System packages: zstd/tar/attr for test fixtures; docker-registry, openssl, htpasswd, skopeo and umoci for the
 # registry tests; fuse3 + libfuse3-dev + pkg-config for pyfuse3 (the mounter); debootstrap for the Debian test
-# image; Go + the upstream estargz library for the oracle.
-pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev"
+# image; Go + the upstream estargz library for the oracle; docker.io (dockerd 20.10 with BuildKit v0.8)
+# for the frontend tests, which start their own daemon, plus git, curl and ssh-agent for their sources.
+pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev docker.io git curl openssh-client"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   echo "setup: installing$missing"
   apt-get update -qq
+  # Packages must not start their services (a system dockerd would bring up the 172.17/16 bridge):
+  # the tests start dockerd themselves with --bridge=none and their own roots.
+  policy=/usr/sbin/policy-rc.d; made_policy=""
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made_policy=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  if [ -n "$made_policy" ]; then rm -f "$policy"; fi
 fi
 
 # The Python package, editable, with the test extras.

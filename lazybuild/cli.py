@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--platform", metavar="P")
     i.add_argument("--insecure", action="store_true")
     i.set_defaults(func=cmd_inspect)
+    from .build.command import add_parser as add_build
+
+    add_build(sub)
     return p
 
 

@@ -113,6 +113,11 @@ class LazyLayer:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
+    def _locks_for(self, chunks: list[TOCEntry]) -> list[threading.Lock]:
+        """One lock per distinct chunk digest (identical files share one: taking it twice would hang),
+        in digest order, so two loads of overlapping chunk sets never wait on each other in a cycle."""
+        return [self._lock_for(k) for k in sorted({self.key(c) for c in chunks})]
+
     def read(self, path: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the regular file `path` of this layer, every one verified."""
         self.last_read = time.monotonic()
@@ -152,7 +157,7 @@ class LazyLayer:
                 missing.append(c)
         if not missing:
             return out
-        locks = [self._lock_for(self.key(c)) for c in missing]
+        locks = self._locks_for(missing)
         for lk in locks:  # concurrent readers of one chunk fetch it once
             lk.acquire()
         try:
@@ -205,7 +210,12 @@ class LazyLayer:
         if node is None or self.remote is None:
             return []
         end = node.entry.offset
-        return [c for c in self.payload_chunks() if c.compressed_end <= end and not self.cache.has(self.key(c))]
+        out, seen = [], set()
+        for c in self.payload_chunks():  # a digest twice (identical files) is fetched and locked once
+            if c.compressed_end <= end and self.key(c) not in seen and not self.cache.has(self.key(c)):
+                seen.add(self.key(c))
+                out.append(c)
+        return out
 
     def prefetch(self, chunks: list[TOCEntry] | None = None, locked: bool = False) -> int:
         """Stream [0, .prefetch.landmark) in one request, caching each chunk the moment its bytes are in.
@@ -216,11 +226,14 @@ class LazyLayer:
         chunks = self.prefetch_chunks() if chunks is None else chunks
         if not chunks:
             return 0
-        locks = [self._lock_for(self.key(c)) for c in chunks]
+        unique = {}
+        for c in chunks:
+            unique.setdefault(self.key(c), c)
+        chunks = sorted(unique.values(), key=lambda c: c.offset)
         if not locked:
-            for lk in locks:
+            for lk in self._locks_for(chunks):
                 lk.acquire()
-        pending = list(zip(chunks, locks))
+        pending = [(c, self._lock_for(self.key(c))) for c in chunks]
         end = max(c.compressed_end for c in chunks)
         buf = bytearray()
         try:

@@ -369,3 +369,32 @@ def test_a_file_over_4_gib(registry, tmp_path):
         assert m.status()["layers"][0]["fetchedBytes"] < 50 << 20  # the end of a 4 GiB file, not all of it
     finally:
         m.close()
+
+
+def test_identical_files_do_not_stall_background_fetch_or_prefetch(registry, tmp_path):
+    """Files with identical contents share a chunk digest (one cache entry, one lock): the background
+    fetch, the prefetch and readers must take that lock once, or the mount hangs on the next read."""
+    import io
+
+    src = tmp_path / "dups.tar"
+    with tarfile.open(src, "w") as tf:
+        for i in range(40):
+            info = tarfile.TarInfo(f"d/f{i:02d}")
+            data = (b"same content\n" if i % 2 else b"%d-unique\n" % i) * 100
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    prio = tmp_path / "prio.txt"
+    prio.write_text("".join(f"d/f{i:02d}\n" for i in range(10)))
+    ref = f"{registry.host}/mount/dups:esgz"
+    archive = docker_archive([str(src)], str(tmp_path / "img.tar"))
+    lazybuild("convert", f"docker-archive:{archive}", ref, "--prioritized-files", str(prio))
+    m = Mount(ref, tmp_path / "mnt", tmp_path / "cache")
+    try:
+        deadline = time.time() + 30
+        while m.status()["layers"][0]["fetchedPercent"] < 100 and time.time() < deadline:
+            time.sleep(0.2)  # the background fetch takes the rest, identical chunks in one batch
+        for i in range(40):
+            with open(os.path.join(m.dir, "d", f"f{i:02d}"), "rb") as f:
+                assert f.read().startswith(b"same" if i % 2 else b"%d-unique" % i)
+    finally:
+        m.close()

@@ -75,3 +75,73 @@ def test_same_image_as_buildkit(dockerd, lazy_base, case, tmp_path):
     assert not (only_a or only_b or changed), (
         f"filesystems differ: only ours {only_a[:20]}, only BuildKit {only_b[:20]}, "
         f"changed {[(p, ours_fs[p], theirs_fs[p]) for p in changed[:20]]}")
+
+
+def _leftovers() -> tuple[str, str]:
+    mounts = "".join(line for line in open("/proc/mounts") if "/run/lazybuild/b/" in line)
+    containers = subprocess.run(["runc", "--root", "/run/lazybuild/runc", "list", "-q"], capture_output=True,
+                                text=True).stdout
+    return mounts, containers.strip()
+
+
+def test_push_cache_and_lazy_mount_of_the_result(lazy_base, registry, oracle, tmp_path):
+    """A pushed build mounts lazily, its layers pass the reference's verify; a second build is cached
+    (and --no-cache runs again); only the new layers are uploaded, the base is mounted cross-repository."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "hello.c").write_text("int main(void) { return 0; }\n")
+    (ctx / "Dockerfile").write_text(f"FROM {lazy_base} AS dev\nCOPY hello.c /src/\nRUN cp /src/hello.c /src/copy.c\n"
+                                    "FROM scratch\nCOPY --from=dev /src/copy.c /copy.c\n"
+                                    f"FROM {lazy_base}\nCOPY --from=1 /copy.c /out/copy.c\nCMD [\"cat\", \"/out/copy.c\"]\n")
+    ref = f"{registry.host}/built/app:1"
+    first = lazy_build(ctx, "-t", ref, "--output", "type=stargz,push=true")
+    assert "mounted" in first.stderr and "fetched lazily" in first.stderr
+    second = lazy_build(ctx, "-t", ref, "--output", "type=stargz,push=true")
+    assert second.stderr.count("(cached)") == 4  # every step of the three stages
+    third = lazy_build(ctx, "--no-cache")
+    assert "(cached)" not in third.stderr
+    info = json.loads(lazybuild("inspect", ref).stdout)
+    assert info["config"]["config"]["Cmd"] == ["cat", "/out/copy.c"]
+    for layer in info["manifest"]["layers"][1:]:  # ours; the first is the base
+        blob = tmp_path / "blob"
+        subprocess.run(["lazybuild", "pull", ref, f"oci:{tmp_path / 'layout'}"], check=True, capture_output=True)
+        blob = tmp_path / "layout" / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        toc = layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+        subprocess.run([oracle, "verify", "-toc", toc, str(blob)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazybuild("mount", "--daemon", ref, str(mnt), "--cache", str(tmp_path / "cache"))
+    try:
+        assert (mnt / "out" / "copy.c").read_text() == "int main(void) { return 0; }\n"
+    finally:
+        lazybuild("umount", str(mnt))
+
+
+def test_failing_run_reports_and_leaves_nothing_behind(lazy_base, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {lazy_base}\nRUN echo first line && echo second line && exit 3\n")
+    out = tmp_path / "out.tar"
+    p = lazy_build(ctx, "--output", f"type=oci,dest={out}", check=False)
+    assert p.returncode == 1
+    assert "line 2: RUN" in p.stderr and "exit code 3" in p.stderr and "second line" in p.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.tar*"))
+    assert _leftovers() == ("", "")
+
+
+def test_interrupt_leaves_nothing_behind(lazy_base, tmp_path):
+    import signal
+    import time
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {lazy_base}\nRUN echo started && sleep 300\n")
+    proc = subprocess.Popen(["lazybuild", "build", "--progress", "plain", "--no-cache", str(ctx)],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "started" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    assert _leftovers() == ("", "")

@@ -145,3 +145,21 @@ def test_interrupt_leaves_nothing_behind(lazy_base, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) != 0
     assert _leftovers() == ("", "")
+
+
+def test_optimize_puts_what_the_workload_reads_first(lazy_base, registry, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (ctx / name).write_text(name * 1000)
+    (ctx / "Dockerfile").write_text(f"FROM {lazy_base}\nCOPY a b c d /data/\nCMD [\"cat\", \"/data/c\", \"/data/a\"]\n")
+    ref = f"{registry.host}/built/optimized:1"
+    record = tmp_path / "base-reads.ndjson"
+    p = lazy_build(ctx, "-t", ref, "--output", "type=stargz,push=true", "--optimize", "--optimize-period", "5",
+                   "--record-base", str(record))
+    assert "layer 1 (new, reordered): 2 files" in p.stderr, p.stderr[-2000:]
+    subprocess.run(["lazybuild", "pull", ref, f"oci:{tmp_path / 'layout'}"], check=True, capture_output=True)
+    info = json.loads(lazybuild("inspect", ref).stdout)
+    blob = tmp_path / "layout" / "blobs" / "sha256" / info["manifest"]["layers"][1]["digest"].split(":")[1]
+    names = [json.loads(line)["path"] for line in lazybuild("layer", "ls", str(blob), "--json").stdout.splitlines()]
+    assert names.index("data/c") < names.index("data/a") < names.index(".prefetch.landmark") < names.index("data/b")

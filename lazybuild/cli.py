@@ -348,7 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     from .transfer import TransferError
 
     _bounded_malloc()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    workload = []
+    if argv[:1] == ["build"] and "--" in argv:  # `lazybuild build ... -- CMD ARGS`: the --optimize workload
+        workload = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
     args = build_parser().parse_args(argv)
+    if workload:
+        args.workload = workload
     try:
         return args.func(args)
     except BrokenPipeError:  # `lazybuild layer ls | head`: the reader has gone, which is fine

@@ -15,7 +15,7 @@ DOCKER = "/usr/bin/docker"  # the 20.10 CLI; another `docker` on PATH may need b
 
 
 class Dockerd:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, extra_args: list[str] = ()):
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.socket = os.path.join(workdir, "docker.sock")
@@ -26,7 +26,7 @@ class Dockerd:
             ["dockerd", "--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
              "--data-root", os.path.join(workdir, "data"), "--exec-root", self.exec_root,
              "--pidfile", os.path.join(workdir, "dockerd.pid"), "-H", f"unix://{self.socket}",
-             "--storage-driver=overlay2", "--log-level=warn"],
+             "--storage-driver=overlay2", "--log-level=warn", *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:

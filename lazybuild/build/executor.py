@@ -1,0 +1,567 @@
+"""The daemonless build: Dockerfile stages run on lazily mounted base images.
+
+Each base image is mounted by the mounter (`lazybuild mount --layers`: one overlay lower dir per
+eStargz layer, contents fetched on first read). Each step runs on an overlay whose lower dirs are the
+image's layers and the earlier steps' upper dirs and whose upper dir is new: RUN under runc, COPY/ADD and
+WORKDIR by us. A step's upper dir is its layer. Steps are cached by a key over everything that decides
+their result (parent, instruction, files read), so an unchanged step is reused, as BuildKit does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from lazybuild.frontend.dockerfile import model
+from lazybuild.frontend.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.image import Manifest, Platform
+from lazybuild.registry import Reference, Registry
+
+from . import copy as copyop
+from . import runc
+from .overlay import mount_overlay, unmount
+
+STATE_DIR = os.environ.get("LAZYBUILD_STATE", "/var/lib/lazybuild")
+RUN_DIR = "/run/lazybuild/b"
+STUB_PATHS = ("/etc/resolv.conf", "/etc/hosts", "/proc", "/sys", "/dev")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on: names the Dockerfile line when there is one."""
+
+
+@dataclass
+class BuildOptions:
+    context: str
+    dockerfile: str = ""
+    target: str = ""
+    build_args: dict[str, str] = field(default_factory=dict)
+    platform: str = ""
+    no_cache: bool = False
+    secrets: dict[str, str] = field(default_factory=dict)  # id -> file
+    insecure: bool = False
+    state_dir: str = STATE_DIR
+    chunk_cache: str = "/var/cache/lazybuild"
+    network: str = "host"
+    record_base: str = ""  # append the base files RUN steps read here (NDJSON {path, layer})
+
+
+@dataclass
+class Layer:
+    """One layer of a stage: a lower dir for overlay, and where it came from."""
+
+    path: str
+    key: str  # the chain key of the stage state ending with this layer
+    image: "BaseImage | None" = None  # set for a base image's layer
+    index: int = 0  # its index in the image's manifest
+    history: str = ""
+
+
+@dataclass
+class BaseImage:
+    ref: Reference
+    registry: Registry
+    manifest: Manifest
+    config: dict
+    mountpoint: str = ""
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(self.config.get("rootfs", {}).get("diff_ids") or [])
+
+
+@dataclass
+class StageResult:
+    stage: model.Stage
+    layers: list[Layer]
+    base: BaseImage | None
+    key: str
+
+
+@dataclass
+class BuildResult:
+    build: model.Build
+    target: StageResult
+    images: list[BaseImage]
+    platform: Platform
+    config: dict
+
+    def bytes_fetched(self) -> dict:
+        """Per base image: bytes fetched lazily and the image's compressed size."""
+        out = {}
+        for img in self.images:
+            status = _mount_status(img.mountpoint)
+            fetched = sum(layer.get("fetchedBytes", 0) for layer in status.get("layers", [])) if status else 0
+            out[str(img.ref)] = {"fetched": fetched, "size": sum(d.size for d in img.manifest.layers)}
+        return out
+
+
+def _mount_status(mountpoint: str) -> dict:
+    p = subprocess.run([sys.executable, "-m", "lazybuild.cli", "mount", "--status", mountpoint],
+                       capture_output=True, text=True)
+    try:
+        return json.loads(p.stdout) if p.returncode == 0 else {}
+    except ValueError:
+        return {}
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tree_digest(root: str, rel_paths: list[str], ignored=None) -> str:
+    """A digest of what COPY would read: names, types, modes, owners, link targets and contents."""
+    h = hashlib.sha256()
+
+    def add(path: str, rel: str) -> None:
+        st = os.lstat(path)
+        h.update(f"{rel}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0".encode())
+        if os.path.islink(path):
+            h.update(os.readlink(path).encode())
+        elif os.path.isfile(path):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        elif os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                child = posixpath.join(rel, name) if rel else name
+                if ignored is None or not ignored(child):
+                    add(os.path.join(path, name), child)
+
+    for rel in sorted(rel_paths):
+        full = os.path.join(root, rel)
+        if os.path.lexists(full):
+            add(full if not os.path.islink(full) or not os.path.exists(full) else os.path.realpath(full), rel)
+    return h.hexdigest()
+
+
+class Builder:
+    def __init__(self, opts: BuildOptions, log=None):
+        self.opts = opts
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.id = uuid.uuid4().hex[:8]
+        self.run_dir = os.path.join(RUN_DIR, self.id)
+        self.steps_dir = os.path.join(opts.state_dir, "steps")
+        self.cache_mounts = os.path.join(opts.state_dir, "cache-mounts")
+        self.empty = os.path.join(opts.state_dir, "empty")
+        self.empty2 = os.path.join(opts.state_dir, "empty2")
+        self.mounts: list[str] = []  # everything we mounted, unmounted in reverse at the end
+        self.images: dict[str, BaseImage] = {}
+        self.views: dict[str, str] = {}
+        for d in (self.run_dir, self.steps_dir, self.cache_mounts, self.empty, self.empty2):
+            os.makedirs(d, exist_ok=True)
+        self.context = os.path.abspath(opts.context)
+        dockerfile = opts.dockerfile or os.path.join(self.context, "Dockerfile")
+        self.dockerfile = dockerfile
+        self.ignore = DockerIgnore(read_patterns(_read_text(_dockerignore_path(self.context, dockerfile)) or ""))
+
+    # ---- lifecycle
+    def close(self) -> None:
+        """Unmount everything this build mounted (steps, views, lazy images), even after a failure."""
+        for mp in reversed(self.mounts):
+            try:
+                unmount(mp)
+            except OSError as e:
+                self.log(f"warning: {e}")
+        self.mounts.clear()
+        for img in self.images.values():
+            if img.mountpoint:
+                subprocess.run([sys.executable, "-m", "lazybuild.cli", "umount", img.mountpoint], capture_output=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def ignored(self, rel: str) -> bool:
+        return self.ignore.ignored(rel)
+
+    # ---- images
+    def image(self, ref_text: str, platform: Platform) -> BaseImage:
+        ref = Reference.parse(ref_text)
+        key = f"{ref}|{platform}"
+        if key in self.images:
+            return self.images[key]
+        registry = Registry(ref.host, insecure=self.opts.insecure)
+        try:
+            resolved = registry.resolve(ref, platform)
+            cfg_desc = resolved.manifest.config
+            config = json.loads(registry.read_blob(ref.repository, cfg_desc.digest))
+        except Exception as e:
+            raise BuildError(f"base image {ref}: {e}") from None
+        img = BaseImage(resolved.reference, registry, resolved.manifest, config)
+        self.images[key] = img
+        return img
+
+    def mount_image(self, img: BaseImage) -> list[str]:
+        """Mount the image lazily (once); its layer dirs, bottom first."""
+        if not img.mountpoint:
+            mp = os.path.join(self.run_dir, f"i{len([i for i in self.images.values() if i.mountpoint])}")
+            os.makedirs(mp, exist_ok=True)
+            # No background fetch: a build reads what it reads; the rest of the image is never downloaded.
+            cmd = [sys.executable, "-m", "lazybuild.cli", "mount", str(img.ref), mp, "--layers", "--daemon",
+                   "--no-background-fetch", "--cache", self.opts.chunk_cache]
+            if self.opts.insecure:
+                cmd.append("--insecure")
+            if self.opts.record_base:
+                cmd += ["--record", self.opts.record_base]
+            if img.manifest.digest:
+                cmd[4] = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise BuildError(f"cannot mount {img.ref} lazily: {p.stderr.strip() or p.stdout.strip()} "
+                                 "(its layers must be eStargz: `lazybuild convert` it)")
+            img.mountpoint = mp
+        return [os.path.join(img.mountpoint, str(i)) for i in range(len(img.manifest.layers))]
+
+    def view(self, layers: list[Layer], name: str) -> str:
+        """A read-only merged view of LAYERS (for COPY --from and bind mounts)."""
+        key = layers[-1].key if layers else "scratch"
+        if key not in self.views:
+            mp = os.path.join(self.run_dir, f"v{len(self.views)}")
+            os.makedirs(mp, exist_ok=True)
+            lowers = [lay.path for lay in reversed(layers)]
+            lowers += [self.empty, self.empty2][:max(0, 2 - len(lowers))]  # read-only overlays need two lowers
+            mount_overlay(lowers, None, None, mp)
+            self.mounts.append(mp)
+            self.views[key] = mp
+        return self.views[key]
+
+    # ---- the build
+    def load(self) -> model.Build:
+        text = _read_text(self.dockerfile)
+        if text is None:
+            raise BuildError(f"{self.dockerfile}: no such file")
+        plat = self.opts.platform or str(Platform.host())
+        kwargs = dict(filename=os.path.basename(self.dockerfile), build_args=self.opts.build_args,
+                      target=self.opts.target, platform=plat, build_platform=str(Platform.host()))
+        first = model.load(text, **kwargs)
+        by_name = {s.name: s for s in first.stages}
+        base_configs = {}
+        for st in first.stages:
+            if st.base_stage is None and st.base != "scratch" and st.base not in by_name:
+                img = self.image(st.base, Platform.parse(st.platform or plat))
+                base_configs[st.base] = img.config
+        return model.load(text, base_configs=base_configs, **kwargs)
+
+    def run(self) -> BuildResult:
+        build = self.load()
+        plat = Platform.parse(self.opts.platform or str(Platform.host()))
+        results: dict[int, StageResult] = {}
+        for st in build.stages:
+            results[st.index] = self.run_stage(st, results, build)
+        target = results[build.target.index]
+        config = dict(target.base.config) if target.base else {}
+        config = {k: v for k, v in config.items() if k not in ("container", "container_config", "docker_version",
+                                                               "created", "config", "history", "rootfs")}
+        # Empty fields are left out, as Go's omitempty does in BuildKit's image config.
+        image_config = {k: v for k, v in build.target.config.items() if v not in ("", None, [], {})}
+        config.update({"architecture": plat.architecture, "os": plat.os, "config": image_config,
+                       "history": build.target.history})
+        if plat.variant:
+            config["variant"] = plat.variant
+        return BuildResult(build, target, [i for i in self.images.values() if i.mountpoint], plat, config)
+
+    def run_stage(self, st: model.Stage, results: dict[int, StageResult], build: model.Build) -> StageResult:
+        label = st.name or f"stage-{st.index}"
+        plat = Platform.parse(st.platform) if st.platform else Platform.host()
+        if st.base_stage is not None:
+            parent = results[st.base_stage]
+            layers, base, key = list(parent.layers), parent.base, parent.key
+        elif st.base == "scratch":
+            layers, base, key = [], None, _sha("scratch")
+        else:
+            base = self.image(st.base, plat)
+            self.log(f"[{label}] FROM {base.ref} (mounted lazily)")
+            dirs = self.mount_image(base)
+            key = _sha("image", base.manifest.digest)
+            layers = []
+            for i, d in enumerate(dirs):
+                key = _sha(key, base.manifest.layers[i].digest)
+                layers.append(Layer(d, key, base, i))
+        steps = [ins for ins in st.instructions if ins["instruction"] in ("RUN", "COPY", "ADD")
+                 or (ins["instruction"] == "WORKDIR" and ins["path"] != "/")]
+        for n, ins in enumerate(steps, 1):
+            name = f"[{label} {n}/{len(steps)}] {ins['text']}"
+            key = _sha(key, self.step_identity(ins, results, layers))
+            cached = os.path.join(self.steps_dir, key[:32])
+            if not self.opts.no_cache and os.path.isfile(os.path.join(cached, "done")):
+                self.log(f"{name}  (cached)")
+                layers.append(Layer(os.path.join(cached, "upper"), key, history=ins["text"]))
+                continue
+            self.log(name)
+            start = time.monotonic()
+            upper = self.run_step(ins, layers, results, key, label)
+            layers.append(Layer(upper, key, history=ins["text"]))
+            self.log(f"  done in {time.monotonic() - start:.1f} s")
+        return StageResult(st, layers, base, key)
+
+    def step_identity(self, ins: dict, results: dict[int, StageResult], layers: list[Layer]) -> dict:
+        """What decides a step's result besides its parent: the instruction and the files it reads."""
+        ident = {k: v for k, v in ins.items() if k not in ("line", "text")}
+        kind = ins["instruction"]
+        if kind in ("COPY", "ADD"):
+            if "fromStage" in ins:
+                ident["fromKey"] = results[ins["fromStage"]].key
+            elif "from" in ins:
+                ident["fromImage"] = ins["from"]
+            else:
+                ident["context"] = tree_digest(self.context, [s.lstrip("/") for s in ins["sources"]
+                                                              if not copyop._has_magic(s)] or [""], self.ignored) \
+                    if not any(copyop._has_magic(s) for s in ins["sources"]) else tree_digest(self.context, [""], self.ignored)
+        if kind == "RUN":
+            for m in ins.get("mounts", []):
+                if m["type"] == "bind":
+                    if "fromStage" in m:
+                        ident.setdefault("mountKeys", []).append(results[m["fromStage"]].key)
+                    elif "from" not in m:
+                        ident.setdefault("mountKeys", []).append(
+                            tree_digest(self.context, [m.get("source", "").lstrip("/")], self.ignored))
+        return ident
+
+    def run_step(self, ins: dict, layers: list[Layer], results, key: str, label: str) -> str:
+        final = os.path.join(self.steps_dir, key[:32])
+        tmp = tempfile.mkdtemp(prefix="tmp-", dir=self.steps_dir)
+        upper, work, merged = os.path.join(tmp, "upper"), os.path.join(tmp, "work"), os.path.join(self.run_dir, "m")
+        os.makedirs(upper)
+        os.makedirs(work)
+        os.makedirs(merged, exist_ok=True)
+        lowers = [lay.path for lay in reversed(layers)] or [self.empty]
+        try:
+            mount_overlay(lowers, upper, work, merged)
+            self.mounts.append(merged)
+            try:
+                kind = ins["instruction"]
+                if kind == "RUN":
+                    self.do_run(ins, merged, results)
+                elif kind in ("COPY", "ADD"):
+                    self.do_copy(ins, merged, results)
+                elif kind == "WORKDIR":
+                    self.do_workdir(ins, merged)
+            finally:
+                unmount(merged)
+                self.mounts.remove(merged)
+            shutil.rmtree(work, ignore_errors=True)
+            with open(os.path.join(tmp, "done"), "w") as f:
+                json.dump({"instruction": ins["text"], "stage": label, "time": time.time()}, f)
+            if os.path.exists(final):  # --no-cache: the new result replaces the old
+                old = final + ".old-" + uuid.uuid4().hex[:6]
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return os.path.join(final, "upper")
+
+    # ---- instructions
+    def do_workdir(self, ins: dict, root: str) -> None:
+        path = os.path.join(root, ins["path"].lstrip("/"))
+        missing = []
+        p = path
+        while not os.path.lexists(p) and p != root:
+            missing.append(p)
+            p = os.path.dirname(p)
+        owner = copyop.parse_chown(ins.get("user", ""), root) if ins.get("user") else None
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            if owner:
+                os.lchown(d, *owner)
+
+    def do_copy(self, ins: dict, root: str, results) -> None:
+        workdir = ins.get("workdir") or "/"
+        dest = posixpath.normpath(posixpath.join(workdir, ins["dest"]))
+        if ins["dest"] in (".", "") or ins["dest"].endswith("/"):
+            dest = dest.rstrip("/") + "/"
+        for flag in ("parents", "exclude"):
+            if ins.get(flag):
+                raise BuildError(f"line {ins['line']}: COPY --{flag} is not supported by lazybuild build yet")
+        if "from" in ins:
+            if "fromStage" in ins:
+                src_root = self.view(results[ins["fromStage"]].layers, ins["from"])
+            else:
+                img = self.image(ins["from"], Platform.host())
+                src_root = self.view([Layer(d, f"{img.manifest.digest}/{i}") for i, d in enumerate(self.mount_image(img))],
+                                     ins["from"])
+            sources, ignored = [(src_root, s) for s in ins["sources"]], None
+        else:
+            for s in ins["sources"]:
+                if s.startswith(("http://", "https://", "git@", "git://")):
+                    raise BuildError(f"line {ins['line']}: ADD of a URL or git repository is not supported by "
+                                     "lazybuild build yet (download it in a RUN step)")
+            sources, ignored = [(self.context, s) for s in ins["sources"]], self.ignored
+        try:
+            if sources:
+                copyop.copy(root, dest, sources, chown=ins.get("chown", ""), chmod=ins.get("chmod", ""),
+                            unpack=ins["instruction"] == "ADD" and ins.get("unpack", True) is not False, ignored=ignored)
+            for doc in ins.get("files") or []:
+                copyop.write_file(root, dest, doc["name"], doc["data"].encode(), chown=ins.get("chown", ""),
+                                  chmod=ins.get("chmod", ""))
+        except (copyop.CopyError, OSError, ValueError) as e:
+            raise BuildError(f"line {ins['line']}: {ins['text']}: {e}") from None
+
+    def do_run(self, ins: dict, root: str, results) -> None:
+        args = self.run_args(ins, root)
+        mounts, cleanup = self.run_mounts(ins, root, results)
+        stubs = _missing_paths(root, [m.destination for m in mounts] + list(STUB_PATHS))
+        env = list(ins["env"])
+        for k, v in (ins.get("proxyEnv") or {}).items():
+            env.append(f"{k}={v}")
+        network = ins.get("network") if ins.get("network") in ("none", "host") else self.opts.network
+        if ins.get("security") == "insecure":
+            raise BuildError(f"line {ins['line']}: RUN --security=insecure is not supported by lazybuild build")
+        try:
+            runc.run(root, args, env, ins["workdir"], ins["user"], mounts, network=network,
+                     output=lambda line: self.log("  | " + line))
+        except runc.RunError as e:
+            raise BuildError(f"line {ins['line']}: {e}") from None
+        except ValueError as e:
+            raise BuildError(f"line {ins['line']}: {e}") from None
+        finally:
+            _remove_stubs(root, stubs)
+            for path in cleanup:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def run_args(self, ins: dict, root: str) -> list[str]:
+        args = list(ins["cmd"])
+        files = ins.get("files") or []
+        if not files:
+            return args
+        shell, script = args[:-1], args[-1]
+        from lazybuild.frontend.convert import HEREDOC_MARKER
+
+        m = HEREDOC_MARKER.match(script.strip())
+        if m and m.group(3) == files[0]["name"]:
+            data = files[0]["data"]
+            if files[0]["chomp"]:
+                data = "\n".join(line.lstrip("\t") for line in data.split("\n"))
+            if data.startswith("#!"):
+                pipes = os.path.join(self.run_dir, "pipes-" + uuid.uuid4().hex[:6])
+                os.makedirs(pipes)
+                with open(os.path.join(pipes, files[0]["name"]), "w") as f:
+                    f.write(data)
+                os.chmod(os.path.join(pipes, files[0]["name"]), 0o755)
+                self._pipes = pipes
+                return ["/dev/pipes/" + files[0]["name"]]
+            return shell + [data]
+        full = script
+        for doc in files:
+            full += "\n" + doc["data"] + doc["name"]
+        return shell + [full]
+
+    def run_mounts(self, ins: dict, root: str, results) -> tuple[list[runc.Mount], list[str]]:
+        out: list[runc.Mount] = []
+        cleanup: list[str] = []
+        pipes = getattr(self, "_pipes", None)
+        if pipes:
+            out.append(runc.Mount("/dev/pipes", pipes, "bind", ["rbind", "ro"]))
+            cleanup.append(pipes)
+            self._pipes = None
+        for m in ins.get("mounts", []):
+            kind = m["type"]
+            target = m.get("target", "")
+            if target and not target.startswith("/"):
+                target = posixpath.normpath(posixpath.join(ins["workdir"] or "/", target))
+            if kind == "bind":
+                if "fromStage" in m:
+                    src_root = self.view(results[m["fromStage"]].layers, m["from"])
+                elif "from" in m:
+                    img = self.image(m["from"], Platform.host())
+                    src_root = self.view([Layer(d, f"{img.manifest.digest}/{i}")
+                                          for i, d in enumerate(self.mount_image(img))], m["from"])
+                else:
+                    src_root = self.context
+                src = os.path.join(src_root, m.get("source", "").lstrip("/"))
+                if not m.get("readonly", True):  # writes to a rw bind mount are thrown away, as in BuildKit
+                    scratch = tempfile.mkdtemp(prefix="rw-", dir=self.run_dir)
+                    dst = os.path.join(scratch, "d")
+                    shutil.copytree(src, dst, symlinks=True) if os.path.isdir(src) else shutil.copy2(src, dst)
+                    src = dst
+                    cleanup.append(scratch)
+                out.append(runc.Mount(target, src, "bind", ["rbind", "ro" if m.get("readonly", True) else "rw"]))
+            elif kind == "cache":
+                cache_id = m.get("id") or target
+                path = os.path.join(self.cache_mounts, hashlib.sha256(cache_id.encode()).hexdigest()[:24])
+                if not os.path.isdir(path):
+                    os.makedirs(path)
+                    os.chown(path, m.get("uid", 0), m.get("gid", 0))
+                    os.chmod(path, m.get("mode", 0o755))
+                out.append(runc.Mount(target, path, "bind", ["rbind", "ro" if m.get("readonly") else "rw"]))
+            elif kind == "tmpfs":
+                out.append(runc.Mount(target, "tmpfs", "tmpfs", ["nosuid", "nodev"] +
+                                      ([f"size={m['size']}"] if m.get("size") else [])))
+            elif kind == "secret":
+                sid = m.get("id") or posixpath.basename(target)
+                target = target or f"/run/secrets/{sid}"
+                if "env" in m:
+                    raise BuildError(f"line {ins['line']}: secret env= is not supported by lazybuild build yet")
+                src = self.opts.secrets.get(sid)
+                if src is None:
+                    if m.get("required"):
+                        raise BuildError(f"line {ins['line']}: secret {sid!r} is required but was not given "
+                                         f"(--secret id={sid},src=FILE)")
+                    continue
+                holder = tempfile.mkdtemp(prefix="secret-", dir=self.run_dir)
+                path = os.path.join(holder, "s")
+                shutil.copyfile(src, path)
+                os.chown(path, m.get("uid", 0), m.get("gid", 0))
+                os.chmod(path, m.get("mode", 0o400))
+                cleanup.append(holder)
+                out.append(runc.Mount(target, path, "bind", ["rbind", "ro"]))
+            else:
+                raise BuildError(f"line {ins['line']}: RUN --mount=type={kind} is not supported by lazybuild build")
+        return out, cleanup
+
+
+def _missing_paths(root: str, paths: list[str]) -> list[str]:
+    """The mount targets (and their parents) that do not exist yet: runc will create them as stubs."""
+    out = []
+    for p in paths:
+        rel = posixpath.normpath(p).lstrip("/")
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if not os.path.lexists(os.path.join(root, sub)):
+                out.append(sub)
+                break
+        else:
+            continue
+        out += ["/".join(parts[:j]) for j in range(i + 1, len(parts) + 1)]
+    return out
+
+
+def _remove_stubs(root: str, stubs: list[str]) -> None:
+    """Remove mount stubs the run left behind (empty files or directories), deepest first."""
+    for rel in sorted(set(stubs), key=lambda s: -s.count("/")):
+        path = os.path.join(root, rel)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            elif os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _read_text(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _dockerignore_path(context: str, dockerfile: str) -> str:
+    own = dockerfile + ".dockerignore"
+    return own if os.path.exists(own) else os.path.join(context, ".dockerignore")

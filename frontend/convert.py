@@ -161,6 +161,14 @@ class Converter:
             return None
         return self.image(ref, self.platforms[self._stage.index])
 
+    def chain(self, index: int) -> list[Output | None]:
+        """The states of stage INDEX from its root image: the base, then after each layer step."""
+        st = next(s for s in self.build.stages if s.index == index)
+        own = self.layers[index]
+        if st.base_stage is not None:
+            return self.chain(st.base_stage) + own[1:]
+        return own
+
     # ---- stages
     def convert(self) -> dict[int, Output | None]:
         for st in self.build.stages:

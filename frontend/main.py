@@ -229,9 +229,65 @@ class Frontend:
         states = conv.convert()
         final = states[build.target.index]
         target_plat = stage_platforms[build.target.index]
+        output = self.opts.get("output") or self.opts.build_args.get("LAZYBUILD_OUTPUT", "")
+        if output == "stargz":
+            final = self.stargz_export(conv, build, target_plat, worker)
+        elif output:
+            raise DockerfileError(f"LAZYBUILD_OUTPUT={output}: the only other output is stargz", 0, 0, fname)
         cache_imports = [{"Type": "registry", "Attrs": {"ref": r}} for r in self.opts.get("cache-from").split(",") if r]
         ref = self.bridge.solve(builder.definition(final), cache_imports=cache_imports, what="build")
         return ref, image_config(build, target_plat, self.opts.prefixed("label:"))
+
+    def stargz_export(self, conv: Converter, build: model.Build, plat: pb.Platform, worker: pb.Platform) -> Output:
+        """Append the export step: our exporter, run from this frontend's own image, reads the target
+        stage's states (one read-only mount per layer step) and writes an OCI layout of eStargz layers to
+        its output mount, which becomes the build's result (`docker build --output type=local|tar`)."""
+        source = self.opts.get("source")
+        if not source:
+            raise Unsupported("LAZYBUILD_OUTPUT=stargz needs the frontend to run from its image (# syntax=)")
+        for cap in ("exec.mount.bind", "exec.mount.selector", "exec.meta.network"):
+            if not self.caps.has(cap):
+                raise Unsupported(f"LAZYBUILD_OUTPUT=stargz needs the BuildKit capability {cap!r}")
+        chain = conv.chain(build.target.index)
+        args = self.opts.build_args
+        meta = {"states": len(chain), "baseEmpty": chain[0] is None, "config": image_config(build, plat, self.opts.prefixed("label:")),
+                "compression": args.get("LAZYBUILD_COMPRESSION", "gzip"), "tag": "latest"}
+        if meta["compression"] not in ("gzip", "zstd"):
+            raise DockerfileError(f"LAZYBUILD_COMPRESSION={meta['compression']}: want gzip or zstd", 0, 0)
+        if args.get("SOURCE_DATE_EPOCH", "").isdigit():
+            meta["sourceDateEpoch"] = int(args["SOURCE_DATE_EPOCH"])
+        inputs = builder.InputList()
+        mounts = []
+        prio = args.get("LAZYBUILD_PRIORITIZED_FILES", "")
+        if prio:
+            rel = prio.lstrip("/")
+            ctx = self.local(self.opts.get("contextkey") or "context", "context-prioritized", [rel],
+                             f"[internal] load {rel}")
+            mounts.append(pb.Mount(input=inputs.index(ctx), dest="/lazybuild/context", output=-1, readonly=True))
+            meta["prioritized"] = "/lazybuild/context/" + rel
+        mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
+            path="/export.json", mode=0o644, data=json.dumps(meta).encode(), timestamp=-1))]))
+        mk.constraints.SetInParent()
+        meta_state = Output(builder.Vertex(mk, [], {CUSTOM_NAME: "[lazybuild] export settings"}, {"file.base"}), 0)
+        exporter_image = builder.source("docker-image://" + normalize_image(source), {}, plat=worker,
+                                        caps={"source.image"})
+        mounts.append(pb.Mount(input=inputs.index(exporter_image), dest="/", output=0))
+        mounts.append(pb.Mount(input=inputs.index(meta_state), dest="/lazybuild/meta", output=-1, readonly=True))
+        for i, state in enumerate(chain):
+            if state is not None:
+                mounts.append(pb.Mount(input=inputs.index(state), dest=f"/lazybuild/states/{i}", output=-1, readonly=True))
+        mounts.append(pb.Mount(input=-1, dest="/out", output=1))
+        op = pb.Op(exec=pb.ExecOp(meta=pb.Meta(
+            args=["/opt/lazybuild/bin/python3", "-m", "lazybuild.exporter.buildkit", "--states", "/lazybuild/states",
+                  "--meta", "/lazybuild/meta/export.json", "--out", "/out"],
+            env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/"), network=pb.NONE))
+        for m in sorted(mounts, key=lambda m: m.dest):
+            op.exec.mounts.append(m)
+        op.platform.CopyFrom(worker)
+        op.constraints.SetInParent()
+        v = builder.Vertex(op, list(inputs.outputs), {CUSTOM_NAME: "[lazybuild] export optimized eStargz image layout"},
+                           {"exec.meta.base", "exec.mount.bind", "exec.meta.network"})
+        return Output(v, 1)  # the /out mount: the layout is the build's result
 
     def named_contexts(self) -> dict[str, Output]:
         out = {}

@@ -24,6 +24,23 @@ from lazybuild.layout import OCILayout
 from .tree_diff import write_diff
 
 
+def fetch_base(layout: OCILayout, base: dict) -> tuple[list[Descriptor], list[str]]:
+    """The base image's layer blobs into the layout; (their descriptors, their diff_ids)."""
+    import json as _json
+
+    from lazybuild.image import Platform
+    from lazybuild.registry import Reference, Registry
+
+    ref = Reference.parse(f"{base['repository']}@{base['digest']}")
+    registry = Registry(ref.host)
+    resolved = registry.resolve(ref, Platform.parse(base["platform"]))
+    config = _json.loads(registry.read_blob(ref.repository, resolved.manifest.config.digest))
+    for d in resolved.manifest.layers:
+        if not layout.has_blob(d.digest):
+            layout.write_blob(d.digest, lambda out, d=d: registry.fetch_blob(ref.repository, d.digest, out))
+    return list(resolved.manifest.layers), list(config.get("rootfs", {}).get("diff_ids") or [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lazybuild-export")
     ap.add_argument("--states", required=True)
@@ -43,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     descs, diff_ids = [], []
     epoch = meta.get("sourceDateEpoch")
     prev = None
+    base = meta.get("base")
+    if base:  # keep the base image's own layers: fetched by digest from its registry
+        descs, diff_ids = fetch_base(layout, base)
+        prev = os.path.join(args.states, "0")
+        print(f"base {base['repository']}@{base['digest']}: {len(descs)} layers kept", file=sys.stderr)
     for i in range(count):
+        if i == 0 and base:
+            continue
         state = os.path.join(args.states, str(i))
         if i == 0 and meta.get("baseEmpty"):
             continue  # FROM scratch: the first step's layer is all it made
@@ -65,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     # empty, and one entry stands for the base layer; the Dockerfile's entries keep their layers.
     history = [dict(h) for h in config.get("history") or []]
     ours = [h for h in history if h.get("comment") == "buildkit.dockerfile.v0"]
-    base = [dict(h, empty_layer=True) for h in history if h.get("comment") != "buildkit.dockerfile.v0"]
-    if not meta.get("baseEmpty"):
-        base.append({"created_by": "lazybuild: the base image as one eStargz layer", "comment": "lazybuild.exporter"})
-    config["history"] = base + ours
+    base_history = [dict(h, empty_layer=True) for h in history if h.get("comment") != "buildkit.dockerfile.v0"]
+    if meta.get("base"):  # its layers are kept: so is its history
+        base_history = [dict(h) for h in history if h.get("comment") != "buildkit.dockerfile.v0"]
+    elif not meta.get("baseEmpty"):
+        base_history.append({"created_by": "lazybuild: the base image as one eStargz layer", "comment": "lazybuild.exporter"})
+    config["history"] = base_history + ours
     raw = canonical_json(config)
     layout.put_bytes(raw)
     manifest = Manifest.build(Descriptor(OCI_CONFIG, sha256_digest(raw), len(raw)), descs)

@@ -19,6 +19,8 @@ from .dockerfile import model
 from .dockerfile.dockerignore import read_patterns
 from .dockerfile.parser import DockerfileError
 from .dockerfile.shell import ShellLex
+from lazybuild.registry.reference import Reference
+
 from .gateway import Bridge, GatewayError
 from .llb import builder
 from .llb.builder import Output
@@ -90,6 +92,7 @@ class Frontend:
         self.bridge, self.opts = bridge, opts
         self.caps = bridge.ping()
         self.inputs = {k: builder.from_definition(v) for k, v in bridge.inputs().items()}
+        self.base_digests: dict[str, str] = {}
 
     # ---- the Dockerfile and its context
     def local(self, name: str, hint: str, follow: list[str] | None = None, custom: str = "") -> Output:
@@ -206,12 +209,13 @@ class Frontend:
             stage_platforms[st.index] = parse_platform(st.platform) if st.platform else plat
             if st.base_stage is None and st.base != "scratch" and st.base not in base_configs and st.base not in named:
                 try:
-                    _, config = self.bridge.resolve_image_config(
+                    digest, config = self.bridge.resolve_image_config(
                         normalize_image(st.base), stage_platforms[st.index], self.opts.get("image-resolve-mode") or "default",
                         self.opts.session_id)
                 except GatewayError as e:
                     raise DockerfileError(f"base image {st.base!r}: {e}", st.line, st.line, fname) from None
                 base_configs[st.base] = config
+                self.base_digests[st.base] = digest  # empty for images only in Docker's local store
         build = model.load(text, base_configs=base_configs, **kwargs)
         for st in build.stages:
             stage_platforms.setdefault(st.index, parse_platform(st.platform) if st.platform else plat)
@@ -256,6 +260,17 @@ class Frontend:
             raise DockerfileError(f"LAZYBUILD_COMPRESSION={meta['compression']}: want gzip or zstd", 0, 0)
         if args.get("SOURCE_DATE_EPOCH", "").isdigit():
             meta["sourceDateEpoch"] = int(args["SOURCE_DATE_EPOCH"])
+        # The base image's own layers are kept when it lives in a registry (the daemon resolved it to a
+        # digest): the export step fetches them by digest. Otherwise, or with LAZYBUILD_CONVERT_BASE=1, the
+        # base becomes one eStargz layer made from its state.
+        root = build.target
+        while root.base_stage is not None:
+            root = next(s for s in build.stages if s.index == root.base_stage)
+        digest = self.base_digests.get(root.base, "")
+        keep_base = chain[0] is not None and digest and args.get("LAZYBUILD_CONVERT_BASE", "") not in ("1", "true")
+        if keep_base:
+            r = Reference.parse(root.base)
+            meta["base"] = {"repository": f"{r.host}/{r.repository}", "digest": digest, "platform": platform_string(plat)}
         inputs = builder.InputList()
         mounts = []
         prio = args.get("LAZYBUILD_PRIORITIZED_FILES", "")
@@ -280,7 +295,8 @@ class Frontend:
         op = pb.Op(exec=pb.ExecOp(meta=pb.Meta(
             args=["/opt/lazybuild/bin/python3", "-m", "lazybuild.exporter.buildkit", "--states", "/lazybuild/states",
                   "--meta", "/lazybuild/meta/export.json", "--out", "/out"],
-            env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/"), network=pb.NONE))
+            env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/"),
+            network=pb.HOST if keep_base else pb.NONE))  # the registry holding the base is reached from the host
         for m in sorted(mounts, key=lambda m: m.dest):
             op.exec.mounts.append(m)
         op.platform.CopyFrom(worker)

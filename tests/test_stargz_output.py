@@ -99,3 +99,26 @@ def test_unknown_output_is_refused(dockerd, frontend_image, context):
     p = dockerd.build(str(context), "-f", str(context / "Dockerfile.lazybuild"), "--build-arg", "LAZYBUILD_OUTPUT=squashfs",
                       check=False)
     assert p.returncode != 0 and b"LAZYBUILD_OUTPUT=squashfs" in p.stderr
+
+
+def test_registry_base_layers_are_kept_or_converted(dockerd, frontend_image, registry, tmp_path):
+    """A base image that lives in a registry keeps its own layers (fetched by digest by the export
+    step); LAZYBUILD_CONVERT_BASE=1 turns it into one eStargz layer instead."""
+    base = f"{registry.host}/stargz-base/python:bookworm"
+    dockerd.docker("tag", "lazybuild-test/python:bookworm", base)
+    dockerd.docker("push", base)
+    dockerd.docker("rmi", base)  # BuildKit resolves it in the registry, to a digest
+    base_layers = json.loads(lazybuild("inspect", base).stdout)["manifest"]["layers"]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"# syntax={frontend_image}\nFROM {base}\nRUN echo x > /x\n")
+    for convert, out in (("0", tmp_path / "kept"), ("1", tmp_path / "converted")):
+        p = dockerd.build(str(ctx), "--build-arg", "LAZYBUILD_OUTPUT=stargz", "--build-arg",
+                          f"LAZYBUILD_CONVERT_BASE={convert}", "--output", f"type=local,dest={out}", check=False)
+        assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+        ref = f"{registry.host}/stargz-base/app:{out.name}"
+        lazybuild("push", f"oci:{out}", ref)
+        layers = json.loads(lazybuild("inspect", ref).stdout)["manifest"]["layers"]
+        assert len(layers) == len(base_layers) + 1  # the base's layers (kept or as one), then the RUN
+        same = [a["digest"] == b["digest"] for a, b in zip(layers, base_layers)]
+        assert all(same) if convert == "0" else not any(same)

@@ -20,7 +20,7 @@ class CopyError(RuntimeError):
     pass
 
 
-def _has_magic(p: str) -> bool:
+def has_magic(p: str) -> bool:
     return any(c in p for c in "*?[")
 
 
@@ -34,7 +34,7 @@ def match_sources(root: str, pattern: str, ignored=None) -> list[str]:
         nxt = []
         for base in found:
             here = os.path.join(root, base)
-            if _has_magic(part):
+            if has_magic(part):
                 try:
                     names = sorted(os.listdir(here))
                 except OSError:
@@ -164,7 +164,7 @@ def copy(dest_root: str, dest: str, sources: list[tuple[str, str]], *, chown: st
     matches: list[tuple[str, str]] = []
     for root, pattern in sources:
         found = match_sources(root, pattern, ignored)
-        if not found and not _has_magic(pattern):
+        if not found and not has_magic(pattern):
             raise CopyError(f"{pattern}: not found")
         matches += [(root, f) for f in found]
     if len(matches) > 1:

@@ -208,14 +208,13 @@ class Builder:
             mp = os.path.join(self.run_dir, f"i{len([i for i in self.images.values() if i.mountpoint])}")
             os.makedirs(mp, exist_ok=True)
             # No background fetch: a build reads what it reads; the rest of the image is never downloaded.
-            cmd = [sys.executable, "-m", "lazybuild.cli", "mount", str(img.ref), mp, "--layers", "--daemon",
+            pinned = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"  # the manifest we resolved
+            cmd = [sys.executable, "-m", "lazybuild.cli", "mount", pinned, mp, "--layers", "--daemon",
                    "--no-background-fetch", "--cache", self.opts.chunk_cache]
             if self.opts.insecure:
                 cmd.append("--insecure")
             if self.opts.record_base:
                 cmd += ["--record", self.opts.record_base]
-            if img.manifest.digest:
-                cmd[4] = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise BuildError(f"cannot mount {img.ref} lazily: {p.stderr.strip() or p.stdout.strip()} "
@@ -314,10 +313,10 @@ class Builder:
                 ident["fromKey"] = results[ins["fromStage"]].key
             elif "from" in ins:
                 ident["fromImage"] = ins["from"]
+            elif any(copyop.has_magic(s) for s in ins["sources"]):  # a pattern may match anything
+                ident["context"] = tree_digest(self.context, [""], self.ignored)
             else:
-                ident["context"] = tree_digest(self.context, [s.lstrip("/") for s in ins["sources"]
-                                                              if not copyop._has_magic(s)] or [""], self.ignored) \
-                    if not any(copyop._has_magic(s) for s in ins["sources"]) else tree_digest(self.context, [""], self.ignored)
+                ident["context"] = tree_digest(self.context, [s.lstrip("/") for s in ins["sources"]], self.ignored)
         if kind == "RUN":
             for m in ins.get("mounts", []):
                 if m["type"] == "bind":

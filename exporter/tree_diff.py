@@ -13,7 +13,7 @@ import os
 import stat
 import tarfile
 
-from .diff import WHITEOUT, _xattrs
+from .diff import WHITEOUT, LayerTar, _xattrs
 
 CONTENT_CHECK_MAX = 1 << 20
 
@@ -43,57 +43,16 @@ def _same(a: os.stat_result, b: os.stat_result, pa: str, pb: str) -> bool:
 def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: int | None = None) -> int:
     """Write the change from LOWER (None: empty) to UPPER as a layer tar; returns its entry count."""
     tmp = out_path + ".partial"
-    count = 0
-    links: dict[tuple[int, int], str] = {}
-
-    def clamp(t: float) -> float:
-        return min(t, source_date_epoch) if source_date_epoch is not None else t
-
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        def add(path: str, arc: str, st: os.stat_result) -> None:
-            nonlocal count
-            ti = tarfile.TarInfo(arc)
-            ti.mode, ti.uid, ti.gid, ti.mtime = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, clamp(st.st_mtime)
-            ti.uname = ti.gname = ""
-            ti.pax_headers = _xattrs(path)
-            key = (st.st_dev, st.st_ino)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and key in links:
-                ti.type, ti.linkname = tarfile.LNKTYPE, links[key]
-                tf.addfile(ti)
-            elif stat.S_ISREG(st.st_mode):
-                ti.size = st.st_size
-                if st.st_nlink > 1:
-                    links[key] = arc
-                with open(path, "rb") as f:
-                    tf.addfile(ti, f)
-            elif stat.S_ISDIR(st.st_mode):
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-            elif stat.S_ISLNK(st.st_mode):
-                ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(path)
-                tf.addfile(ti)
-            elif stat.S_ISFIFO(st.st_mode):
-                ti.type = tarfile.FIFOTYPE
-                tf.addfile(ti)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                ti.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
-                ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                tf.addfile(ti)
-            else:
-                return
-            count += 1
+        layer = LayerTar(tf, source_date_epoch)
 
         def walk(rel: str) -> None:
-            nonlocal count
             up_dir = os.path.join(upper, rel)
             low_dir = os.path.join(lower, rel) if lower is not None else None
             new_names = sorted(os.listdir(up_dir))
             old_names = set(os.listdir(low_dir)) if low_dir and os.path.isdir(low_dir) and not os.path.islink(low_dir) else set()
             for name in sorted(old_names - set(new_names)):
-                ti = tarfile.TarInfo(f"{rel}/{WHITEOUT}{name}" if rel else WHITEOUT + name)
-                ti.mtime = clamp(os.lstat(up_dir).st_mtime)
-                tf.addfile(ti)
-                count += 1
+                layer.whiteout(f"{rel}/{WHITEOUT}{name}" if rel else WHITEOUT + name, os.lstat(up_dir).st_mtime)
             for name in new_names:
                 arc = f"{rel}/{name}" if rel else name
                 pu = os.path.join(up_dir, name)
@@ -101,7 +60,7 @@ def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: 
                 pl = os.path.join(low_dir, name) if name in old_names else None
                 sl = os.lstat(pl) if pl else None
                 if sl is None or not _same(sl, su, pl, pu):
-                    add(pu, arc, su)  # new or changed; over a directory of the lower it replaces it whole
+                    layer.add(pu, arc, su)  # new or changed; over a directory of the lower it replaces it whole
                 if stat.S_ISDIR(su.st_mode):
                     if sl is not None and stat.S_ISDIR(sl.st_mode):
                         walk(arc)
@@ -113,10 +72,10 @@ def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: 
                 arc = f"{rel}/{name}"
                 p = os.path.join(upper, arc)
                 st = os.lstat(p)
-                add(p, arc, st)
+                layer.add(p, arc, st)
                 if stat.S_ISDIR(st.st_mode):
                     walk_new(arc)
 
         walk("")
     os.replace(tmp, out_path)
-    return count
+    return layer.count

@@ -233,6 +233,21 @@ def cmd_umount(args) -> int:
     return 0
 
 
+def cmd_snapshotter(args) -> int:
+    import logging
+
+    from .snapshotter import config, server
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        raise SystemExit(f"lazybuild snapshotter: {e}")
+    return server.serve(args.address, args.root, cfg, lazy_layers=not args.no_lazy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
@@ -314,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     um = sub.add_parser("umount", help="unmount a lazybuild mount")
     um.add_argument("dir", metavar="DIR")
     um.set_defaults(func=cmd_umount)
+    sn = sub.add_parser("snapshotter", help="serve containerd's snapshots API: eStargz layers mounted lazily "
+                        "(proxy plugin `[proxy_plugins.lazybuild] type = \"snapshot\"`)")
+    sn.add_argument("--address", metavar="SOCK", default="/run/lazybuild/snapshotter.sock",
+                    help="unix socket to serve on (default /run/lazybuild/snapshotter.sock)")
+    sn.add_argument("--root", metavar="DIR", default="/var/lib/lazybuild-snapshotter",
+                    help="snapshots, metadata, kept TOCs, chunk cache, FUSE mount (default /var/lib/lazybuild-snapshotter)")
+    sn.add_argument("--config", metavar="FILE", help="TOML: cache, prefetch, registry mirrors and plain-HTTP hosts")
+    sn.add_argument("--no-lazy", action="store_true", help="no remote snapshots: a plain overlayfs snapshotter")
+    sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sn.set_defaults(func=cmd_snapshotter)
     i = sub.add_parser("inspect", help="print the manifest and config of an image in a registry as JSON")
     i.add_argument("ref", metavar="REF")
     i.add_argument("--platform", metavar="P")

@@ -110,6 +110,27 @@ class ChunkCache:
         if over:
             self.evict()
 
+    def discard(self, digest: str) -> int:
+        """Drop one chunk (its layer is gone); returns the bytes freed."""
+        path = self.path(digest)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return 0
+        self._remove(path)
+        with self._lock:
+            old = self._memory.pop(digest, None)
+            if old is not None:
+                self._memory_bytes -= len(old)
+            self._size -= size
+        return size
+
+    def evict_if_over(self) -> None:
+        with self._lock:
+            over = self._size > self.limit_bytes
+        if over:
+            self.evict()
+
     def evict(self) -> None:
         """Drop least recently used chunks until the cache is 10% under its limit."""
         entries = []

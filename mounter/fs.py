@@ -104,7 +104,7 @@ class LazyFS(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh):
-        pass
+        self._listing.pop(fh, None)  # the snapshotter's root changes as layers come and go
 
     async def open(self, inode, flags, ctx):
         node = self._inode(inode)

@@ -30,6 +30,10 @@ class LayerError(Exception):
     pass
 
 
+class NotEStargz(LayerError):
+    pass
+
+
 @dataclass
 class LayerStats:
     digest: str
@@ -60,6 +64,31 @@ class _RemoteBlob:
         return self.read_many([(offset, offset + length)])[0]
 
 
+class _KeptReads:
+    """A blob whose reads (the footer and TOC at open) are kept as files in a directory, one per
+    (offset, length), written under a temporary name and renamed; later opens replay them."""
+
+    def __init__(self, blob: _RemoteBlob, directory: str):
+        self.blob, self.dir, self.size = blob, directory, blob.size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        path = os.path.join(self.dir, f"{offset}-{length}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if len(data) == length:
+                return data
+        except FileNotFoundError:
+            pass
+        data = self.blob.read_at(offset, length)
+        os.makedirs(self.dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return data
+
+
 @dataclass
 class LazyLayer:
     index: int
@@ -73,13 +102,18 @@ class LazyLayer:
 
     @classmethod
     def open(cls, index: int, registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache,
-             workdir: str, verify: bool = True) -> "LazyLayer":
+             workdir: str, verify: bool = True, toc_dir: str | None = None, whole: bool = True) -> "LazyLayer":
+        """With `toc_dir`, the footer and TOC reads are kept there and replayed on the next open (no
+        network needed to serve what the chunk cache holds). Without `whole`, a layer that is not
+        eStargz raises NotEStargz instead of being downloaded."""
         stats = LayerStats(desc.digest, desc.size)
         toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
         blob = _RemoteBlob(registry, repository, desc, stats)
         try:
-            reader = LayerReader(blob, name=f"layer {index} ({desc.digest})")
-        except estargz.FooterError:
+            reader = LayerReader(_KeptReads(blob, toc_dir) if toc_dir else blob, name=f"layer {index} ({desc.digest})")
+        except estargz.FooterError as e:
+            if not whole:
+                raise NotEStargz(str(e)) from None
             return cls._fetch_whole(index, registry, repository, desc, cache, workdir, stats)
         if toc_digest:
             reader.verify_toc(toc_digest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import stat
+import threading
 from dataclasses import dataclass, field
 
 from lazybuild.estargz import Node, TOCEntry
@@ -142,46 +143,98 @@ class LayersTree(MergedTree):
     def __init__(self, layers: list[LazyLayer]):
         self.layers = layers
         self.inodes = {ROOT_INODE: Inode(ROOT_INODE, "", 0, TOCEntry(name="", type="dir", mode=0o755), 2)}
-        next_ino = ROOT_INODE + 1
+        self.total_size = 0
+        self._next_ino = ROOT_INODE + 1
         for li, layer in enumerate(layers):
-            top = Inode(next_ino, str(li), li, layer.reader.nodes[""].entry)
-            if top.entry.type != "dir" or not top.entry.name:
-                top.entry = TOCEntry(name="", type="dir", mode=0o755)
-            self.inodes[next_ino] = top
-            self.inodes[ROOT_INODE].children[str(li)] = next_ino
-            next_ino += 1
-            by_path = {"": top}
-            by_entry: dict[int, int] = {}
-            nodes = list(layer.reader.walk())
-            names = {n.path for n in nodes}
-            for node in nodes:
-                base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
-                pdir = by_path[parent]
-                if base == OPAQUE:
-                    pdir.entry = _with_xattr(pdir.entry, "trusted.overlay.opaque", b"y")
-                    continue
-                entry = node.entry
-                if base.startswith(WHITEOUT):
-                    name = base[len(WHITEOUT):]
-                    if (posixpath.join(parent, name) if parent else name) in names:
-                        continue  # the same layer also has the name: the entry wins, as in the reference
-                    entry = TOCEntry(name=name, type="char", mode=0, dev_major=0, dev_minor=0)
-                    base = name
-                ino = by_entry.get(id(entry)) if entry.type != "dir" else None
-                if ino is None:
-                    ino = next_ino
-                    next_ino += 1
-                    self.inodes[ino] = Inode(ino, node.path, li, entry)
-                    by_entry[id(entry)] = ino
-                else:
-                    self.inodes[ino].nlink += 1
-                pdir.children[base] = ino
-                if entry.type == "dir":
-                    by_path[node.path] = self.inodes[ino]
-        for inode in self.inodes.values():
+            self._add_dir(str(li), li, layer)
+
+    def _add_dir(self, name: str, li: int, layer: LazyLayer) -> list[int]:
+        """Add `layer` as the root directory `name`; returns the inode numbers it got."""
+        start = self._next_ino
+        inodes: dict[int, Inode] = {}
+        top = Inode(start, name, li, layer.reader.nodes[""].entry)
+        if top.entry.type != "dir" or not top.entry.name:
+            top.entry = TOCEntry(name="", type="dir", mode=0o755)
+        inodes[start] = top
+        next_ino = start + 1
+        by_path = {"": top}
+        by_entry: dict[int, int] = {}
+        nodes = list(layer.reader.walk())
+        names = {n.path for n in nodes}
+        for node in nodes:
+            base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
+            pdir = by_path[parent]
+            if base == OPAQUE:
+                pdir.entry = _with_xattr(pdir.entry, "trusted.overlay.opaque", b"y")
+                continue
+            entry = node.entry
+            if base.startswith(WHITEOUT):
+                name_ = base[len(WHITEOUT):]
+                if (posixpath.join(parent, name_) if parent else name_) in names:
+                    continue  # the same layer also has the name: the entry wins, as in the reference
+                entry = TOCEntry(name=name_, type="char", mode=0, dev_major=0, dev_minor=0)
+                base = name_
+            ino = by_entry.get(id(entry)) if entry.type != "dir" else None
+            if ino is None:
+                ino = next_ino
+                next_ino += 1
+                inodes[ino] = Inode(ino, node.path, li, entry)
+                by_entry[id(entry)] = ino
+            else:
+                inodes[ino].nlink += 1
+            pdir.children[base] = ino
+            if entry.type == "dir":
+                by_path[node.path] = inodes[ino]
+        for inode in inodes.values():
             if inode.is_dir:
-                inode.nlink = 2 + sum(1 for c in inode.children.values() if self.inodes[c].is_dir)
-        self.total_size = sum(i.entry.size for i in self.inodes.values() if i.entry.type == "reg")
+                inode.nlink = 2 + sum(1 for c in inode.children.values() if inodes[c].is_dir)
+        self._next_ino = next_ino
+        # published whole, the directory last: a lookup never sees a half-built layer
+        self.inodes.update(inodes)
+        self.total_size += sum(i.entry.size for i in inodes.values() if i.entry.type == "reg")
+        root = self.inodes[ROOT_INODE]
+        root.children[name] = start
+        root.nlink = 2 + len(root.children)
+        return list(inodes)
+
+
+class LayerDirs(LayersTree):
+    """The snapshotter's tree: layers come and go while mounted, each a root directory named by the
+    caller (a snapshot id, never reused, so no kernel cache can show a removed layer under a new name)."""
+
+    def __init__(self):
+        super().__init__([])
+        self.layers: dict[int, LazyLayer] = {}  # type: ignore[assignment]  # slot -> layer (Inode.layer)
+        self._owned: dict[str, tuple[int, list[int]]] = {}  # name -> (slot, inodes)
+        self._slots = 0
+        self._lock = threading.Lock()
+
+    def add(self, name: str, layer: LazyLayer) -> None:
+        with self._lock:
+            if name in self._owned:
+                raise ValueError(f"layer directory {name} exists")
+            slot = self._slots
+            self._slots += 1
+            self.layers[slot] = layer
+            self._owned[name] = (slot, self._add_dir(name, slot, layer))
+
+    def remove(self, name: str) -> LazyLayer | None:
+        with self._lock:
+            owned = self._owned.pop(name, None)
+            if owned is None:
+                return None
+            slot, inos = owned
+            root = self.inodes[ROOT_INODE]
+            root.children.pop(name, None)
+            root.nlink = 2 + len(root.children)
+            for ino in inos:
+                inode = self.inodes.pop(ino)
+                if inode.entry.type == "reg":
+                    self.total_size -= inode.entry.size
+            return self.layers.pop(slot)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._owned
 
 
 def _with_xattr(entry: TOCEntry, key: str, value: bytes) -> TOCEntry:

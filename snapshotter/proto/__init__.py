@@ -1,0 +1,1 @@
+"""containerd's snapshots API subset (generated code is built from the .proto files here)."""

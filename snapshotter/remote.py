@@ -1,0 +1,272 @@
+"""Remote snapshots: the labels containerd passes with a layer's Prepare, turned into an eStargz layer
+served lazily as one directory of the snapshotter's single FUSE mount.
+
+Labels (containerd copies every layer annotation under `containerd.io/snapshot/` onto the Prepare):
+`containerd.io/snapshot/remote/stargz.reference|.digest|.layers` as ctr-remote, nerdctl and BuildKit
+set them, or CRI's `containerd.io/snapshot/cri.image-ref|.layer-digest|.image-layers`, plus the
+manifest's `containerd.io/snapshot/stargz/toc.digest`, against which the TOC is verified.
+
+A layer's footer and TOC reads are kept under ROOT/tocs/<digest> and its chunks in the shared chunk
+cache, so after a restart a layer opens without the registry and serves whatever the cache holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from lazybuild import estargz
+from lazybuild.image import Descriptor
+from lazybuild.mounter.cache import ChunkCache
+from lazybuild.mounter.layer import LayerError, LazyLayer, NotEStargz
+from lazybuild.mounter.rootfs import LayerDirs
+from lazybuild.registry import Reference, Registry, RegistryError
+
+from .config import Config, Host
+
+log = logging.getLogger("lazybuild.snapshotter")
+
+REF_LABEL = "containerd.io/snapshot.ref"  # the chain ID containerd will look the snapshot up by
+REMOTE_LABEL = "containerd.io/snapshot/remote"  # marks our committed remote snapshots, as stargz does
+_SOURCES = [  # (reference, layer digest, image layers) label triples, in the order they are tried
+    ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/remote/stargz.digest",
+     "containerd.io/snapshot/remote/stargz.layers"),
+    ("containerd.io/snapshot/cri.image-ref", "containerd.io/snapshot/cri.layer-digest",
+     "containerd.io/snapshot/cri.image-layers"),
+]
+# errors that mean "this layer cannot be served lazily now": containerd then downloads it
+FALLBACK_ERRORS = (LayerError, RegistryError, estargz.EStargzError, httpx.HTTPError, OSError, ValueError)
+
+
+@dataclass
+class LayerSource:
+    reference: str
+    digest: str
+    toc_digest: str = ""
+    neighbours: list[str] = field(default_factory=list)  # the image's other layers, to open ahead
+    size: int = 0
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> "LayerSource | None":
+        for ref_label, digest_label, layers_label in _SOURCES:
+            if ref_label in labels and digest_label in labels:
+                digest = labels[digest_label]
+                others = [d for d in labels.get(layers_label, "").split(",") if d and d != digest]
+                return cls(labels[ref_label], digest, labels.get(estargz.TOC_DIGEST_ANNOTATION, ""), others)
+        return None
+
+    @property
+    def ref(self) -> Reference:
+        return Reference.parse(self.reference)
+
+    def to_json(self) -> dict:
+        return {"reference": self.reference, "digest": self.digest, "tocDigest": self.toc_digest, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerSource":
+        return cls(d["reference"], d["digest"], d.get("tocDigest", ""), [], d.get("size", 0))
+
+
+class LazyLayers:
+    """Every lazily served layer of the snapshotter: opened from a registry (or from what a previous run
+    kept), published as FUSE directory `<snapshot id>`, prefetched, fetched in the background."""
+
+    def __init__(self, root: str, cfg: Config):
+        self.cfg = cfg
+        self.root = root
+        self.mountpoint = os.path.join(root, "fuse")
+        self.tocs = os.path.join(root, "tocs")
+        self.cache = ChunkCache(cfg.cache_dir or os.path.join(root, "cache"), cfg.cache_limit_bytes)
+        self.tree = LayerDirs()
+        self.unavailable: dict[int, str] = {}  # snapshot id -> why it cannot be served
+        self._registries: dict[tuple[str, bool], Registry] = {}
+        self._ahead: dict[tuple[str, str], Future] = {}  # (reference host/repo, digest) -> opening layer
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="open-layer")
+        self._stops: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for stop in self._stops.values():
+            stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for reg in self._registries.values():
+            reg.close()
+
+    def path(self, sid: int) -> str:
+        return os.path.join(self.mountpoint, str(sid))
+
+    def _registry(self, host: Host) -> Registry:
+        key = (host.host, host.insecure)
+        with self._lock:
+            reg = self._registries.get(key)
+            if reg is None:
+                reg = self._registries[key] = Registry(host.host, insecure=host.insecure,
+                                                       loopback=True if host.insecure else None,
+                                                       timeout_s=self.cfg.timeout_seconds)
+            return reg
+
+    def _toc_dir(self, digest: str) -> str:
+        return os.path.join(self.tocs, digest.replace(":", "-"))
+
+    # --- opening -------------------------------------------------------------------------------------------
+
+    def _open(self, source: LayerSource) -> LazyLayer:
+        """Open from the first of the host's mirrors (then the host) that serves the layer."""
+        ref = source.ref
+        errors = []
+        for host in self.cfg.candidates(ref.host):
+            try:
+                reg = self._registry(host)
+                size = source.size or reg.blob_size(ref.repository, source.digest)
+                if size is None:
+                    raise LayerError(f"{reg.blob_url(ref.repository, source.digest)} answered 404: no such blob")
+                annotations = {estargz.TOC_DIGEST_ANNOTATION: source.toc_digest} if source.toc_digest else {}
+                desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size, annotations)
+                return LazyLayer.open(0, reg, ref.repository, desc, self.cache, self.root,
+                                      verify=not self.cfg.insecure_skip_verify,
+                                      toc_dir=self._toc_dir(source.digest), whole=False)
+            except NotEStargz:
+                raise  # no mirror will make it one
+            except FALLBACK_ERRORS as e:
+                errors.append(f"{host.host}: {e}")
+        raise LayerError("; ".join(errors))
+
+    def open(self, source: LayerSource) -> LazyLayer:
+        """The layer, opened ahead if a neighbour's Prepare started it; then open the image's other
+        layers ahead, as containerd prepares them one after another."""
+        ref = source.ref
+        with self._lock:
+            ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), None)
+        layer = None
+        if ahead is not None:
+            try:
+                layer = ahead.result()
+            except FALLBACK_ERRORS:
+                layer = None
+        if layer is None:
+            layer = self._open(source)
+        for digest in source.neighbours:
+            key = (f"{ref.host}/{ref.repository}", digest)
+            with self._lock:
+                if key in self._ahead:
+                    continue
+                neighbour = LayerSource(source.reference, digest)
+                self._ahead[key] = self._pool.submit(self._open_ahead, neighbour)
+        return layer
+
+    def _open_ahead(self, source: LayerSource) -> LazyLayer:
+        # Without the neighbour's own labels its TOC digest is not known yet: open with the digest check
+        # deferred to attach(), which compares it with the label of the layer's own Prepare.
+        ref = source.ref
+        for host in self.cfg.candidates(ref.host):
+            try:
+                reg = self._registry(host)
+                size = reg.blob_size(ref.repository, source.digest)
+                if size is None:
+                    continue
+                desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size, {})
+                return LazyLayer.open(0, reg, ref.repository, desc, self.cache, self.root, verify=False,
+                                      toc_dir=self._toc_dir(source.digest), whole=False)
+            except FALLBACK_ERRORS:
+                continue
+        raise LayerError(f"layer {source.digest} not found ahead")
+
+    def check_toc(self, layer: LazyLayer, source: LayerSource) -> None:
+        if source.toc_digest:
+            layer.reader.verify_toc(source.toc_digest)
+        elif not self.cfg.insecure_skip_verify:
+            raise LayerError(f"layer {source.digest} has no {estargz.TOC_DIGEST_ANNOTATION} label, so its TOC "
+                             "cannot be verified (set insecure_skip_verify = true to mount it anyway)")
+
+    # --- serving -------------------------------------------------------------------------------------------
+
+    def attach(self, sid: int, layer: LazyLayer) -> None:
+        """Publish the layer as directory `sid`; its prefetch streams while it already serves."""
+        chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
+        for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
+            layer._lock_for(layer.key(c)).acquire()
+        self.tree.add(str(sid), layer)
+        self.unavailable.pop(sid, None)
+        self._write_chunk_list(layer)
+        stop = self._stops[sid] = threading.Event()
+
+        def fetch():
+            if chunks:
+                layer.prefetch(chunks, locked=True)
+            if self.cfg.background_fetch:
+                layer.background_fetch(stop, idle_s=self.cfg.background_idle_seconds)
+
+        threading.Thread(target=fetch, daemon=True, name=f"fetch-{sid}").start()
+
+    def detach(self, sid: int) -> None:
+        stop = self._stops.pop(sid, None)
+        if stop:
+            stop.set()
+        self.tree.remove(str(sid))
+        self.unavailable.pop(sid, None)
+
+    def restore(self, sid: int, remote: dict) -> bool:
+        """After a restart: open the layer from its kept TOC (the registry only for what is not kept)."""
+        source = LayerSource.from_json(remote)
+        try:
+            layer = self._open(source)
+            self.check_toc(layer, source)
+        except FALLBACK_ERRORS as e:
+            self.unavailable[sid] = f"layer {source.digest} of {source.reference}: {e}"
+            log.warning("snapshot %d unavailable until its registry answers: %s", sid, self.unavailable[sid])
+            return False
+        self.attach(sid, layer)
+        return True
+
+    def _write_chunk_list(self, layer: LazyLayer) -> None:
+        path = os.path.join(self._toc_dir(layer.stats.digest), "chunks")
+        if os.path.exists(path):
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(sorted({layer.key(c) for c in layer.payload_chunks()})))
+        os.replace(tmp, path)
+
+    def cleanup(self, live_digests: set[str]) -> int:
+        """Free what only removed layers used: their kept TOC and their chunks (chunks that a live layer
+        shares stay); then trim the cache to its limit. Returns the bytes freed."""
+        def chunks_of(d: str) -> set[str]:
+            try:
+                with open(os.path.join(self.tocs, d, "chunks")) as f:
+                    return set(f.read().split())
+            except FileNotFoundError:
+                return set()
+
+        names = os.listdir(self.tocs) if os.path.isdir(self.tocs) else []
+        live_names = {d.replace(":", "-") for d in live_digests}
+        keep: set[str] = set()
+        for d in names:
+            if d in live_names:
+                keep |= chunks_of(d)
+        freed = 0
+        for d in names:
+            if d in live_names:
+                continue
+            for digest in chunks_of(d) - keep:
+                freed += self.cache.discard(digest)
+            shutil.rmtree(os.path.join(self.tocs, d), ignore_errors=True)
+        self.cache.evict_if_over()
+        return freed
+
+    def stats(self) -> dict:
+        return {str(sid): layer.stats.to_json() for sid, layer in self._by_sid().items()}
+
+    def _by_sid(self) -> dict[int, LazyLayer]:
+        out = {}
+        for name, (slot, _) in list(self.tree._owned.items()):
+            layer = self.tree.layers.get(slot)
+            if layer is not None:
+                out[int(name)] = layer
+        return out

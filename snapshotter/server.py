@@ -1,0 +1,116 @@
+"""`lazybuild snapshotter`: the daemon. The main thread runs the FUSE mount (pyfuse3 on trio, which also
+takes SIGTERM/SIGINT); gRPC requests are served on worker threads from a unix socket.
+
+Start: unmount whatever a previous run left at ROOT/fuse, mount it empty, re-open the lazy layers the
+metadata store lists (from their kept TOCs; a layer whose registry cannot be reached is reported
+unavailable to the snapshots that need it, the daemon still starts), then listen. Stop: stop serving,
+unmount, close the store. Per-layer byte counts go to ROOT/status.json while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent import futures
+
+from .config import Config
+from .remote import LazyLayers
+from .snapshots import Snapshotter
+
+log = logging.getLogger("lazybuild.snapshotter")
+
+
+def _unmount_stale(path: str) -> None:
+    """A previous run that died leaves its FUSE mount behind (ENOTCONN): detach it before mounting anew."""
+    from lazybuild.mounter.fs import is_mounted
+
+    if is_mounted(path):
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def write_status(root: str, lazy: LazyLayers | None) -> None:
+    doc = {"pid": os.getpid(), "time": time.time(),
+           "layers": lazy.stats() if lazy else {},
+           "unavailable": {str(k): v for k, v in (lazy.unavailable.items() if lazy else [])}}
+    tmp = os.path.join(root, ".status.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, os.path.join(root, "status.json"))
+
+
+def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int:
+    import grpc
+    import pyfuse3
+    import trio
+
+    from lazybuild.mounter.fs import LazyFS
+    from lazybuild.snapshotter.proto import snapshots_pb2_grpc
+
+    from .service import SnapshotsService
+
+    root = os.path.abspath(root)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    lazy = LazyLayers(root, cfg) if lazy_layers else None
+    sn = Snapshotter(root, lazy)
+    if lazy is not None:
+        _unmount_stale(lazy.mountpoint)
+        os.makedirs(lazy.mountpoint, exist_ok=True)
+        options = set(pyfuse3.default_options) | {"fsname=lazybuild-snapshotter", "ro", "allow_other",
+                                                   "default_permissions"}
+        pyfuse3.init(LazyFS(lazy.tree), lazy.mountpoint, options)
+        restored, unavailable = sn.restore()
+        if restored or unavailable:
+            log.info("restored %d lazy layers, %d unavailable", restored, unavailable)
+
+    os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
+    if os.path.exists(address):
+        os.unlink(address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(sn), server)
+    server.add_insecure_port("unix://" + os.path.abspath(address))
+    server.start()
+    log.info("serving containerd snapshots on %s (root %s)", address, root)
+
+    stopping = threading.Event()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        stopping.set()
+                        if lazy is not None:
+                            pyfuse3.terminate()
+                        nursery.cancel_scope.cancel()
+                        return
+
+            async def status_loop():
+                while True:
+                    await trio.to_thread.run_sync(write_status, root, lazy)
+                    await trio.sleep(0.5)
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(status_loop)
+            if lazy is not None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        server.stop(grace=2).wait()
+        if lazy is not None:
+            write_status(root, lazy)
+            lazy.close()
+            pyfuse3.close(unmount=True)
+        sn.close()
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+    return 0

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -189,6 +190,7 @@ class LazyLayers:
     def attach(self, sid: int, layer: LazyLayer) -> None:
         """Publish the layer as directory `sid`; its prefetch streams while it already serves."""
         chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
+        layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
         for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
             layer._lock_for(layer.key(c)).acquire()
         self.tree.add(str(sid), layer)

@@ -49,8 +49,11 @@ class Snapshotter:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "lazybuild.cli", "snapshotter", "--address", self.sock, "--root", self.root]
-        if self.config:
-            cmd += ["--config", self.config]
+        if self.config is None:  # fetch only what is read, so tests can count it
+            self.config = os.path.join(self.workdir, "config.toml")
+            with open(self.config, "w") as f:
+                f.write("background_fetch = false\n")
+        cmd += ["--config", self.config]
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 60, "snapshotter socket")
@@ -74,8 +77,19 @@ class Snapshotter:
             return f.read()
 
     def status(self) -> dict:
-        with open(os.path.join(self.root, "status.json")) as f:
-            return json.load(f)
+        """ROOT/status.json as written after this call (the daemon rewrites it every 0.5 s)."""
+        asked = time.time()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with open(os.path.join(self.root, "status.json")) as f:
+                    doc = json.load(f)
+                if doc["time"] > asked or time.monotonic() > deadline:
+                    return doc
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
 
 class Containerd:
@@ -116,6 +130,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         if check and r.returncode != 0:
             raise AssertionError(f"ctr-remote {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
+
+    def reconnected(self, timeout_s: float = 30) -> None:
+        """Wait until containerd talks to a restarted snapshotter again (its proxy client redials with
+        a backoff of up to a few seconds; calls in between fail with "Error while dialing")."""
+        wait_for(lambda: self.ctr("snapshots", "--snapshotter", "lazybuild", "ls", check=False).returncode == 0,
+                 timeout_s, "containerd's connection to the restarted snapshotter")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

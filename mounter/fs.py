@@ -49,6 +49,14 @@ class LazyFS(pyfuse3.Operations):
         self.recorder = recorder
         self._listing: dict[int, list[tuple[str, int]]] = {}
 
+    async def _ready(self, ino: int) -> None:
+        """The snapshotter's tree builds a layer's directory after publishing it: wait for it (EIO if
+        its build failed)."""
+        ready = getattr(self.tree, "ready", None)
+        if ready is not None and not ready(ino):
+            if not await trio.to_thread.run_sync(self.tree.wait_ready, ino):
+                raise pyfuse3.FUSEError(errno.EIO)
+
     def _inode(self, ino: int) -> Inode:
         inode = self.tree.inodes.get(ino)
         if inode is None:
@@ -72,13 +80,16 @@ class LazyFS(pyfuse3.Operations):
         return a
 
     async def getattr(self, inode, ctx=None):
+        await self._ready(inode)
         return self._attrs(self._inode(inode))
 
     async def lookup(self, parent_inode, name, ctx=None):
+        await self._ready(parent_inode)
         found = self.tree.lookup(parent_inode, os.fsdecode(name))
         if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(found)
+        await self._ready(found.ino)
+        return self._attrs(self._inode(found.ino))
 
     async def readlink(self, inode, ctx):
         node = self._inode(inode)
@@ -89,6 +100,7 @@ class LazyFS(pyfuse3.Operations):
         return os.fsencode(node.entry.link_name)
 
     async def opendir(self, inode, ctx):
+        await self._ready(inode)
         if not self._inode(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
@@ -130,12 +142,14 @@ class LazyFS(pyfuse3.Operations):
         pass
 
     async def getxattr(self, inode, name, ctx):
+        await self._ready(inode)
         value = self._inode(inode).entry.xattrs.get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     async def listxattr(self, inode, ctx):
+        await self._ready(inode)
         return [os.fsencode(k) for k in self._inode(inode).entry.xattrs]
 
     async def access(self, inode, mode, ctx):

@@ -8,6 +8,7 @@ same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -90,6 +91,25 @@ class _KeptReads:
 
 
 @dataclass
+class FetchedLayer:
+    """A layer whose footer and TOC are read but not parsed yet."""
+    index: int
+    name: str
+    blob: _RemoteBlob
+    reads: object  # the blob the TOC reads went through (_KeptReads or the blob)
+    toc: tuple[str, int, bytes]  # (kind, TOC offset, raw TOC JSON)
+    stats: LayerStats
+
+    @property
+    def toc_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.toc[2]).hexdigest()
+
+    def verify_toc(self, expected: str) -> None:
+        if self.toc_digest != expected:
+            raise estargz.TOCDigestMismatch(f"{self.name}: TOC digest is {self.toc_digest}, expected {expected}")
+
+
+@dataclass
 class LazyLayer:
     index: int
     reader: LayerReader
@@ -106,22 +126,40 @@ class LazyLayer:
         """With `toc_dir`, the footer and TOC reads are kept there and replayed on the next open (no
         network needed to serve what the chunk cache holds). Without `whole`, a layer that is not
         eStargz raises NotEStargz instead of being downloaded."""
-        stats = LayerStats(desc.digest, desc.size)
-        toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
-        blob = _RemoteBlob(registry, repository, desc, stats)
         try:
-            reader = LayerReader(_KeptReads(blob, toc_dir) if toc_dir else blob, name=f"layer {index} ({desc.digest})")
-        except estargz.FooterError as e:
+            fetched = cls.fetch(index, registry, repository, desc, toc_dir)
+        except NotEStargz:
             if not whole:
-                raise NotEStargz(str(e)) from None
-            return cls._fetch_whole(index, registry, repository, desc, cache, workdir, stats)
+                raise
+            return cls._fetch_whole(index, registry, repository, desc, cache, workdir, LayerStats(desc.digest, desc.size))
+        toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
         if toc_digest:
-            reader.verify_toc(toc_digest)
+            fetched.verify_toc(toc_digest)
         elif verify:
             raise LayerError(f"layer {index} ({desc.digest}) has no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its "
                              "TOC cannot be verified; convert the image with `lazybuild convert` or mount with "
                              "--insecure-skip-verify")
-        return cls(index, reader, cache, stats, blob)
+        return cls.build(fetched, cache)
+
+    @classmethod
+    def fetch(cls, index: int, registry: Registry, repository: str, desc: Descriptor,
+              toc_dir: str | None = None) -> "FetchedLayer":
+        """The network half of opening: footer and TOC read (raises NotEStargz for other layers)."""
+        stats = LayerStats(desc.digest, desc.size)
+        blob = _RemoteBlob(registry, repository, desc, stats)
+        reads = _KeptReads(blob, toc_dir) if toc_dir else blob
+        name = f"layer {index} ({desc.digest})"
+        try:
+            toc = LayerReader.fetch_toc(reads, name)
+        except estargz.FooterError as e:
+            raise NotEStargz(str(e)) from None
+        return FetchedLayer(index, name, blob, reads, toc, stats)
+
+    @classmethod
+    def build(cls, fetched: "FetchedLayer", cache: ChunkCache) -> "LazyLayer":
+        """The CPU half: parse and index the TOC."""
+        reader = LayerReader(fetched.reads, name=fetched.name, toc=fetched.toc)
+        return cls(fetched.index, reader, cache, fetched.stats, fetched.blob)
 
     @classmethod
     def _fetch_whole(cls, index, registry, repository, desc, cache, workdir, stats) -> "LazyLayer":

@@ -148,15 +148,18 @@ class LayersTree(MergedTree):
         for li, layer in enumerate(layers):
             self._add_dir(str(li), li, layer)
 
-    def _add_dir(self, name: str, li: int, layer: LazyLayer) -> list[int]:
-        """Add `layer` as the root directory `name`; returns the inode numbers it got."""
-        start = self._next_ino
+    def _add_dir(self, name: str, li: int, layer: LazyLayer, top_ino: int | None = None) -> list[int]:
+        """Add `layer` as the root directory `name` (inode `top_ino` if it was reserved); returns the
+        inode numbers it got."""
+        if top_ino is None:
+            start, next_ino = self._next_ino, self._next_ino + 1
+        else:
+            start, next_ino = top_ino, self._next_ino
         inodes: dict[int, Inode] = {}
         top = Inode(start, name, li, layer.reader.nodes[""].entry)
         if top.entry.type != "dir" or not top.entry.name:
             top.entry = TOCEntry(name="", type="dir", mode=0o755)
         inodes[start] = top
-        next_ino = start + 1
         by_path = {"": top}
         by_entry: dict[int, int] = {}
         nodes = list(layer.reader.walk())
@@ -200,23 +203,72 @@ class LayersTree(MergedTree):
 
 class LayerDirs(LayersTree):
     """The snapshotter's tree: layers come and go while mounted, each a root directory named by the
-    caller (a snapshot id, never reused, so no kernel cache can show a removed layer under a new name)."""
+    caller (a snapshot id, never reused, so no kernel cache can show a removed layer under a new name).
+
+    A directory can be reserved before its layer is built (`reserve`, then `fill` or `fail`): the
+    filesystem makes every access to a reserved directory wait until then, and a failed one is EIO,
+    never an empty directory."""
 
     def __init__(self):
         super().__init__([])
         self.layers: dict[int, LazyLayer] = {}  # type: ignore[assignment]  # slot -> layer (Inode.layer)
-        self._owned: dict[str, tuple[int, list[int]]] = {}  # name -> (slot, inodes)
+        self._owned: dict[str, tuple[int | None, list[int]]] = {}  # name -> (slot, inodes)
+        self._pending: dict[int, threading.Event] = {}  # reserved top inodes -> set when filled or failed
+        self._failed: set[int] = set()
         self._slots = 0
         self._lock = threading.Lock()
 
-    def add(self, name: str, layer: LazyLayer) -> None:
+    def reserve(self, name: str) -> None:
         with self._lock:
             if name in self._owned:
                 raise ValueError(f"layer directory {name} exists")
+            ino = self._next_ino
+            self._next_ino += 1
+            self._pending[ino] = threading.Event()
+            self.inodes[ino] = Inode(ino, name, -1, TOCEntry(name="", type="dir", mode=0o755))
+            self._owned[name] = (None, [ino])
+            root = self.inodes[ROOT_INODE]
+            root.children[name] = ino
+            root.nlink = 2 + len(root.children)
+
+    def fill(self, name: str, layer: LazyLayer) -> None:
+        with self._lock:
+            owned = self._owned.get(name)
+            if owned is None:  # removed while it was being built
+                return
+            top = owned[1][0]
             slot = self._slots
             self._slots += 1
             self.layers[slot] = layer
-            self._owned[name] = (slot, self._add_dir(name, slot, layer))
+            self._owned[name] = (slot, self._add_dir(name, slot, layer, top_ino=top))
+            event = self._pending.pop(top, None)
+        if event:
+            event.set()
+
+    def fail(self, name: str) -> None:
+        with self._lock:
+            owned = self._owned.get(name)
+            if owned is None:
+                return
+            top = owned[1][0]
+            self._failed.add(top)
+            event = self._pending.pop(top, None)
+        if event:
+            event.set()
+
+    def add(self, name: str, layer: LazyLayer) -> None:
+        self.reserve(name)
+        self.fill(name, layer)
+
+    def wait_ready(self, ino: int) -> bool:
+        """Block until a reserved directory is built; False if it failed. Instant for everything else."""
+        event = self._pending.get(ino)
+        if event is not None:
+            event.wait()
+        return ino not in self._failed
+
+    def ready(self, ino: int) -> bool:
+        return ino not in self._pending and ino not in self._failed
 
     def remove(self, name: str) -> LazyLayer | None:
         with self._lock:
@@ -231,7 +283,11 @@ class LayerDirs(LayersTree):
                 inode = self.inodes.pop(ino)
                 if inode.entry.type == "reg":
                     self.total_size -= inode.entry.size
-            return self.layers.pop(slot)
+            self._failed.discard(inos[0])
+            event = self._pending.pop(inos[0], None)
+        if event:
+            event.set()
+        return self.layers.pop(slot) if slot is not None else None
 
     def __contains__(self, name: str) -> bool:
         return name in self._owned

@@ -8,8 +8,10 @@ shared=${LAZYBUILD_SHARED:-$here/../shared}
 # System packages: zstd/tar/attr for test fixtures; docker-registry, openssl, htpasswd, skopeo and umoci for the
 # registry tests; fuse3 + libfuse3-dev + pkg-config for pyfuse3 (the mounter); debootstrap for the Debian test
 # image; Go + the upstream estargz library for the oracle; docker.io (dockerd 20.10 with BuildKit v0.8)
-# for the frontend tests, which start their own daemon, plus git, curl and ssh-agent for their sources.
-pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev docker.io git curl openssh-client"
+# for the frontend tests, which start their own daemon, plus git, curl and ssh-agent for their sources;
+# containerd 1.6 + runc for the snapshotter tests (which also build ctr-remote from the same Go source),
+# iptables + iproute2 for the slow-link benches.
+pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev docker.io containerd runc git curl openssh-client iptables iproute2"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -34,5 +36,12 @@ if [ ! -x "$oracle" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   mkdir -p /var/cache/lazybuild
   bash "$shared/tools/estargz-oracle/build.sh" "$oracle"
   echo "$want" > "$stamp"
+fi
+# The reference client ctr-remote (and stargz-snapshotter, nfqdelay for bench/snapshotter.py), built from
+# Debian's stargz-snapshotter source by the anchor script; kept in the test cache between runs.
+anchor_bin=${LAZYBUILD_TEST_CACHE:-/var/cache/lazybuild-test}/anchor-bin
+if [ ! -x "$anchor_bin/ctr-remote" ] || [ ! -x "$anchor_bin/stargz-snapshotter" ]; then
+  mkdir -p "$anchor_bin"
+  BIN=$anchor_bin A=$(mktemp -d) bash "$shared/tools/stargz-anchor/anchor-bench.sh" build
 fi
 echo "setup: ready ($(lazybuild --version), $oracle)"

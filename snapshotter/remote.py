@@ -25,7 +25,7 @@ import httpx
 from lazybuild import estargz
 from lazybuild.image import Descriptor
 from lazybuild.mounter.cache import ChunkCache
-from lazybuild.mounter.layer import LayerError, LazyLayer, NotEStargz
+from lazybuild.mounter.layer import FetchedLayer, LayerError, LazyLayer, NotEStargz
 from lazybuild.mounter.rootfs import LayerDirs
 from lazybuild.registry import Reference, Registry, RegistryError
 
@@ -92,6 +92,14 @@ class LazyLayers:
         self._stops: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Load the HTTP and TLS stacks once at start (the first registry client otherwise costs ~0.1 s
+        inside the first Prepare)."""
+        def load():
+            with httpx.Client(verify=True):
+                pass
+        threading.Thread(target=load, daemon=True, name="warm-up").start()
+
     def close(self) -> None:
         for stop in self._stops.values():
             stop.set()
@@ -115,10 +123,10 @@ class LazyLayers:
     def _toc_dir(self, digest: str) -> str:
         return os.path.join(self.tocs, digest.replace(":", "-"))
 
-    # --- opening -------------------------------------------------------------------------------------------
+    # --- opening: fetch (footer + TOC, network) then build (parse + index, CPU) ---------------------------
 
-    def _open(self, source: LayerSource) -> LazyLayer:
-        """Open from the first of the host's mirrors (then the host) that serves the layer."""
+    def _fetch(self, source: LayerSource) -> FetchedLayer:
+        """Fetch from the first of the host's mirrors (then the host) that serves the layer."""
         ref = source.ref
         errors = []
         for host in self.cfg.candidates(ref.host):
@@ -127,84 +135,72 @@ class LazyLayers:
                 size = source.size or reg.blob_size(ref.repository, source.digest)
                 if size is None:
                     raise LayerError(f"{reg.blob_url(ref.repository, source.digest)} answered 404: no such blob")
-                annotations = {estargz.TOC_DIGEST_ANNOTATION: source.toc_digest} if source.toc_digest else {}
-                desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size, annotations)
-                return LazyLayer.open(0, reg, ref.repository, desc, self.cache, self.root,
-                                      verify=not self.cfg.insecure_skip_verify,
-                                      toc_dir=self._toc_dir(source.digest), whole=False)
+                desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size)
+                return LazyLayer.fetch(0, reg, ref.repository, desc, toc_dir=self._toc_dir(source.digest))
             except NotEStargz:
                 raise  # no mirror will make it one
             except FALLBACK_ERRORS as e:
                 errors.append(f"{host.host}: {e}")
         raise LayerError("; ".join(errors))
 
-    def open(self, source: LayerSource) -> LazyLayer:
-        """The layer, opened ahead if a neighbour's Prepare started it; then open the image's other
-        layers ahead, as containerd prepares them one after another."""
+    def fetch(self, source: LayerSource) -> FetchedLayer:
+        """The layer's footer and TOC, fetched ahead if a neighbour's Prepare started it. The image's other
+        layers start now, in parallel: containerd prepares them one after another, each waiting for the last."""
         ref = source.ref
-        with self._lock:
-            ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), None)
-        layer = None
-        if ahead is not None:
-            try:
-                layer = ahead.result()
-            except FALLBACK_ERRORS:
-                layer = None
-        if layer is None:
-            layer = self._open(source)
         for digest in source.neighbours:
             key = (f"{ref.host}/{ref.repository}", digest)
             with self._lock:
-                if key in self._ahead:
-                    continue
-                neighbour = LayerSource(source.reference, digest)
-                self._ahead[key] = self._pool.submit(self._open_ahead, neighbour)
-        return layer
-
-    def _open_ahead(self, source: LayerSource) -> LazyLayer:
-        # Without the neighbour's own labels its TOC digest is not known yet: open with the digest check
-        # deferred to attach(), which compares it with the label of the layer's own Prepare.
-        ref = source.ref
-        for host in self.cfg.candidates(ref.host):
+                if key not in self._ahead:
+                    self._ahead[key] = self._pool.submit(self._fetch, LayerSource(source.reference, digest))
+        with self._lock:
+            ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), None)
+        if ahead is not None:
             try:
-                reg = self._registry(host)
-                size = reg.blob_size(ref.repository, source.digest)
-                if size is None:
-                    continue
-                desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size, {})
-                return LazyLayer.open(0, reg, ref.repository, desc, self.cache, self.root, verify=False,
-                                      toc_dir=self._toc_dir(source.digest), whole=False)
+                return ahead.result()
             except FALLBACK_ERRORS:
-                continue
-        raise LayerError(f"layer {source.digest} not found ahead")
+                pass
+        return self._fetch(source)
 
-    def check_toc(self, layer: LazyLayer, source: LayerSource) -> None:
+    def check_toc(self, fetched: FetchedLayer, source: LayerSource) -> None:
         if source.toc_digest:
-            layer.reader.verify_toc(source.toc_digest)
+            fetched.verify_toc(source.toc_digest)
         elif not self.cfg.insecure_skip_verify:
             raise LayerError(f"layer {source.digest} has no {estargz.TOC_DIGEST_ANNOTATION} label, so its TOC "
                              "cannot be verified (set insecure_skip_verify = true to mount it anyway)")
 
     # --- serving -------------------------------------------------------------------------------------------
 
-    def attach(self, sid: int, layer: LazyLayer) -> None:
-        """Publish the layer as directory `sid`; its prefetch streams while it already serves."""
-        chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
-        layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
-        for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
-            layer._lock_for(layer.key(c)).acquire()
-        self.tree.add(str(sid), layer)
+    def attach(self, sid: int, fetched: FetchedLayer, wait: bool = False) -> None:
+        """Publish directory `sid` now and build the layer behind it on a worker (FUSE accesses wait for
+        it): containerd goes on with the next layer meanwhile. Then prefetch and fetch in the background."""
+        name = str(sid)
+        self.tree.reserve(name)
         self.unavailable.pop(sid, None)
-        self._write_chunk_list(layer)
-        stop = self._stops[sid] = threading.Event()
 
-        def fetch():
+        def build() -> None:
+            try:
+                layer = LazyLayer.build(fetched, self.cache)
+            except Exception as e:  # a TOC whose digest matched but does not parse: EIO, never an empty dir
+                self.unavailable[sid] = f"layer {fetched.stats.digest}: {e}"
+                log.error("snapshot %d: %s", sid, self.unavailable[sid])
+                self.tree.fail(name)
+                return
+            chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
+            layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
+            for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
+                layer._lock_for(layer.key(c)).acquire()
+            self.tree.fill(name, layer)
+            stop = self._stops[sid] = threading.Event()
             if chunks:
                 layer.prefetch(chunks, locked=True)
+            self._write_chunk_list(layer)
             if self.cfg.background_fetch:
                 layer.background_fetch(stop, idle_s=self.cfg.background_idle_seconds)
 
-        threading.Thread(target=fetch, daemon=True, name=f"fetch-{sid}").start()
+        if wait:
+            build()
+        else:
+            threading.Thread(target=build, daemon=True, name=f"layer-{sid}").start()
 
     def detach(self, sid: int) -> None:
         stop = self._stops.pop(sid, None)
@@ -217,14 +213,22 @@ class LazyLayers:
         """After a restart: open the layer from its kept TOC (the registry only for what is not kept)."""
         source = LayerSource.from_json(remote)
         try:
-            layer = self._open(source)
-            self.check_toc(layer, source)
+            fetched = self._fetch(source)
+            self.check_toc(fetched, source)
         except FALLBACK_ERRORS as e:
             self.unavailable[sid] = f"layer {source.digest} of {source.reference}: {e}"
             log.warning("snapshot %d unavailable until its registry answers: %s", sid, self.unavailable[sid])
             return False
-        self.attach(sid, layer)
+        self.attach(sid, fetched)
         return True
+
+    def usage(self, sid: int) -> tuple[int, int]:
+        """(bytes, inodes) of a lazy layer's files, as if unpacked (0, 0 while it is being built)."""
+        layer = self._by_sid().get(sid)
+        if layer is None:
+            return 0, 0
+        entries = [e for e in layer.reader.entries if e.type != "chunk"]
+        return sum(e.size for e in entries if e.type == "reg"), len(entries)
 
     def _write_chunk_list(self, layer: LazyLayer) -> None:
         path = os.path.join(self._toc_dir(layer.stats.digest), "chunks")

@@ -58,6 +58,7 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
     lazy = LazyLayers(root, cfg) if lazy_layers else None
     sn = Snapshotter(root, lazy)
     if lazy is not None:
+        lazy.warm_up()
         _unmount_stale(lazy.mountpoint)
         os.makedirs(lazy.mountpoint, exist_ok=True)
         options = set(pyfuse3.default_options) | {"fsname=lazybuild-snapshotter", "ro", "allow_other",

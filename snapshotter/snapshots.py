@@ -122,22 +122,21 @@ class Snapshotter:
             return False  # the ordinary path reports the missing parent
         started = time.monotonic()
         try:
-            layer = self.lazy.open(source)
-            self.lazy.check_toc(layer, source)
+            fetched = self.lazy.fetch(source)
+            self.lazy.check_toc(fetched, source)  # verified before it is committed; parsed after
         except FALLBACK_ERRORS as e:
             log.info("layer %s of %s is downloaded by containerd (cannot serve it lazily: %s)",
                      source.digest, source.reference, e)
             return False
-        source.size = layer.stats.size
-        size = sum(e.size for e in layer.reader.entries if e.type == "reg")
+        source.size = fetched.stats.size
         try:
             snap = self.store.create(target, parent, COMMITTED, {**labels, REMOTE_LABEL: "remote snapshot"},
-                                     source.to_json(), size=size)
+                                     source.to_json())
         except SnapshotError as e:
             if e.code == "already_exists":  # a concurrent Prepare of the same layer won
                 return True
             raise
-        self.lazy.attach(snap.id, layer)
+        self.lazy.attach(snap.id, fetched)
         log.info("layer %s of %s served lazily as snapshot %d (%.0f ms)", source.digest, source.reference, snap.id,
                  (time.monotonic() - started) * 1000)
         return True
@@ -189,6 +188,8 @@ class Snapshotter:
         snap = self.store.require(key)
         if snap.kind == ACTIVE:
             return disk_usage(self._fs(snap))
+        if snap.remote is not None and self.lazy is not None:
+            return self.lazy.usage(snap.id)
         return snap.size, snap.inodes
 
     def cleanup(self) -> int:

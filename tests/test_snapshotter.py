@@ -86,6 +86,7 @@ def test_rpull_mounts_layers_lazily_and_runs(daemons, images):
     sn, ctd = daemons
     ref = f"{images.host}/sn/py:esgz"
     ctd.ctr_remote("images", "rpull", "--snapshotter", "lazybuild", "--plain-http", ref)
+    wait(lambda: len(sn.status()["layers"]) == 2, "both layers to be built")
     status = sn.status()
     digests = layer_digests(ref)
     assert sorted(l["digest"] for l in status["layers"].values()) == sorted(digests)
@@ -171,14 +172,15 @@ def test_restart_keeps_snapshots_and_serves_from_cache_without_registry(tmp_path
         assert not lazybuild_mounts(sn.root)
         sn.start()
         ctd.reconnected()
-        assert len(sn.status()["layers"]) == 2 and not sn.status()["unavailable"]
+        wait(lambda: len(sn.status()["layers"]) == 2, "both lazy layers to be restored")
+        assert not sn.status()["unavailable"]
         assert run(ctd, ref, "r2", "python3", "-c", "print(2)").strip() == "2"
 
         sn.stop()
         reg.stop()
         sn.start()  # the registry is gone: the layers open from what was kept
         ctd.reconnected()
-        assert len(sn.status()["layers"]) == 2
+        wait(lambda: len(sn.status()["layers"]) == 2, "both lazy layers to be restored")
         assert run(ctd, ref, "r3", "python3", "-c", "print(3)").strip() == "3"
 
         sn.stop()

@@ -65,16 +65,24 @@ class Node:
 
 
 class LayerReader:
-    def __init__(self, blob: Blob, name: str = "layer"):
+    def __init__(self, blob: Blob, name: str = "layer", toc: tuple[str, int, bytes] | None = None):
+        """`toc`: what fetch_toc() returned, when the footer and TOC were read earlier."""
         self.blob = blob
         self.name = name  # used in every error message
-        self.kind, self.toc_offset, self.raw_toc = self._read_toc()
+        self.kind, self.toc_offset, self.raw_toc = toc if toc is not None else self._read_toc()
         self.toc_digest = "sha256:" + hashlib.sha256(self.raw_toc).hexdigest()
         try:
             self.entries = parse_toc_json(self.raw_toc)
         except FormatError as e:
             raise FormatError(f"{self.name}: {e}") from e
         self._index()
+
+    @classmethod
+    def fetch_toc(cls, blob: Blob, name: str = "layer") -> tuple[str, int, bytes]:
+        """Only the reads of opening (footer, TOC): (kind, TOC offset, raw TOC JSON), parsed nothing yet."""
+        half = cls.__new__(cls)
+        half.blob, half.name = blob, name
+        return half._read_toc()
 
     @classmethod
     def open_file(cls, path: str) -> "LayerReader":

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -53,6 +54,9 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
 
     from .service import SnapshotsService
 
+    # containerd waits on each RPC while layers are parsed on other threads: hand the GIL over every
+    # 0.5 ms instead of 5 ms, so a Stat is not queued behind a TOC being indexed
+    sys.setswitchinterval(0.0005)
     root = os.path.abspath(root)
     os.makedirs(root, mode=0o700, exist_ok=True)
     lazy = LazyLayers(root, cfg) if lazy_layers else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import grpc
 from google.protobuf import empty_pb2
@@ -45,6 +46,7 @@ def _rpc(fn):
     """Run one RPC: SnapshotErrors become their status; anything else is INTERNAL with its message."""
     @functools.wraps(fn)
     def wrapper(self, request, context):
+        started = time.monotonic()
         try:
             return fn(self, request, context)
         except SnapshotError as e:
@@ -54,6 +56,9 @@ def _rpc(fn):
         except Exception as e:
             log.exception("%s failed", fn.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{fn.__name__}: {type(e).__name__}: {e}")
+        finally:
+            log.debug("%s %s: %.1f ms", fn.__name__, getattr(request, "key", "") or getattr(request, "name", ""),
+                      (time.monotonic() - started) * 1000)
     return wrapper
 
 

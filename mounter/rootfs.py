@@ -231,11 +231,12 @@ class LayerDirs(LayersTree):
             root.children[name] = ino
             root.nlink = 2 + len(root.children)
 
-    def fill(self, name: str, layer: LazyLayer) -> None:
+    def fill(self, name: str, layer: LazyLayer) -> bool:
+        """Build the reserved directory `name` from `layer`; False if it was removed meanwhile."""
         with self._lock:
             owned = self._owned.get(name)
-            if owned is None:  # removed while it was being built
-                return
+            if owned is None:
+                return False
             top = owned[1][0]
             slot = self._slots
             self._slots += 1
@@ -244,6 +245,7 @@ class LayerDirs(LayersTree):
             event = self._pending.pop(top, None)
         if event:
             event.set()
+        return True
 
     def fail(self, name: str) -> None:
         with self._lock:

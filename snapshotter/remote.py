@@ -189,7 +189,10 @@ class LazyLayers:
             layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
             for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
                 layer._lock_for(layer.key(c)).acquire()
-            self.tree.fill(name, layer)
+            if not self.tree.fill(name, layer):  # removed while it was being built
+                for c in chunks:
+                    layer._lock_for(layer.key(c)).release()
+                return
             stop = self._stops[sid] = threading.Event()
             if chunks:
                 layer.prefetch(chunks, locked=True)

@@ -229,3 +229,40 @@ def wait(pred, what: str, timeout_s: float = 20) -> None:
 
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_list_filters_as_containerd_writes_them(tmp_path):
+    """The filter strings containerd's metadata store and ctr send, on a snapshotter without lazy layers."""
+    from lazybuild.snapshotter.snapshots import Snapshotter as Core
+    from lazybuild.snapshotter.store import SnapshotError
+
+    core = Core(str(tmp_path), None)
+    core.prepare("a", "", {"containerd.io/snapshot.ref": "sha256:aaa", "team": "x"})
+    core.commit("A", "a", {"containerd.io/snapshot.ref": "sha256:aaa", "team": "x"})
+    core.prepare("b", "A", {})
+    core.view("v", "A", {"team": "y"})
+
+    def names(*filters):
+        return sorted(s.key for s in core.list(list(filters)))
+
+    assert names() == ["A", "b", "v"]
+    assert names('labels."containerd.io/snapshot.ref"==sha256:aaa,parent==""') == ["A"]
+    assert names('parent=="A"') == ["b", "v"]
+    assert names("kind==view", "name==b") == ["b", "v"]  # several filters: any
+    assert names("labels.team") == ["A", "v"]  # presence
+    assert names('labels.team!=x,parent==A') == ["b", "v"]
+    assert names("name~=^[AB]$") == ["A"]
+    with pytest.raises(SnapshotError) as e:
+        core.commit("A", "b", {})
+    assert e.value.code == "already_exists"
+    with pytest.raises(SnapshotError) as e:
+        core.commit("V", "v", {})
+    assert e.value.code == "failed_precondition"
+    with pytest.raises(SnapshotError) as e:
+        core.remove("A")
+    assert e.value.code == "failed_precondition"
+    assert core.update("A", {"team": "z"}, ["labels.team"]).labels == {"containerd.io/snapshot.ref": "sha256:aaa",
+                                                                       "team": "z"}
+    with pytest.raises(SnapshotError):
+        core.update("A", {}, ["parent"])
+    core.close()

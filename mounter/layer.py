@@ -8,6 +8,7 @@ same way.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -69,8 +70,9 @@ class _KeptReads:
     """A blob whose reads (the footer and TOC at open) are kept as files in a directory, one per
     (offset, length), written under a temporary name and renamed; later opens replay them."""
 
-    def __init__(self, blob: _RemoteBlob, directory: str):
+    def __init__(self, blob: _RemoteBlob, directory: str, tail: bytes = b""):
         self.blob, self.dir, self.size = blob, directory, blob.size
+        self.tail = tail  # the blob's last bytes, when the caller already has them
 
     def read_at(self, offset: int, length: int) -> bytes:
         path = os.path.join(self.dir, f"{offset}-{length}")
@@ -81,7 +83,11 @@ class _KeptReads:
                 return data
         except FileNotFoundError:
             pass
-        data = self.blob.read_at(offset, length)
+        if self.tail and offset >= self.size - len(self.tail) and offset + length <= self.size:
+            start = offset - (self.size - len(self.tail))
+            data = self.tail[start:start + length]
+        else:
+            data = self.blob.read_at(offset, length)
         os.makedirs(self.dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
         with os.fdopen(fd, "wb") as f:
@@ -119,6 +125,8 @@ class LazyLayer:
     _locks: dict = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
     last_read: float = 0.0
+    _by_offset: tuple | None = None  # payload chunks sorted by offset, and their offsets (for bisect)
+    read_around: int = 0  # > 0: a miss also brings the uncached chunks of its aligned window of this size
 
     @classmethod
     def open(cls, index: int, registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache,
@@ -143,11 +151,13 @@ class LazyLayer:
 
     @classmethod
     def fetch(cls, index: int, registry: Registry, repository: str, desc: Descriptor,
-              toc_dir: str | None = None) -> "FetchedLayer":
-        """The network half of opening: footer and TOC read (raises NotEStargz for other layers)."""
+              toc_dir: str | None = None, tail: bytes = b"") -> "FetchedLayer":
+        """The network half of opening: footer and TOC read (raises NotEStargz for other layers).
+        `tail`: the blob's last bytes if the caller fetched them already (with toc_dir only)."""
         stats = LayerStats(desc.digest, desc.size)
+        stats.fetched_bytes += len(tail)
         blob = _RemoteBlob(registry, repository, desc, stats)
-        reads = _KeptReads(blob, toc_dir) if toc_dir else blob
+        reads = _KeptReads(blob, toc_dir, tail) if toc_dir else blob
         name = f"layer {index} ({desc.digest})"
         try:
             toc = LayerReader.fetch_toc(reads, name)
@@ -250,7 +260,9 @@ class LazyLayer:
     def _fetch(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
         if self.remote is None:  # a layer converted locally: its reader reads the local file
             return {id(c): self._store(c, self.reader.read_chunk(c)) for c in chunks}
-        spans = sorted({self.reader.compressed_range(c) for c in chunks})
+        wanted = {id(c) for c in chunks}
+        every = chunks + (self._read_around(chunks) if self.read_around else [])
+        spans = sorted({self.reader.compressed_range(c) for c in every})
         merged: list[list[int]] = []
         for a, b in spans:
             if merged and a - merged[-1][1] <= MERGE_GAP_BYTES:
@@ -259,13 +271,47 @@ class LazyLayer:
                 merged.append([a, b])
         parts = self.remote.read_many([(a, b) for a, b in merged])
         out = {}
-        for c in chunks:
+        for c in every:
             a, b = self.reader.compressed_range(c)
             for (ma, mb), part in zip(merged, parts):
                 if ma <= a and b <= mb:
-                    out[id(c)] = self._store(c, self.reader.decode_chunk(c, part[a - ma:b - ma]))
+                    try:
+                        data = self.reader.decode_chunk(c, part[a - ma:b - ma])
+                    except estargz.EStargzError as e:
+                        if id(c) in wanted:
+                            raise
+                        log.warning("layer %d: a chunk read around a miss failed verification: %s", self.index, e)
+                        break  # never cached; a read of it fetches it again
+                    self._store(c, data)
+                    if id(c) in wanted:
+                        out[id(c)] = data
                     break
         return out
+
+    def _read_around(self, chunks: list[TOCEntry]) -> list[TOCEntry]:
+        """The uncached chunks that lie whole inside the `read_around`-aligned windows of the missing
+        ones: the files next to a file read are usually read next (a package's modules, a compiler's
+        parts), and bringing them in the same request saves a round trip each."""
+        by_offset, offsets = self._chunk_index()
+        keys = {self.key(c) for c in chunks}
+        extra = []
+        for c in chunks:
+            a, b = self.reader.compressed_range(c)
+            lo = a // self.read_around * self.read_around
+            hi = -(-b // self.read_around) * self.read_around
+            for n in by_offset[bisect.bisect_left(offsets, lo):bisect.bisect_left(offsets, hi)]:
+                k = self.key(n)
+                if k in keys or n.compressed_end > hi or self.cache.has(k):
+                    continue
+                keys.add(k)
+                extra.append(n)
+        return extra
+
+    def _chunk_index(self) -> tuple[list[TOCEntry], list[int]]:
+        if self._by_offset is None:
+            chunks = self.payload_chunks()
+            self._by_offset = (chunks, [c.offset for c in chunks])
+        return self._by_offset
 
     def _store(self, chunk: TOCEntry, data: bytes) -> bytes:
         self.cache.put(self.key(chunk), data)

@@ -5,6 +5,7 @@
     prefetch = true                 # fetch [0, .prefetch.landmark) of each layer when it is mounted
     background_fetch = true         # then the rest, once no read has come for background_idle_seconds
     background_idle_seconds = 5.0
+    read_around_bytes = 65536       # a read miss also fetches the uncached chunks in its aligned window
     timeout_seconds = 30.0          # per registry request
     insecure_skip_verify = false    # mount layers without a TOC digest annotation (unverified TOC)
 
@@ -39,6 +40,7 @@ class Config:
     prefetch: bool = True
     background_fetch: bool = True
     background_idle_seconds: float = 5.0
+    read_around_bytes: int = 64 << 10
     timeout_seconds: float = 30.0
     insecure_skip_verify: bool = False
     mirrors: dict[str, list[Host]] = field(default_factory=dict)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from lazybuild import estargz
+from lazybuild.estargz.reader import TAIL_READ_BYTES
 from lazybuild.image import Descriptor
 from lazybuild.mounter.cache import ChunkCache
 from lazybuild.mounter.layer import FetchedLayer, LayerError, LazyLayer, NotEStargz
@@ -132,11 +133,16 @@ class LazyLayers:
         for host in self.cfg.candidates(ref.host):
             try:
                 reg = self._registry(host)
-                size = source.size or reg.blob_size(ref.repository, source.digest)
-                if size is None:
-                    raise LayerError(f"{reg.blob_url(ref.repository, source.digest)} answered 404: no such blob")
+                size, tail = source.size, b""
+                if not size and not os.path.isdir(self._toc_dir(source.digest)):
+                    # size and the tail holding footer and TOC in one request (no HEAD)
+                    size, tail = reg.read_tail(ref.repository, source.digest, TAIL_READ_BYTES)
+                elif not size:
+                    size = reg.blob_size(ref.repository, source.digest)
+                    if size is None:
+                        raise LayerError(f"{reg.blob_url(ref.repository, source.digest)} answered 404: no such blob")
                 desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size)
-                return LazyLayer.fetch(0, reg, ref.repository, desc, toc_dir=self._toc_dir(source.digest))
+                return LazyLayer.fetch(0, reg, ref.repository, desc, toc_dir=self._toc_dir(source.digest), tail=tail)
             except NotEStargz:
                 raise  # no mirror will make it one
             except FALLBACK_ERRORS as e:
@@ -185,6 +191,7 @@ class LazyLayers:
                 log.error("snapshot %d: %s", sid, self.unavailable[sid])
                 self.tree.fail(name)
                 return
+            layer.read_around = self.cfg.read_around_bytes
             chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
             layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
             for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it

@@ -119,7 +119,10 @@ class LayerReader:
         def read(offset: int, length: int) -> bytes:
             if offset >= tail_start:
                 return tail[offset - tail_start: offset - tail_start + length]
-            return self.blob.read_at(offset, length)
+            if offset + length <= tail_start:
+                return self.blob.read_at(offset, length)
+            # a TOC longer than the tail: fetch only the part before it
+            return self.blob.read_at(offset, tail_start - offset) + tail[:offset + length - tail_start]
 
         reasons = []
         for kind, parse, footer_size in (

@@ -6,6 +6,7 @@
     background_fetch = true         # then the rest, once no read has come for background_idle_seconds
     background_idle_seconds = 5.0
     read_around_bytes = 65536       # a read miss also fetches the uncached chunks in its aligned window
+                                    # (layers without a prefetch landmark only)
     timeout_seconds = 30.0          # per registry request
     insecure_skip_verify = false    # mount layers without a TOC digest annotation (unverified TOC)
 

@@ -191,7 +191,10 @@ class LazyLayers:
                 log.error("snapshot %d: %s", sid, self.unavailable[sid])
                 self.tree.fail(name)
                 return
-            layer.read_around = self.cfg.read_around_bytes
+            # An optimized layer already brings what its workload reads in the prefetch; its later misses
+            # are scattered, so reading around them would only add bytes.
+            optimized = layer.reader.lookup(estargz.PREFETCH_LANDMARK) is not None
+            layer.read_around = 0 if optimized else self.cfg.read_around_bytes
             chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
             layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
             for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it

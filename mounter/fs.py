@@ -54,7 +54,10 @@ class LazyFS(pyfuse3.Operations):
         its build failed)."""
         ready = getattr(self.tree, "ready", None)
         if ready is not None and not ready(ino):
-            if not await trio.to_thread.run_sync(self.tree.wait_ready, ino):
+            started = trio.current_time()
+            ok = await trio.to_thread.run_sync(self.tree.wait_ready, ino)
+            log.debug("waited %.1f ms for layer directory %d", (trio.current_time() - started) * 1000, ino)
+            if not ok:
                 raise pyfuse3.FUSEError(errno.EIO)
 
     def _inode(self, ino: int) -> Inode:

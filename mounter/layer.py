@@ -269,7 +269,10 @@ class LazyLayer:
                 merged[-1][1] = max(merged[-1][1], b)
             else:
                 merged.append([a, b])
+        started = time.monotonic()
         parts = self.remote.read_many([(a, b) for a, b in merged])
+        log.debug("layer %d: %d chunks (%d read around) in %d ranges, %d bytes, %.1f ms", self.index, len(every),
+                  len(every) - len(chunks), len(merged), sum(len(p) for p in parts), (time.monotonic() - started) * 1000)
         out = {}
         for c in every:
             a, b = self.reader.compressed_range(c)

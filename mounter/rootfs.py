@@ -165,7 +165,7 @@ class LayersTree(MergedTree):
         nodes = list(layer.reader.walk())
         names = {n.path for n in nodes}
         for node in nodes:
-            base, parent = posixpath.basename(node.path), posixpath.dirname(node.path)
+            parent, _, base = node.path.rpartition("/")  # normalized paths: dirname, basename
             pdir = by_path[parent]
             if base == OPAQUE:
                 pdir.entry = _with_xattr(pdir.entry, "trusted.overlay.opaque", b"y")

@@ -223,14 +223,15 @@ class LayerReader:
         for path in list(self.nodes):
             if path == "":
                 continue
-            parent = self._dir(posixpath.dirname(path))
+            dirname, _, basename = path.rpartition("/")  # paths are normalized: dirname/basename
+            parent = self._dir(dirname)
             node = self.nodes[path]
             if node.entry.type == "hardlink":
                 target = self.nodes.get(safe_name(node.entry.link_name, f"hardlink {path!r} target"))
                 if target is None or target.entry.type in ("hardlink", "dir"):
                     raise FormatError(f"{self.name}: hardlink {path!r} -> {node.entry.link_name!r}: no such file")
                 node.entry = target.entry
-            parent.children[posixpath.basename(path)] = node
+            parent.children[basename] = node
         # nlink: names per file; 2 + subdirectories per directory.
         by_entry: dict[int, int] = {}
         for node in self.nodes.values():
@@ -245,7 +246,8 @@ class LayerReader:
         node = self.nodes.get(path)
         if node is None:  # an implicit parent: the reference makes it 0755 root:root
             node = self.nodes[path] = Node(path, TOCEntry(name=path + "/", type="dir", mode=0o755, path=path))
-            self._dir(posixpath.dirname(path)).children[posixpath.basename(path)] = node
+            dirname, _, basename = path.rpartition("/")
+            self._dir(dirname).children[basename] = node
         elif node.entry.type == "symlink":
             # Go would hang children on the symlink; followed on disk they would land wherever it points.
             raise UnsafeEntryError(f"{self.name}: entries lie under the symlink {path!r} -> {node.entry.link_name!r}")

@@ -105,38 +105,29 @@ class TOCEntry:
 
     @classmethod
     def from_json(cls, d: dict) -> "TOCEntry":
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("type"), str):
+        # Hot at every mount (one call per entry): plain lookups, positional arguments in field order.
+        if not isinstance(d, dict):
+            raise FormatError(f"TOC entry without a name or type: {d!r:.200}")
+        name, typ = d.get("name"), d.get("type")
+        if not isinstance(name, str) or not isinstance(typ, str):
             raise FormatError(f"TOC entry without a name or type: {d!r:.200}")
         xattrs = {}
-        for k, v in (d.get("xattrs") or {}).items():
-            try:
-                xattrs[k] = base64.b64decode(v, validate=True)
-            except (ValueError, TypeError) as e:
-                raise FormatError(f"TOC entry {d['name']!r}: xattr {k!r} is not base64") from e
+        raw_xattrs = d.get("xattrs")
+        if raw_xattrs:
+            for k, v in raw_xattrs.items():
+                try:
+                    xattrs[k] = base64.b64decode(v, validate=True)
+                except (ValueError, TypeError) as e:
+                    raise FormatError(f"TOC entry {name!r}: xattr {k!r} is not base64") from e
+        get = d.get
         try:
-            return cls(
-                name=d["name"],
-                type=d["type"],
-                size=int(d.get("size", 0)),
-                modtime=d.get("modtime", "") or "",
-                link_name=d.get("linkName", "") or "",
-                mode=int(d.get("mode", 0)),
-                uid=int(d.get("uid", 0)),
-                gid=int(d.get("gid", 0)),
-                user_name=d.get("userName", "") or "",
-                group_name=d.get("groupName", "") or "",
-                offset=int(d.get("offset", 0)),
-                inner_offset=int(d.get("innerOffset", 0)),
-                dev_major=int(d.get("devMajor", 0)),
-                dev_minor=int(d.get("devMinor", 0)),
-                xattrs=xattrs,
-                digest=d.get("digest", "") or "",
-                chunk_offset=int(d.get("chunkOffset", 0)),
-                chunk_size=int(d.get("chunkSize", 0)),
-                chunk_digest=d.get("chunkDigest", "") or "",
-            )
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"TOC entry {d['name']!r}: bad field: {e}") from e
+            return cls(name, typ, int(get("size", 0)), get("modtime") or "", get("linkName") or "",
+                       int(get("mode", 0)), int(get("uid", 0)), int(get("gid", 0)), get("userName") or "",
+                       get("groupName") or "", int(get("offset", 0)), int(get("innerOffset", 0)),
+                       int(get("devMajor", 0)), int(get("devMinor", 0)), xattrs, get("digest") or "",
+                       int(get("chunkOffset", 0)), int(get("chunkSize", 0)), get("chunkDigest") or "")
+        except (TypeError, ValueError, AttributeError) as e:
+            raise FormatError(f"TOC entry {name!r}: bad field: {e}") from e
 
 
 def clean_name(name: str) -> str:
@@ -150,6 +141,9 @@ def safe_name(name: str, what: str = "entry") -> str:
     Go folds `../x` into `x`; a layer that says `../x` was made to escape, so we name it instead.
     A leading `/` is kept relative to the root, as GNU tar and the reference do.
     """
+    stem = name[:-1] if name.endswith("/") else name
+    if stem and stem[0] not in "./" and "//" not in stem and "/." not in stem and not stem.endswith("/"):
+        return stem  # already what clean_name gives (the usual case): no "", ".", ".." parts, no leading "/"
     depth = 0
     for part in name.split("/"):
         if part == "..":

@@ -29,6 +29,7 @@ from lazybuild.mounter.cache import ChunkCache
 from lazybuild.mounter.layer import FetchedLayer, LayerError, LazyLayer, NotEStargz
 from lazybuild.mounter.rootfs import LayerDirs
 from lazybuild.registry import Reference, Registry, RegistryError
+from lazybuild.registry.client import system_tls_context
 
 from .config import Config, Host
 
@@ -97,7 +98,8 @@ class LazyLayers:
         """Load the HTTP and TLS stacks once at start (the first registry client otherwise costs ~0.1 s
         inside the first Prepare)."""
         def load():
-            with httpx.Client(verify=True):
+            system_tls_context()
+            with httpx.Client(verify=system_tls_context()):
                 pass
         threading.Thread(target=load, daemon=True, name="warm-up").start()
 

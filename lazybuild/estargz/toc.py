@@ -141,7 +141,8 @@ def safe_name(name: str, what: str = "entry") -> str:
     Go folds `../x` into `x`; a layer that says `../x` was made to escape, so we name it instead.
     A leading `/` is kept relative to the root, as GNU tar and the reference do.
     """
-    stem = name[:-1] if name.endswith("/") else name
+    stem = name[2:] if name.startswith("./") else name  # tar's "./usr/bin/" form
+    stem = stem[:-1] if stem.endswith("/") else stem
     if stem and stem[0] not in "./" and "//" not in stem and "/." not in stem and not stem.endswith("/"):
         return stem  # already what clean_name gives (the usual case): no "", ".", ".." parts, no leading "/"
     depth = 0

@@ -248,6 +248,22 @@ def cmd_snapshotter(args) -> int:
     return server.serve(args.address, args.root, cfg, lazy_layers=not args.no_lazy)
 
 
+def cmd_rpull(args) -> int:
+    import grpc
+
+    from .snapshotter import pull
+
+    try:
+        report = pull.rpull(args.ref, args.address, args.namespace, args.snapshotter, _platform(args), args.insecure,
+                            args.name)
+    except pull.PullError as e:
+        raise SystemExit(f"lazybuild rpull: {e}")
+    except grpc.RpcError as e:
+        raise SystemExit(f"lazybuild rpull: containerd at {args.address} answered {e.code().name}: {e.details()}")
+    pull.main_report(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
@@ -339,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--no-lazy", action="store_true", help="no remote snapshots: a plain overlayfs snapshotter")
     sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sn.set_defaults(func=cmd_snapshotter)
+    rp = sub.add_parser("rpull", help="pull an image into containerd with remote-snapshot labels, so a lazy "
+                        "snapshotter (lazybuild snapshotter, stargz) serves its layers without downloading them")
+    rp.add_argument("ref", metavar="REF")
+    rp.add_argument("--address", "-a", metavar="SOCK", default="/run/containerd/containerd.sock",
+                    help="containerd's socket (default /run/containerd/containerd.sock)")
+    rp.add_argument("--namespace", "-n", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
+    rp.add_argument("--snapshotter", default="lazybuild", help="containerd snapshotter to unpack into (default lazybuild)")
+    rp.add_argument("--name", metavar="NAME", help="image name in containerd (default: REF)")
+    rp.add_argument("--platform", metavar="P")
+    rp.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
+    rp.set_defaults(func=cmd_rpull)
     i = sub.add_parser("inspect", help="print the manifest and config of an image in a registry as JSON")
     i.add_argument("ref", metavar="REF")
     i.add_argument("--platform", metavar="P")

@@ -218,6 +218,31 @@ def test_removing_the_image_frees_layers_and_cache(daemons, images):
     assert lazybuild_mounts(sn.root) == [os.path.join(os.path.realpath(sn.root), "fuse")]
 
 
+def test_lazybuild_rpull_without_the_reference_client(daemons, images):
+    """`lazybuild rpull` attaches the remote-snapshot labels itself through containerd's API: eStargz layers
+    are served lazily, a gzip image is downloaded, applied by containerd's diff service and committed."""
+    import json
+
+    sn, ctd = daemons
+    esgz, legacy = f"{images.host}/sn/py:esgz", f"{images.host}/sn/py:legacy"
+    report = json.loads(lazybuild("rpull", "--address", ctd.sock, esgz))
+    assert [l["how"] for l in report["layers"]] == ["lazy", "lazy"]
+    assert esgz in ctd.ctr("images", "ls").stdout
+    assert run(ctd, esgz, "rp1", "sh", "-c", "python3 -c 'print(1)'; cat /hello.txt").split("\n")[:2] == \
+        ["1", "hello from the top layer"]
+    wait(lambda: len(sn.status()["layers"]) == 2, "both layers to be served lazily")
+    report = json.loads(lazybuild("rpull", "--address", ctd.sock, legacy))
+    assert [l["how"] for l in report["layers"]] == ["downloaded", "downloaded"]
+    assert run(ctd, legacy, "rp2", "sh", "-c", "test -e /etc/motd || echo motd-gone").strip() == "motd-gone"
+    again = json.loads(lazybuild("rpull", "--address", ctd.sock, legacy))
+    assert [l["how"] for l in again["layers"]] == ["present", "present"]
+    ctd.ctr("images", "rm", "--sync", esgz, legacy)
+    wait(lambda: not sn.status()["layers"], "the lazy layers to be removed with the image")
+    r = subprocess.run(LAZYBUILD + ["rpull", "--address", "/nonexistent.sock", esgz], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "/nonexistent.sock" in r.stderr
+
+
 def wait(pred, what: str, timeout_s: float = 20) -> None:
     import time
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 

@@ -115,13 +115,15 @@ class LazyLayers:
 
     def _registry(self, host: Host) -> Registry:
         key = (host.host, host.insecure)
-        with self._lock:
-            reg = self._registries.get(key)
-            if reg is None:
-                reg = self._registries[key] = Registry(host.host, insecure=host.insecure,
-                                                       loopback=True if host.insecure else None,
-                                                       timeout_s=self.cfg.timeout_seconds)
-            return reg
+        reg = self._registries.get(key)
+        if reg is None:  # made outside the lock: it may probe the host (TLS or plain HTTP) for a while
+            made = Registry(host.host, insecure=host.insecure, loopback=True if host.insecure else None,
+                            timeout_s=self.cfg.timeout_seconds)
+            with self._lock:
+                reg = self._registries.setdefault(key, made)
+            if reg is not made:
+                made.close()
+        return reg
 
     def _toc_dir(self, digest: str) -> str:
         return os.path.join(self.tocs, digest.replace(":", "-"))

@@ -81,6 +81,10 @@ def load(path: str | None) -> Config:
                 raise ConfigError(f"{path}: {key} must be a {want.__name__}, not {value!r}")
             setattr(cfg, key, value)
     for host, spec in (doc.get("resolver", {}).get("host") or {}).items():
+        stray = sorted(set(spec) - {"insecure", "mirrors"})
+        if stray:  # usually a top-level setting written after a [resolver.host."..."] header
+            raise ConfigError(f"{path}: resolver.host.{host!r} has unknown key(s) {', '.join(stray)} (known: insecure, "
+                              "mirrors); top-level settings go before the first [section]")
         if spec.get("insecure"):
             cfg.insecure_hosts.add(host)
         for m in spec.get("mirrors") or []:

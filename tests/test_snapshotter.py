@@ -291,3 +291,26 @@ def test_list_filters_as_containerd_writes_them(tmp_path):
     with pytest.raises(SnapshotError):
         core.update("A", {}, ["parent"])
     core.close()
+
+
+def test_config_file(tmp_path):
+    from lazybuild.snapshotter import config
+
+    good = tmp_path / "good.toml"
+    good.write_text('prefetch = false\nbackground_idle_seconds = 2\n'
+                    '[resolver.host."10.0.0.5:5000"]\n  insecure = true\n'
+                    '[[resolver.host."registry.example.com".mirrors]]\n  host = "mirror:5000"\n  insecure = true\n')
+    cfg = config.load(str(good))
+    assert cfg.prefetch is False and cfg.background_idle_seconds == 2.0
+    assert [(h.host, h.insecure) for h in cfg.candidates("registry.example.com")] == \
+        [("mirror:5000", True), ("registry.example.com", False)]
+    assert [(h.host, h.insecure) for h in cfg.candidates("10.0.0.5:5000")] == [("10.0.0.5:5000", True)]
+    for text, needle in (("prefetch = 1\n", "prefetch must be a bool"),
+                         ("cache_limit = 5\n", "unknown setting(s) cache_limit"),
+                         ('[resolver.host."h:1"]\ninsecure = true\nprefetch = false\n', "top-level settings go before"),
+                         ("prefetch = \n", "bad.toml")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(config.ConfigError) as e:
+            config.load(str(bad))
+        assert needle in str(e.value), str(e.value)

@@ -294,6 +294,11 @@ class LayerDirs(LayersTree):
     def __contains__(self, name: str) -> bool:
         return name in self._owned
 
+    def built(self) -> dict[str, LazyLayer]:
+        """The layers whose directories are built, by name."""
+        with self._lock:
+            return {name: self.layers[slot] for name, (slot, _) in self._owned.items() if slot is not None}
+
 
 def _with_xattr(entry: TOCEntry, key: str, value: bytes) -> TOCEntry:
     import dataclasses

@@ -241,7 +241,7 @@ class LazyLayers:
 
     def usage(self, sid: int) -> tuple[int, int]:
         """(bytes, inodes) of a lazy layer's files, as if unpacked (0, 0 while it is being built)."""
-        layer = self._by_sid().get(sid)
+        layer = self.tree.built().get(str(sid))
         if layer is None:
             return 0, 0
         entries = [e for e in layer.reader.entries if e.type != "chunk"]
@@ -284,12 +284,4 @@ class LazyLayers:
         return freed
 
     def stats(self) -> dict:
-        return {str(sid): layer.stats.to_json() for sid, layer in self._by_sid().items()}
-
-    def _by_sid(self) -> dict[int, LazyLayer]:
-        out = {}
-        for name, (slot, _) in list(self.tree._owned.items()):
-            layer = self.tree.layers.get(slot)
-            if layer is not None:
-                out[int(name)] = layer
-        return out
+        return {name: layer.stats.to_json() for name, layer in self.tree.built().items()}

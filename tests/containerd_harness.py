@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 from images import CACHE
+from procs import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHOR = os.path.join(os.path.dirname(REPO), "shared", "tools", "stargz-anchor", "anchor-bench.sh")
@@ -63,14 +63,8 @@ class Snapshotter:
             raise RuntimeError(f"snapshotter exited: {self.logs()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc:
+            stop_process(self.proc)
             self.log.close()
         self.proc = None
 
@@ -140,12 +134,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                  timeout_s, "containerd's connection to the restarted snapshotter")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         # containerd leaves its shims' rootfs mounts only if a task is still running; none should be
         for line in reversed(open("/proc/self/mountinfo").read().splitlines()):

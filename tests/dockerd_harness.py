@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 import time
 
+from procs import stop_process
+
 DOCKER = "/usr/bin/docker"  # the 20.10 CLI; another `docker` on PATH may need buildx, which is absent
 
 
@@ -78,12 +80,7 @@ class Dockerd:
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         subprocess.run(["umount", "-R", self.exec_root], capture_output=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)

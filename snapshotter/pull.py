@@ -84,8 +84,8 @@ class Containerd:
             return method(request, metadata=self.metadata, timeout=600)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
-                raise PullError(f"containerd at {self.address} is not reachable ({e.details()}); is it running, "
-                                "and is this its socket (--address)?") from None
+                raise PullError(f"containerd at {self.address} is not reachable ({what}: {e.details()}); is it "
+                                "running, and is this its socket (--address)?") from None
             raise
 
     def write(self, data_pieces, total: int, digest: str, labels: dict[str, str]) -> None:

@@ -225,6 +225,8 @@ def test_lazybuild_rpull_without_the_reference_client(daemons, images):
 
     sn, ctd = daemons
     esgz, legacy = f"{images.host}/sn/py:esgz", f"{images.host}/sn/py:legacy"
+    ctd.ctr("images", "rm", "--sync", esgz, legacy, check=False)  # whatever an earlier test pulled
+    wait(lambda: not sn.status()["layers"], "earlier lazy layers to be removed")
     report = json.loads(lazybuild("rpull", "--address", ctd.sock, esgz))
     assert [l["how"] for l in report["layers"]] == ["lazy", "lazy"]
     assert esgz in ctd.ctr("images", "ls").stdout

@@ -6,10 +6,11 @@ their parsed JSON; new ones are serialized once, compactly, and those bytes are 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform as _platform
 from dataclasses import dataclass, field
+
+from .digest import check_digest, sha256_digest  # noqa: F401  (sha256_digest re-exported for the model's users)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -31,15 +32,6 @@ ACCEPT_MANIFESTS = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIF
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def check_digest(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
-        raise ValueError(f"{digest!r} is not a sha256 digest")
-    return digest
 
 
 def canonical_json(obj) -> bytes:

@@ -77,3 +77,16 @@ def frontend_image(dockerd, registry) -> str:
     from dockerd_harness import push_frontend_image
 
     return push_frontend_image(dockerd, f"{registry.host}/lazybuild:test")
+
+
+@pytest.fixture
+def canary():
+    """A host tree outside the test's roots (see canary.py); checked untouched after the test."""
+    from canary import Canary
+
+    c = Canary()
+    yield c
+    try:
+        c.check()
+    finally:
+        c.remove()

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from lazybuild import estargz
+from lazybuild.digest import InvalidDigest, check_digest, digest_hex
 from lazybuild.estargz import LayerReader, TOCEntry
 from lazybuild.image import Descriptor
 from lazybuild.registry import Registry
@@ -88,11 +89,25 @@ class _KeptReads:
             data = self.tail[start:start + length]
         else:
             data = self.blob.read_at(offset, length)
-        os.makedirs(self.dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        # Keeping is an optimisation (a restart without the registry): a full or read-only disk only
+        # costs the next open a fetch. What is kept is checked against the TOC digest when replayed.
+        tmp = None
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            log.warning("cannot keep the TOC read %s of %s (%s); it is fetched again at the next open",
+                        os.path.basename(path), self.blob.digest, e.strerror or e)
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         return data
 
 
@@ -127,6 +142,23 @@ class LazyLayer:
     last_read: float = 0.0
     _by_offset: tuple | None = None  # payload chunks sorted by offset, and their offsets (for bisect)
     read_around: int = 0  # > 0: a miss also brings the uncached chunks of its aligned window of this size
+
+    def __post_init__(self) -> None:
+        # Every chunk key becomes a cache file name and a lock: a TOC written by a stranger could say
+        # `sha256:../../etc/shadow`. The layer is refused here, whole, rather than at some later read
+        # (a FormatError: the CLI prints it, the snapshotter falls back to containerd's download).
+        for chunks in self.reader.chunks.values():
+            for c in chunks:
+                key = self.key(c)
+                what = f"{self.reader.name}: {c.path!r} chunk at {c.chunk_offset}"
+                if not key:
+                    raise estargz.FormatError(f"{what} has no chunkDigest to verify it by; the layer cannot be "
+                                              "served (convert the image with `lazybuild convert`)")
+                try:
+                    check_digest(key, f"{what}: chunkDigest")
+                except InvalidDigest as e:
+                    raise estargz.FormatError(f"{e}; the TOC is malformed or hostile, the layer is not mounted") \
+                        from None
 
     @classmethod
     def open(cls, index: int, registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache,
@@ -175,7 +207,7 @@ class LazyLayer:
     def _fetch_whole(cls, index, registry, repository, desc, cache, workdir, stats) -> "LazyLayer":
         """Not eStargz: download once, convert locally (kept beside the cache, by layer digest), serve from it."""
         stats.lazy = False
-        local = os.path.join(workdir, "layers", desc.digest.split(":", 1)[1] + ".esgz")
+        local = os.path.join(workdir, "layers", digest_hex(desc.digest) + ".esgz")
         os.makedirs(os.path.dirname(local), exist_ok=True)
         if not os.path.exists(local):
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=".download-") as tmp:
@@ -189,7 +221,13 @@ class LazyLayer:
 
     @staticmethod
     def key(chunk: TOCEntry) -> str:
-        return chunk.chunk_digest or chunk.digest
+        """The digest the chunk is verified by (as LayerReader.decode_chunk picks it), hence its cache key:
+        a file's whole digest only when the file is one chunk, "" when there is nothing to verify."""
+        if chunk.chunk_digest:
+            return chunk.chunk_digest
+        if chunk.type == "reg" and chunk.chunk_size == chunk.size:
+            return chunk.digest
+        return ""
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._guard:
@@ -199,6 +237,23 @@ class LazyLayer:
         """One lock per distinct chunk digest (identical files share one: taking it twice would hang),
         in digest order, so two loads of overlapping chunk sets never wait on each other in a cycle."""
         return [self._lock_for(k) for k in sorted({self.key(c) for c in chunks})]
+
+    def lock_chunks(self, chunks: list[TOCEntry]) -> None:
+        """Take the locks of `chunks` (for prefetch(locked=True), which releases each one): all of them,
+        or none if taking them fails."""
+        held = []
+        try:
+            for lk in self._locks_for(chunks):
+                lk.acquire()
+                held.append(lk)
+        except BaseException:
+            for lk in held:
+                lk.release()
+            raise
+
+    def unlock_chunks(self, chunks: list[TOCEntry]) -> None:
+        for lk in self._locks_for(chunks):
+            lk.release()
 
     def read(self, path: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the regular file `path` of this layer, every one verified."""
@@ -239,10 +294,11 @@ class LazyLayer:
                 missing.append(c)
         if not missing:
             return out
-        locks = self._locks_for(missing)
-        for lk in locks:  # concurrent readers of one chunk fetch it once
-            lk.acquire()
+        held = []
         try:
+            for lk in self._locks_for(missing):  # concurrent readers of one chunk fetch it once
+                lk.acquire()
+                held.append(lk)
             still = []
             for c in missing:
                 hit = self.cache.get(self.key(c))
@@ -252,8 +308,8 @@ class LazyLayer:
                     still.append(c)
             if still:
                 out.update(self._fetch(still))
-        finally:
-            for lk in locks:
+        finally:  # every lock taken is given back, whatever failed: a held lock hangs every later reader
+            for lk in held:
                 lk.release()
         return out
 
@@ -317,6 +373,8 @@ class LazyLayer:
         return self._by_offset
 
     def _store(self, chunk: TOCEntry, data: bytes) -> bytes:
+        """Cache a verified chunk and return it: served even when the disk cannot keep it (put never
+        raises for the disk)."""
         self.cache.put(self.key(chunk), data)
         return data
 
@@ -352,8 +410,7 @@ class LazyLayer:
             unique.setdefault(self.key(c), c)
         chunks = sorted(unique.values(), key=lambda c: c.offset)
         if not locked:
-            for lk in self._locks_for(chunks):
-                lk.acquire()
+            self.lock_chunks(chunks)
         pending = [(c, self._lock_for(self.key(c))) for c in chunks]
         end = max(c.compressed_end for c in chunks)
         buf = bytearray()
@@ -369,7 +426,8 @@ class LazyLayer:
                         self._store(chunk, self.reader.decode_chunk(chunk, bytes(buf[a:b])))
                     except estargz.EStargzError as e:
                         log.error("prefetch of layer %d: %s", self.index, e)  # its reader will fetch and fail alone
-                    lk.release()
+                    finally:  # released whatever storing did: readers of this chunk wait on it
+                        lk.release()
         except Exception as e:  # the mount still serves: readers fetch what the prefetch did not bring
             log.warning("prefetch of layer %d stopped: %s", self.index, e)
         finally:

@@ -93,10 +93,14 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     if opts.prefetch:
         for layer in tree.layers:
             chunks = layer.prefetch_chunks()
-            for c in chunks:
-                layer._lock_for(layer.key(c)).acquire()
+            layer.lock_chunks(chunks)
             prefetching.append((layer, chunks))
-    pyfuse3.init(fs, mountpoint, options)
+    try:
+        pyfuse3.init(fs, mountpoint, options)
+    except BaseException:  # no prefetch will run to release them
+        for layer, chunks in prefetching:
+            layer.unlock_chunks(chunks)
+        raise
     stop = threading.Event()
     workers = []
     for layer, chunks in prefetching:

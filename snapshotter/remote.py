@@ -4,16 +4,20 @@ served lazily as one directory of the snapshotter's single FUSE mount.
 Labels (containerd copies every layer annotation under `containerd.io/snapshot/` onto the Prepare):
 `containerd.io/snapshot/remote/stargz.reference|.digest|.layers` as ctr-remote, nerdctl and BuildKit
 set them, or CRI's `containerd.io/snapshot/cri.image-ref|.layer-digest|.image-layers`, plus the
-manifest's `containerd.io/snapshot/stargz/toc.digest`, against which the TOC is verified.
+manifest's `containerd.io/snapshot/stargz/toc.digest`, against which the TOC is verified. Every one of
+them is checked (exact digests, a strictly parsed reference) before it names a file or a fetch; see
+LayerSource.from_labels for which source wins under CRI.
 
-A layer's footer and TOC reads are kept under ROOT/tocs/<digest> and its chunks in the shared chunk
-cache, so after a restart a layer opens without the registry and serves whatever the cache holds.
+A layer's footer and TOC reads are kept under ROOT/tocs/sha256-<hex> and its chunks in the shared chunk
+cache, so after a restart a layer opens without the registry and serves whatever the cache holds. What
+is kept is checked again when it is read back: directory names, the chunk lists, the TOC digest.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from lazybuild import estargz
+from lazybuild.digest import check_digest, digest_hex, is_digest
 from lazybuild.estargz.reader import TAIL_READ_BYTES
 from lazybuild.image import Descriptor
 from lazybuild.mounter.cache import ChunkCache
@@ -37,12 +42,62 @@ log = logging.getLogger("lazybuild.snapshotter")
 
 REF_LABEL = "containerd.io/snapshot.ref"  # the chain ID containerd will look the snapshot up by
 REMOTE_LABEL = "containerd.io/snapshot/remote"  # marks our committed remote snapshots, as stargz does
-_SOURCES = [  # (reference, layer digest, image layers) label triples, in the order they are tried
-    ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/remote/stargz.digest",
-     "containerd.io/snapshot/remote/stargz.layers"),
-    ("containerd.io/snapshot/cri.image-ref", "containerd.io/snapshot/cri.layer-digest",
-     "containerd.io/snapshot/cri.image-layers"),
-]
+STARGZ_REF, STARGZ_DIGEST, STARGZ_LAYERS = (f"containerd.io/snapshot/remote/stargz.{k}"
+                                            for k in ("reference", "digest", "layers"))
+CRI_REF, CRI_DIGEST, CRI_LAYERS = (f"containerd.io/snapshot/cri.{k}" for k in ("image-ref", "layer-digest",
+                                                                               "image-layers"))
+TOC_LABEL = estargz.TOC_DIGEST_ANNOTATION
+_DIGEST_LABELS = (STARGZ_DIGEST, CRI_DIGEST, TOC_LABEL)
+_LIST_LABELS = (STARGZ_LAYERS, CRI_LAYERS)
+_REF_LABELS = (STARGZ_REF, CRI_REF)
+LABEL_VALUE_MAX = 4096  # containerd refuses longer labels (key + value), so none of ours is longer
+# host[:port] of a reference: DNS labels or a bracketed IPv6 address; nothing that could turn the
+# registry URL into another one (userinfo, a path, a query, spaces)
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                      r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_KEPT_RE = re.compile(r"sha256-[0-9a-f]{64}")  # the names _toc_dir makes, the only ones cleanup touches
+
+
+class LabelError(ValueError):
+    """A Prepare label that cannot be used: the message names the label and what was wrong."""
+
+
+def _strict_reference(label: str, text: str) -> str:
+    if not text or len(text) > LABEL_VALUE_MAX or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise LabelError(f"label {label}: {text[:200]!r} is not an image reference")
+    try:
+        ref = Reference.parse(text)
+    except ValueError as e:
+        raise LabelError(f"label {label}: {e}") from None
+    if not _HOST_RE.fullmatch(ref.host):
+        raise LabelError(f"label {label}: {ref.host!r} in {text[:200]!r} is not a registry host[:port]")
+    return text
+
+
+def _digest_list(label: str, value: str) -> list[str]:
+    if len(value) > LABEL_VALUE_MAX:
+        raise LabelError(f"label {label}: {len(value)} characters, more than containerd allows ({LABEL_VALUE_MAX})")
+    if not value:
+        return []
+    return [check_digest(d, f"label {label}, item {i}") for i, d in enumerate(value.split(","))]
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    """Refuse (LabelError, naming the label) a Prepare whose remote-snapshot labels are not exact digests
+    and references: they become file names under ROOT/tocs, cache keys and registry requests. All
+    present ones are checked, also those that lose to CRI's: a malformed one marks a hostile image."""
+    try:
+        for name in _DIGEST_LABELS:
+            if name in labels:
+                check_digest(labels[name], f"label {name}")
+        for name in _LIST_LABELS:
+            if name in labels:
+                _digest_list(name, labels[name])
+    except ValueError as e:
+        raise LabelError(str(e)) from None
+    for name in _REF_LABELS:
+        if name in labels:
+            _strict_reference(name, labels[name])
 # errors that mean "this layer cannot be served lazily now": containerd then downloads it
 FALLBACK_ERRORS = (LayerError, RegistryError, estargz.EStargzError, httpx.HTTPError, OSError, ValueError)
 
@@ -57,12 +112,28 @@ class LayerSource:
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> "LayerSource | None":
-        for ref_label, digest_label, layers_label in _SOURCES:
-            if ref_label in labels and digest_label in labels:
-                digest = labels[digest_label]
-                others = [d for d in labels.get(layers_label, "").split(",") if d and d != digest]
-                return cls(labels[ref_label], digest, labels.get(estargz.TOC_DIGEST_ANNOTATION, ""), others)
-        return None
+        """Where the layer comes from, or None (containerd downloads it). Raises LabelError.
+
+        Who writes which label matters: containerd's unpacker copies each layer's own annotations under
+        `containerd.io/snapshot/` onto its Prepare, so an image's author can write any of these. Under
+        Kubernetes, the CRI plugin (with `disable_snapshot_annotations = false`) sets cri.image-ref,
+        cri.layer-digest and cri.image-layers itself, from the pull the kubelet asked for, over whatever
+        the image said. So whenever a cri.* source label is present, the CRI triple alone decides, and
+        the stargz.* labels are ignored, never a fallback: an image's annotations must not choose which
+        registry (fetched with this node's credentials) or which layer is served. Without CRI, the
+        stargz.* labels are what ctr-remote, nerdctl, BuildKit and `lazybuild rpull` set.
+        """
+        check_labels(labels)
+        if any(name in labels for name in (CRI_REF, CRI_DIGEST, CRI_LAYERS)):
+            triple = (CRI_REF, CRI_DIGEST, CRI_LAYERS)
+        else:
+            triple = (STARGZ_REF, STARGZ_DIGEST, STARGZ_LAYERS)
+        ref_label, digest_label, layers_label = triple
+        if ref_label not in labels or digest_label not in labels:
+            return None
+        digest = labels[digest_label]
+        others = [d for d in _digest_list(layers_label, labels.get(layers_label, "")) if d != digest]
+        return cls(labels[ref_label], digest, labels.get(TOC_LABEL, ""), others)
 
     @property
     def ref(self) -> Reference:
@@ -73,7 +144,19 @@ class LayerSource:
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerSource":
-        return cls(d["reference"], d["digest"], d.get("tocDigest", ""), [], d.get("size", 0))
+        """A source kept in the metadata store, checked as a label would be (an older store, or one
+        edited by hand, must not name other paths either). Raises LabelError."""
+        try:
+            digest = check_digest(d.get("digest"), "kept layer digest")
+            toc = d.get("tocDigest", "")
+            if toc:
+                check_digest(toc, "kept TOC digest")
+        except ValueError as e:
+            raise LabelError(str(e)) from None
+        size = d.get("size", 0)
+        if not isinstance(size, int) or size < 0:
+            raise LabelError(f"kept layer {digest}: size {size!r} is not a byte count")
+        return cls(_strict_reference("kept reference", str(d.get("reference", ""))), digest, toc, [], size)
 
 
 class LazyLayers:
@@ -85,6 +168,7 @@ class LazyLayers:
         self.root = root
         self.mountpoint = os.path.join(root, "fuse")
         self.tocs = os.path.join(root, "tocs")
+        self._drop_partial_writes()
         self.cache = ChunkCache(cfg.cache_dir or os.path.join(root, "cache"), cfg.cache_limit_bytes)
         self.tree = LayerDirs()
         self.unavailable: dict[int, str] = {}  # snapshot id -> why it cannot be served
@@ -126,7 +210,24 @@ class LazyLayers:
         return reg
 
     def _toc_dir(self, digest: str) -> str:
-        return os.path.join(self.tocs, digest.replace(":", "-"))
+        """ROOT/tocs/sha256-<hex>: only a checked digest names it (InvalidDigest otherwise)."""
+        return os.path.join(self.tocs, "sha256-" + digest_hex(digest))
+
+    def _drop_partial_writes(self) -> None:
+        """At start (one daemon per root): what a killed daemon was writing under ROOT/tocs never
+        became a kept file (they are renamed into place); remove the temporary files it left."""
+        if not os.path.isdir(self.tocs):
+            return
+        for name in os.listdir(self.tocs):
+            d = os.path.join(self.tocs, name)
+            if not _KEPT_RE.fullmatch(name) or os.path.islink(d) or not os.path.isdir(d):
+                continue
+            for f in os.listdir(d):
+                if f.startswith(".tmp-") or f.endswith(".tmp"):
+                    try:
+                        os.unlink(os.path.join(d, f))
+                    except OSError:
+                        pass
 
     # --- opening: fetch (footer + TOC, network) then build (parse + index, CPU) ---------------------------
 
@@ -178,6 +279,24 @@ class LazyLayers:
             raise LayerError(f"layer {source.digest} has no {estargz.TOC_DIGEST_ANNOTATION} label, so its TOC "
                              "cannot be verified (set insecure_skip_verify = true to mount it anyway)")
 
+    def fetch_verified(self, source: LayerSource) -> FetchedLayer:
+        """fetch() + check_toc(). A kept TOC that does not match its digest (a disk error, a hand edit) is
+        dropped and read from the registry once more instead of making the layer unavailable."""
+        kept = self._toc_dir(source.digest)
+        had_kept = os.path.isdir(kept)
+        fetched = self.fetch(source)
+        try:
+            self.check_toc(fetched, source)
+        except estargz.TOCDigestMismatch as e:
+            if not had_kept:
+                raise
+            log.warning("kept TOC of layer %s does not match its digest (%s); reading it from the registry again",
+                        source.digest, e)
+            shutil.rmtree(kept, ignore_errors=True)
+            fetched = self._fetch(source)
+            self.check_toc(fetched, source)
+        return fetched
+
     # --- serving -------------------------------------------------------------------------------------------
 
     def attach(self, sid: int, fetched: FetchedLayer, wait: bool = False) -> None:
@@ -201,11 +320,14 @@ class LazyLayers:
             layer.read_around = 0 if optimized else self.cfg.read_around_bytes
             chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
             layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
-            for c in chunks:  # reads of prefetched chunks wait for the stream instead of racing it
-                layer._lock_for(layer.key(c)).acquire()
-            if not self.tree.fill(name, layer):  # removed while it was being built
-                for c in chunks:
-                    layer._lock_for(layer.key(c)).release()
+            layer.lock_chunks(chunks)  # reads of prefetched chunks wait for the stream instead of racing it
+            try:
+                filled = self.tree.fill(name, layer)
+            except BaseException:
+                layer.unlock_chunks(chunks)
+                raise
+            if not filled:  # removed while it was being built
+                layer.unlock_chunks(chunks)
                 return
             stop = self._stops[sid] = threading.Event()
             if chunks:
@@ -228,10 +350,14 @@ class LazyLayers:
 
     def restore(self, sid: int, remote: dict) -> bool:
         """After a restart: open the layer from its kept TOC (the registry only for what is not kept)."""
-        source = LayerSource.from_json(remote)
         try:
-            fetched = self._fetch(source)
-            self.check_toc(fetched, source)
+            source = LayerSource.from_json(remote)
+        except LabelError as e:
+            self.unavailable[sid] = f"the metadata store's record is not usable: {e}"
+            log.error("snapshot %d: %s", sid, self.unavailable[sid])
+            return False
+        try:
+            fetched = self.fetch_verified(source)
         except FALLBACK_ERRORS as e:
             self.unavailable[sid] = f"layer {source.digest} of {source.reference}: {e}"
             log.warning("snapshot %d unavailable until its registry answers: %s", sid, self.unavailable[sid])
@@ -259,16 +385,31 @@ class LazyLayers:
 
     def cleanup(self, live_digests: set[str]) -> int:
         """Free what only removed layers used: their kept TOC and their chunks (chunks that a live layer
-        shares stay); then trim the cache to its limit. Returns the bytes freed."""
-        def chunks_of(d: str) -> set[str]:
-            try:
-                with open(os.path.join(self.tocs, d, "chunks")) as f:
-                    return set(f.read().split())
-            except FileNotFoundError:
-                return set()
+        shares stay); then trim the cache to its limit. Returns the bytes freed.
 
-        names = os.listdir(self.tocs) if os.path.isdir(self.tocs) else []
-        live_names = {d.replace(":", "-") for d in live_digests}
+        Nothing is deleted by a name that was not checked: only ROOT/tocs/sha256-<hex> directories
+        (anything else there is left and reported), and only chunks whose listed key is an exact digest."""
+        def chunks_of(d: str) -> set[str]:
+            path = os.path.join(self.tocs, d, "chunks")
+            try:
+                with open(path) as f:
+                    listed = f.read().split()
+            except OSError:
+                return set()
+            bad = [k for k in listed if not is_digest(k)]
+            if bad:
+                log.warning("cleanup: %s lists %d key(s) that are not digests (first %r); they are ignored",
+                            path, len(bad), bad[0][:100])
+            return {k for k in listed if is_digest(k)}
+
+        names = []
+        for d in os.listdir(self.tocs) if os.path.isdir(self.tocs) else []:
+            if _KEPT_RE.fullmatch(d) and not os.path.islink(os.path.join(self.tocs, d)):
+                names.append(d)
+            else:
+                log.warning("cleanup: %s is not a kept TOC this snapshotter made; left alone",
+                            os.path.join(self.tocs, d))
+        live_names = {"sha256-" + digest_hex(d) for d in live_digests if is_digest(d)}
         keep: set[str] = set()
         for d in names:
             if d in live_names:

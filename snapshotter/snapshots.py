@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from .remote import REF_LABEL, REMOTE_LABEL, LayerSource, LazyLayers, FALLBACK_ERRORS
+from .remote import FALLBACK_ERRORS, REF_LABEL, REMOTE_LABEL, LabelError, LayerSource, LazyLayers, check_labels
 from .store import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotError, Store
 
 log = logging.getLogger("lazybuild.snapshotter")
@@ -91,6 +91,12 @@ class Snapshotter:
     # --- the API -------------------------------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        # The remote-snapshot labels come from the image (see LayerSource.from_labels): checked before
+        # anything is created or fetched, also when this Prepare would not serve the layer lazily.
+        try:
+            check_labels(labels)
+        except LabelError as e:
+            raise SnapshotError("invalid_argument", f"Prepare {key!r}: {e}; nothing was created") from None
         target = labels.get(REF_LABEL)
         if target and self.lazy is not None:
             source = LayerSource.from_labels(labels)
@@ -122,8 +128,7 @@ class Snapshotter:
             return False  # the ordinary path reports the missing parent
         started = time.monotonic()
         try:
-            fetched = self.lazy.fetch(source)
-            self.lazy.check_toc(fetched, source)  # verified before it is committed; parsed after
+            fetched = self.lazy.fetch_verified(source)  # verified before it is committed; parsed after
         except FALLBACK_ERRORS as e:
             log.info("layer %s of %s is downloaded by containerd (cannot serve it lazily: %s)",
                      source.digest, source.reference, e)

@@ -10,6 +10,7 @@ from .errors import (
     EStargzError,
     FooterError,
     FormatError,
+    LimitExceeded,
     PrioritizedFileNotFound,
     TOCDigestMismatch,
     UnsafeEntryError,
@@ -30,7 +31,7 @@ from .writer import DEFAULT_CHUNK_SIZE, LayerBlob, build, convert_file
 
 __all__ = [
     "Blob", "ChunkDigestMismatch", "DEFAULT_CHUNK_SIZE", "EStargzError", "FileBlob", "FooterError", "FormatError",
-    "LayerBlob", "LayerReader", "MEDIA_TYPE_GZIP", "MEDIA_TYPE_ZSTD", "NO_PREFETCH_LANDMARK", "Node",
+    "LayerBlob", "LayerReader", "LimitExceeded", "MEDIA_TYPE_GZIP", "MEDIA_TYPE_ZSTD", "NO_PREFETCH_LANDMARK", "Node",
     "PREFETCH_LANDMARK", "PrioritizedFileNotFound", "TOCDigestMismatch", "TOCEntry", "TOC_DIGEST_ANNOTATION",
     "UNCOMPRESSED_SIZE_ANNOTATION", "UnsafeEntryError", "UnsupportedEntryError", "build", "convert_file", "extract",
 ]

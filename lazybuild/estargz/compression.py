@@ -15,7 +15,7 @@ import threading
 import zstandard
 from zlib_ng import zlib_ng
 
-from .errors import FooterError, FormatError
+from .errors import FooterError, FormatError, LimitExceeded
 from .toc import (
     MEDIA_TYPE_GZIP,
     MEDIA_TYPE_ZSTD,
@@ -61,10 +61,10 @@ def gzip_footer(toc_offset: int) -> bytes:
 def _parse_stargz_payload(payload: bytes) -> int:
     if len(payload) != 22 or payload[16:] != b"STARGZ":
         raise FooterError("no STARGZ marker")
-    try:
-        return int(payload[:16], 16)
-    except ValueError as e:
-        raise FooterError("TOC offset in the footer is not hex") from e
+    digits = payload[:16]
+    if digits.strip(b"0123456789abcdefABCDEF"):  # int() would also take a sign or spaces
+        raise FooterError(f"TOC offset {digits!r} in the footer is not 16 hex digits")
+    return int(digits, 16)
 
 
 def parse_gzip_footer(tail: bytes) -> int:
@@ -177,47 +177,131 @@ def compression_for(name: str, level: int | None = None):
 
 
 # --- reading ---------------------------------------------------------------------------------------
+# Everything below runs on bytes a stranger wrote, before anything is verified: every size read here
+# is checked against the blob or a cap before it drives a read or an allocation, and nothing is ever
+# inflated further than what the caller asked for.
+
+# Caps on the TOC, checked before it is fetched and while it is inflated. containers/storage refuses
+# TOCs past 150 MiB (pkg/chunked maxTocSize, for the compressed and the raw size alike), so a TOC it
+# accepts we accept: 150 MiB of JSON is ~400k files at the ~400 bytes a reference entry takes. TOC
+# JSON compresses 4-10x, so 64 MiB compressed already holds any TOC under the raw cap.
+MAX_TOC_COMPRESSED_SIZE = 64 << 20
+MAX_TOC_SIZE = 150 << 20
+
+INFLATE_STEP = 1 << 20  # what is inflated at a time while skipping to an inner offset
 
 
-def decompress_member(kind: str, data: bytes, max_length: int) -> bytes:
-    """The first `max_length` uncompressed bytes of the gzip member / zstd frame at the start of `data`."""
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+class _GzipMember:
+    """The uncompressed bytes of the one gzip member at the start of `data`, handed out on demand."""
+
+    def __init__(self, data):
+        self._d = zlib_ng.decompressobj(31)
+        self._rest = data
+
+    def read(self, n: int) -> bytes:
+        pieces, left = [], n
+        while left > 0:
+            try:
+                out = self._d.decompress(self._rest, left)  # max_length: never more than asked for
+            except zlib_ng.error as e:
+                raise FormatError(f"gzip data does not decompress: {e}") from e
+            before, self._rest = len(self._rest), self._d.unconsumed_tail
+            pieces.append(out)
+            left -= len(out)
+            # zlib stops early only at the member's end or when the input runs out (or made no progress)
+            if not out and (self._d.eof or not self._rest or len(self._rest) == before):
+                break
+        return b"".join(pieces)
+
+
+class _ZstdFrame:
+    """The uncompressed bytes of the one zstd frame at the start of `data`, handed out on demand.
+
+    A stream reader decodes only what is read: a frame header that promises 256 MiB costs nothing
+    until those bytes are asked for (zstandard's one-shot decompress allocates the promised size)."""
+
+    def __init__(self, data):
+        self._r = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+
+    def read(self, n: int) -> bytes:
+        pieces, left = [], n
+        try:
+            while left > 0:
+                out = self._r.read(left)
+                if not out:
+                    break
+                pieces.append(out)
+                left -= len(out)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"zstd data does not decompress: {e}") from e
+        return b"".join(pieces)
+
+
+def open_member(kind: str, data):
+    return _ZstdFrame(data) if kind == "zstd" else _GzipMember(data)
+
+
+def decompress_member(kind: str, data, length: int, skip: int = 0) -> bytes:
+    """Bytes [skip, skip+length) of the gzip member / zstd frame at the start of `data`.
+
+    Never inflates past skip+length, so a small member that inflates to gigabytes costs only what was
+    asked for; the skipped part is inflated in steps and dropped. Fewer bytes come back if the member
+    ends first (the caller's digest check then fails)."""
+    member = open_member(kind, data)
+    while skip > 0:
+        got = len(member.read(min(skip, INFLATE_STEP)))
+        if got == 0:
+            return b""
+        skip -= got
+    return member.read(length)
+
+
+def read_gzip_toc(data, max_size: int | None = None) -> bytes:
+    """The raw TOC JSON from the TOC gzip member (tar header `stargz.index.json` + JSON).
+
+    The tar header gives the size; it is checked against the cap before the JSON is inflated."""
+    cap = MAX_TOC_SIZE if max_size is None else max_size
+    member = _GzipMember(data)
     try:
-        if kind == "zstd":
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out = d.decompress(data)
-            return out[:max_length]
-        d = zlib_ng.decompressobj(31)
-        return d.decompress(data, max_length)
-    except (zlib_ng.error, zstandard.ZstdError) as e:
-        raise FormatError(f"{kind} data does not decompress: {e}") from e
-
-
-def read_gzip_toc(data: bytes) -> bytes:
-    """The raw TOC JSON from the TOC gzip member (tar header `stargz.index.json` + JSON)."""
-    try:
-        d = zlib_ng.decompressobj(31)
-        raw = d.decompress(data)
-    except zlib_ng.error as e:
+        header = member.read(TAR_BLOCK)
+    except FormatError as e:
         raise FormatError(f"TOC member does not gunzip: {e}") from e
-    if len(raw) < TAR_BLOCK:
+    if len(header) < TAR_BLOCK:
         raise FormatError("TOC member is shorter than one tar header")
     try:
-        info = tarfile.TarInfo.frombuf(raw[:TAR_BLOCK], "utf-8", "surrogateescape")
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
     except tarfile.HeaderError as e:
         raise FormatError(f"TOC member does not start with a tar header: {e}") from e
     if info.name != TOC_TAR_NAME:
         raise FormatError(f"TOC tar entry is {info.name!r}, want {TOC_TAR_NAME!r}")
-    toc = raw[TAR_BLOCK : TAR_BLOCK + info.size]
+    if info.size < 0:
+        raise FormatError(f"TOC tar header gives a negative size ({info.size})")
+    if info.size > cap:
+        raise LimitExceeded(f"TOC is {_mib(info.size)} uncompressed, more than the {_mib(cap)} cap on a TOC "
+                            "(estargz.compression.MAX_TOC_SIZE); split the layer if it really has that many files")
+    try:
+        toc = member.read(info.size)
+    except FormatError as e:
+        raise FormatError(f"TOC member does not gunzip: {e}") from e
     if len(toc) != info.size:
-        raise FormatError("TOC is truncated")
+        raise FormatError(f"TOC is truncated: {len(toc)} of the {info.size} bytes its tar header gives")
     return toc
 
 
-def read_zstd_toc(data: bytes, raw_size: int) -> bytes:
+def read_zstd_toc(data, raw_size: int, max_size: int | None = None) -> bytes:
+    cap = MAX_TOC_SIZE if max_size is None else max_size
+    if raw_size > cap:
+        raise LimitExceeded(f"zstd footer gives a TOC of {_mib(raw_size)} uncompressed, more than the {_mib(cap)} cap "
+                            "on a TOC (estargz.compression.MAX_TOC_SIZE)")
     try:
-        toc = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    except zstandard.ZstdError as e:
+        toc = _ZstdFrame(data).read(raw_size + 1)  # one byte more tells a frame longer than the footer says
+    except FormatError as e:
         raise FormatError(f"zstd TOC does not decompress: {e}") from e
     if len(toc) != raw_size:
-        raise FormatError(f"zstd TOC is {len(toc)} bytes, the footer says {raw_size}")
+        more = "more than" if len(toc) > raw_size else f"{len(toc)} bytes, not"
+        raise FormatError(f"zstd TOC is {more} the {raw_size} bytes the footer says")
     return toc

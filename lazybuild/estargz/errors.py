@@ -31,3 +31,8 @@ class PrioritizedFileNotFound(EStargzError):
 
 class UnsupportedEntryError(EStargzError):
     """A tar entry type eStargz cannot hold (e.g. GNU sparse)."""
+
+
+class LimitExceeded(FormatError):
+    """The layer asks for more work than a cap allows before it can be verified (a TOC, a chunk or a
+    tar header past its size limit). The message names the cap and the size asked for."""

@@ -14,11 +14,17 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 from . import compression as c
-from .errors import ChunkDigestMismatch, FooterError, FormatError, TOCDigestMismatch, UnsafeEntryError
+from .errors import (ChunkDigestMismatch, FooterError, FormatError, LimitExceeded, TOCDigestMismatch,
+                     UnsafeEntryError)
 from .toc import ENTRY_TYPES, TOCEntry, parse_toc_json, safe_name
 
 
 TAIL_READ_BYTES = 256 << 10
+
+# A chunk is inflated whole into memory before its digest is checked, so its size is capped. Writers
+# (ours, stargz-snapshotter's, CRFS) chunk at 4 MiB by default; 1 GiB leaves room for any --chunk-size
+# in use while a hostile entry cannot make one read ask for terabytes.
+MAX_CHUNK_SIZE = 1 << 30
 
 
 class Blob(Protocol):
@@ -106,6 +112,8 @@ class LayerReader:
     # --- footer and TOC ----------------------------------------------------------------------------
 
     def _read_toc(self) -> tuple[str, int, bytes]:
+        """Find the footer, check that the TOC range it gives lies inside the blob and under the caps,
+        and only then read and inflate the TOC (bounded by the caps too)."""
         size = self.blob.size
         if size < c.ZSTD_FOOTER_SIZE:
             raise FooterError(f"{self.name}: {size} bytes is too short to be an eStargz layer (truncated?)")
@@ -133,13 +141,12 @@ class LayerReader:
             except FooterError as e:
                 reasons.append(str(e))
                 continue
-            end = size - footer_size
+            end = size - footer_size  # the TOC member runs from its offset to the footer
             if not 0 <= toc_offset < end:
-                raise FormatError(f"{self.name}: footer puts the TOC at {toc_offset}, outside the blob ({size} bytes)")
-            try:
-                return "gzip", toc_offset, c.read_gzip_toc(read(toc_offset, end - toc_offset))
-            except FormatError as e:
-                raise FormatError(f"{self.name}: {e}") from e
+                raise FormatError(f"{self.name}: the {kind} footer puts the TOC at {toc_offset}, outside the blob "
+                                  f"({size} bytes, footer at {end}); the blob is truncated or not what its footer says")
+            self._check_toc_cap(end - toc_offset, f"{footer_size}-byte footer")
+            return "gzip", toc_offset, self._named(c.read_gzip_toc, read(toc_offset, end - toc_offset))
         try:
             toc_offset, compressed, raw = c.parse_zstd_footer(tail)
         except FooterError as e:
@@ -148,19 +155,40 @@ class LayerReader:
                 f"{self.name}: not an eStargz layer: the last bytes are no footer we know ({'; '.join(reasons)}). "
                 "Is it a plain tar.gz, or truncated?"
             ) from None
-        if toc_offset + compressed > size - c.ZSTD_FOOTER_SIZE - 8:
-            raise FormatError(f"{self.name}: zstd footer puts the TOC outside the blob (truncated?)")
+        # The TOC sits in a skippable frame (8-byte header) right before the footer's own frame.
+        end = size - c.ZSTD_FOOTER_SIZE - 8
+        if toc_offset < 8 or compressed == 0 or toc_offset + compressed > end:
+            raise FormatError(f"{self.name}: the zstd footer puts the TOC at {toc_offset}+{compressed}, outside the "
+                              f"blob ({size} bytes, footer frame at {end}); the blob is truncated or not what its footer says")
+        self._check_toc_cap(compressed, "zstd footer")
+        if raw > c.MAX_TOC_SIZE:
+            raise LimitExceeded(f"{self.name}: the zstd footer gives a TOC of {c._mib(raw)} uncompressed, more than the "
+                                f"{c._mib(c.MAX_TOC_SIZE)} cap on a TOC (estargz.compression.MAX_TOC_SIZE); "
+                                "split the layer if it really has that many files")
+        return "zstd", toc_offset, self._named(c.read_zstd_toc, read(toc_offset, compressed), raw)
+
+    def _check_toc_cap(self, compressed: int, where: str) -> None:
+        if compressed > c.MAX_TOC_COMPRESSED_SIZE:
+            raise LimitExceeded(
+                f"{self.name}: the {where} gives a compressed TOC of {c._mib(compressed)}, more than the "
+                f"{c._mib(c.MAX_TOC_COMPRESSED_SIZE)} cap (estargz.compression.MAX_TOC_COMPRESSED_SIZE); "
+                "not read. A real TOC this large is unlikely: is the footer right?")
+
+    def _named(self, fn, *args):
+        """fn(*args), with the layer's name put in front of any format error (keeping its class)."""
         try:
-            return "zstd", toc_offset, c.read_zstd_toc(read(toc_offset, compressed), raw)
+            return fn(*args)
         except FormatError as e:
-            raise FormatError(f"{self.name}: {e}") from e
+            raise type(e)(f"{self.name}: {e}") from e
 
     def _index(self) -> None:
-        """Normalize the TOC as the reference's initFields does, and check what must hold for safe reads."""
+        """Normalize the TOC as the reference's initFields does, and check what must hold for safe reads:
+        payloads inside the blob, chunks that tile their file exactly, no chunk past MAX_CHUNK_SIZE."""
         users: dict[int, str] = {}
         groups: dict[int, str] = {}
         self.chunks: dict[str, list[TOCEntry]] = {}
         self.nodes: dict[str, Node] = {}
+        files: dict[str, TOCEntry] = {}  # path -> the reg entry whose size its chunks must tile
         last_reg: TOCEntry | None = None
         payload_offsets: set[int] = set()
         for ent in self.entries:
@@ -189,25 +217,33 @@ class LayerReader:
                     ent.group_name = groups.get(ent.gid, "")
                 last_reg = None
                 if ent.type == "reg":
-                    last_reg = ent
+                    last_reg = files[ent.path] = ent
                     if not 0 < ent.chunk_size < ent.size:
                         ent.chunk_size = ent.size  # not chunked (chunkSize == size is the reference's quirk)
                     self.chunks[ent.path] = [ent] if ent.size > 0 else []
             if ent.is_payload():
                 if not 0 <= ent.offset < self.toc_offset:
-                    raise FormatError(f"{self.name}: entry {ent.name!r} has offset {ent.offset} outside the blob")
+                    raise FormatError(f"{self.name}: entry {ent.name!r} has offset {ent.offset}, outside the payload "
+                                      f"part of the blob (the TOC starts at {self.toc_offset})")
                 payload_offsets.add(ent.offset)
         # Compressed range of a payload: from its member start to the next member start (or the TOC).
         starts = sorted(payload_offsets) + [self.toc_offset]
         for path, chunks in self.chunks.items():
-            expect = 0
+            expect, size = 0, files[path].size
             for ch in chunks:
-                if ch.chunk_offset != expect or ch.chunk_size <= 0:
-                    raise FormatError(f"{self.name}: chunks of {path!r} do not tile the file (at {ch.chunk_offset})")
+                if ch.chunk_offset != expect or not 0 < ch.chunk_size <= size - expect:
+                    raise FormatError(f"{self.name}: chunks of {path!r} do not tile the file: chunk at "
+                                      f"{ch.chunk_offset} (size {ch.chunk_size}) after {expect} of {size} bytes")
+                # A chunk is inflated whole into memory before its digest can be checked.
+                if ch.chunk_size > MAX_CHUNK_SIZE or ch.inner_offset > MAX_CHUNK_SIZE:
+                    raise LimitExceeded(
+                        f"{self.name}: {path!r} has a chunk of {ch.chunk_size} bytes at inner offset {ch.inner_offset}, "
+                        f"past the {MAX_CHUNK_SIZE >> 20} MiB cap on one chunk (estargz.reader.MAX_CHUNK_SIZE); "
+                        "rebuild the layer with a smaller --chunk-size")
                 ch.compressed_end = starts[bisect.bisect_right(starts, ch.offset)]
                 expect += ch.chunk_size
-            if chunks and expect != chunks[0].size:
-                raise FormatError(f"{self.name}: chunks of {path!r} cover {expect} of {chunks[0].size} bytes")
+            if expect != size:
+                raise FormatError(f"{self.name}: chunks of {path!r} cover {expect} of {size} bytes")
         self._tree()
 
     def _tree(self) -> None:
@@ -226,7 +262,10 @@ class LayerReader:
             parent = self._dir(dirname)
             node = self.nodes[path]
             if node.entry.type == "hardlink":
-                target = self.nodes.get(safe_name(node.entry.link_name, f"hardlink {path!r} target"))
+                try:
+                    target = self.nodes.get(safe_name(node.entry.link_name, f"hardlink {path!r} target"))
+                except UnsafeEntryError as e:
+                    raise UnsafeEntryError(f"{self.name}: {e}") from None
                 if target is None or target.entry.type in ("hardlink", "dir"):
                     raise FormatError(f"{self.name}: hardlink {path!r} -> {node.entry.link_name!r}: no such file")
                 node.entry = target.entry
@@ -242,17 +281,27 @@ class LayerReader:
                 node.nlink = by_entry[id(node.entry)]
 
     def _dir(self, path: str) -> Node:
+        """The directory node at `path`, made (with its missing parents) when the TOC has no entry for it.
+        A loop, not recursion: a hostile name may be thousands of levels deep."""
+        missing = []
         node = self.nodes.get(path)
-        if node is None:  # an implicit parent: the reference makes it 0755 root:root
-            node = self.nodes[path] = Node(path, TOCEntry(name=path + "/", type="dir", mode=0o755, path=path))
-            dirname, _, basename = path.rpartition("/")
-            self._dir(dirname).children[basename] = node
-        elif node.entry.type == "symlink":
-            # Go would hang children on the symlink; followed on disk they would land wherever it points.
-            raise UnsafeEntryError(f"{self.name}: entries lie under the symlink {path!r} -> {node.entry.link_name!r}")
-        elif node.entry.type != "dir":
-            raise FormatError(f"{self.name}: {path!r} is a {node.entry.type} but has children")
+        while node is None:  # climb to the nearest existing ancestor ("" always exists)
+            missing.append(path)
+            path = path.rpartition("/")[0]
+            node = self.nodes.get(path)
+        self._check_dir(node)
+        for path in reversed(missing):  # an implicit parent: the reference makes it 0755 root:root
+            child = self.nodes[path] = Node(path, TOCEntry(name=path + "/", type="dir", mode=0o755, path=path))
+            node.children[path.rpartition("/")[2]] = child
+            node = child
         return node
+
+    def _check_dir(self, node: Node) -> None:
+        if node.entry.type == "symlink":
+            # Go would hang children on the symlink; followed on disk they would land wherever it points.
+            raise UnsafeEntryError(f"{self.name}: entries lie under the symlink {node.path!r} -> {node.entry.link_name!r}")
+        if node.entry.type != "dir":
+            raise FormatError(f"{self.name}: {node.path!r} is a {node.entry.type} but has children")
 
     # --- lookup ------------------------------------------------------------------------------------
 
@@ -261,12 +310,16 @@ class LayerReader:
 
     def walk(self, node: Node | None = None) -> Iterator[Node]:
         """Every node below `node` (default: the root), depth first, children by name."""
-        node = node or self.nodes[""]
-        for name in sorted(node.children):
-            child = node.children[name]
-            yield child
-            if child.entry.type == "dir":
-                yield from self.walk(child)
+        # An explicit stack, not recursion: a hostile layer may nest directories thousands deep.
+        stack = [iter(sorted((node or self.nodes[""]).children.items()))]
+        while stack:
+            for _, child in stack[-1]:
+                yield child
+                if child.entry.type == "dir":
+                    stack.append(iter(sorted(child.children.items())))
+                break
+            else:
+                stack.pop()
 
     # --- payloads ----------------------------------------------------------------------------------
 
@@ -284,9 +337,9 @@ class LayerReader:
 
     def decode_chunk(self, chunk: TOCEntry, compressed: bytes) -> bytes:
         """Inflate and verify a chunk from its compressed range; raise rather than return bad bytes."""
-        want = chunk.inner_offset + chunk.chunk_size
         try:
-            data = c.decompress_member(self.kind, compressed, want)[chunk.inner_offset :]
+            # Inflates at most inner_offset + chunk_size bytes, however much the member holds.
+            data = c.decompress_member(self.kind, compressed, chunk.chunk_size, skip=chunk.inner_offset)
         except FormatError as e:
             raise ChunkDigestMismatch(f"{self.name}: {chunk.path!r} at {chunk.chunk_offset}: {e}") from e
         expected = chunk.chunk_digest or (chunk.digest if chunk.type == "reg" and chunk.chunk_size == chunk.size else "")

@@ -18,6 +18,7 @@ import re
 import types
 from dataclasses import dataclass, field
 
+from ..digest import InvalidDigest, check_digest, is_digest
 from .errors import FormatError, UnsafeEntryError
 
 TOC_TAR_NAME = "stargz.index.json"
@@ -105,6 +106,9 @@ class TOCEntry:
 
     @classmethod
     def from_json(cls, d: dict) -> "TOCEntry":
+        """One entry of a TOC a stranger wrote: every field is type- and range-checked here, once, so
+        nothing later (cache paths, reads, allocations, mknod) sees a digest that is not a digest or
+        a negative or absurd number."""
         # Hot at every mount (one call per entry): plain lookups, positional arguments in field order.
         if not isinstance(d, dict):
             raise FormatError(f"TOC entry without a name or type: {d!r:.200}")
@@ -114,6 +118,8 @@ class TOCEntry:
         xattrs = {}
         raw_xattrs = d.get("xattrs")
         if raw_xattrs:
+            if not isinstance(raw_xattrs, dict):
+                raise FormatError(f"TOC entry {name!r}: xattrs is not an object")
             for k, v in raw_xattrs.items():
                 try:
                     xattrs[k] = base64.b64decode(v, validate=True)
@@ -121,13 +127,33 @@ class TOCEntry:
                     raise FormatError(f"TOC entry {name!r}: xattr {k!r} is not base64") from e
         get = d.get
         try:
-            return cls(name, typ, int(get("size", 0)), get("modtime") or "", get("linkName") or "",
-                       int(get("mode", 0)), int(get("uid", 0)), int(get("gid", 0)), get("userName") or "",
-                       get("groupName") or "", int(get("offset", 0)), int(get("innerOffset", 0)),
-                       int(get("devMajor", 0)), int(get("devMinor", 0)), xattrs, get("digest") or "",
-                       int(get("chunkOffset", 0)), int(get("chunkSize", 0)), get("chunkDigest") or "")
-        except (TypeError, ValueError, AttributeError) as e:
-            raise FormatError(f"TOC entry {name!r}: bad field: {e}") from e
+            e = cls(name, typ, int(get("size", 0)), get("modtime") or "", get("linkName") or "",
+                    int(get("mode", 0)), int(get("uid", 0)), int(get("gid", 0)), get("userName") or "",
+                    get("groupName") or "", int(get("offset", 0)), int(get("innerOffset", 0)),
+                    int(get("devMajor", 0)), int(get("devMinor", 0)), xattrs, get("digest") or "",
+                    int(get("chunkOffset", 0)), int(get("chunkSize", 0)), get("chunkDigest") or "")
+        except (TypeError, ValueError, AttributeError, OverflowError) as err:
+            raise FormatError(f"TOC entry {name!r}: bad field: {err}") from err
+        # One OR per group: a negative value makes the OR negative, and so does nothing else.
+        if (e.size | e.offset | e.inner_offset | e.chunk_offset | e.chunk_size) >> 62:
+            raise FormatError(f"TOC entry {name!r}: a size or offset is negative or past 2^62 "
+                              f"(size {e.size}, offset {e.offset}, innerOffset {e.inner_offset}, "
+                              f"chunkOffset {e.chunk_offset}, chunkSize {e.chunk_size})")
+        if (e.mode | e.uid | e.gid | e.dev_major | e.dev_minor) >> 32:
+            raise FormatError(f"TOC entry {name!r}: mode, uid, gid or device number is negative or past 32 bits")
+        if (type(e.modtime) is not str or type(e.link_name) is not str or type(e.user_name) is not str
+                or type(e.group_name) is not str):
+            raise FormatError(f"TOC entry {name!r}: modtime, linkName, userName or groupName is not a string")
+        # Digests name files of the chunk cache: only the exact `sha256:` + 64 hex form may pass. (An
+        # unchunked file's chunkDigest is its digest: one check does for both.)
+        dg, cdg = e.digest, e.chunk_digest
+        if (dg and not is_digest(dg)) or (cdg and cdg != dg and not is_digest(cdg)):
+            try:
+                check_digest(dg or "sha256:" + "0" * 64, f"TOC entry {name!r}: digest")
+                check_digest(cdg or "sha256:" + "0" * 64, f"TOC entry {name!r}: chunkDigest")
+            except InvalidDigest as err:
+                raise FormatError(str(err)) from None
+        return e
 
 
 def clean_name(name: str) -> str:
@@ -159,7 +185,7 @@ def safe_name(name: str, what: str = "entry") -> str:
 @functools.lru_cache(maxsize=1 << 16)  # files of one package share mtimes: share the strings too
 def format_modtime(mtime: float) -> str:
     """Go: `t.UTC().Round(time.Second).Format(time.RFC3339)`, empty when Unix() == 0."""
-    if 0 <= mtime < 1:
+    if 0 <= mtime < 1 or not math.isfinite(mtime):
         return ""
     seconds = math.floor(mtime + 0.5)  # Go rounds half up
     try:
@@ -176,9 +202,12 @@ def parse_modtime(text: str) -> float:
     """Seconds since the epoch of a TOC modtime; 0 when absent."""
     if not text:
         return 0.0
-    if not _RFC3339.match(text):
-        raise FormatError(f"TOC modtime {text!r} is not RFC 3339")
-    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    if not isinstance(text, str) or not _RFC3339.match(text):
+        raise FormatError(f"TOC modtime {text!r:.100} is not RFC 3339")
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError as e:  # month 13, year 0, ...
+        raise FormatError(f"TOC modtime {text!r} is not a date: {e}") from None
 
 
 # Go's encoder escapes these inside strings; Python's does not (reference/estargz.md §1.3).
@@ -243,10 +272,13 @@ def toc_json(entries: list[TOCEntry]) -> bytes:
 
 
 def parse_toc_json(raw: bytes) -> list[TOCEntry]:
+    """The entries of a raw TOC (its size is capped by the reader before it gets here)."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"TOC is not valid JSON: {e}") from e
+    except RecursionError:  # `[[[[...` a few thousand deep: json's C parser gives up on the Python stack
+        raise FormatError("TOC JSON is nested too deeply to be a TOC") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
         raise FormatError("TOC JSON has no entries list")
     if doc.get("version", 1) != 1:

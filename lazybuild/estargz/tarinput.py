@@ -7,6 +7,7 @@ that is already a regular file is used in place.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tarfile
@@ -17,7 +18,7 @@ import zstandard
 from zlib_ng import gzip_ng
 
 from .compression import GZIP_MAGIC, ZSTD_FRAME_MAGIC
-from .errors import FormatError, UnsupportedEntryError
+from .errors import FormatError, LimitExceeded, UnsupportedEntryError
 
 COPY_BUFFER = 1 << 20
 XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -195,10 +196,9 @@ def _number(field: bytes, offset: int) -> int:
     if field[0] & 0x80:  # GNU base-256: 0x80 positive, 0xff negative
         return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF else int.from_bytes(field[1:], "big")
     digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise FormatError(f"input tar: bad number {field!r} in the header at offset {offset}") from None
+    if digits.strip(b"01234567"):  # int() would also take a sign or underscores
+        raise FormatError(f"input tar: bad number {field!r} in the header at offset {offset} (not octal)")
+    return int(digits, 8) if digits else 0
 
 
 def _signed_checksum(block: bytes) -> int:
@@ -210,23 +210,41 @@ def _signed_checksum(block: bytes) -> int:
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:
     out, i = {}, 0
     while i < len(data) and data[i] != 0:
-        space = data.find(b" ", i)
+        space = data.find(b" ", i, i + 20)  # "%d " with at most 19 digits: a length can't be longer
         try:
-            length = int(data[i:space])
+            length = int(data[i:space]) if space > i else 0
         except ValueError:
-            raise FormatError(f"input tar: bad PAX record in the header at offset {offset}") from None
+            length = 0
         record = data[space + 1 : i + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise FormatError(f"input tar: bad PAX record in the header at offset {offset}")
+        # length must cover its own "%d " prefix, so every record moves i forward
+        if length <= space - i or i + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise FormatError(f"input tar: bad PAX record at byte {i} of the extended header at offset {offset}")
         key, value = record[:-1].split(b"=", 1)
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         i += length
     return out
 
 
+# Go's archive/tar refuses PAX records and GNU long names past 1 MiB (maxSpecialFileSize): no real
+# name or attribute set is that long, and each is read into memory whole.
+MAX_EXTENDED_HEADER = 1 << 20
+
+
+def _pax_int(pax: dict[str, str], key: str, default: int, pos: int) -> int:
+    if key not in pax:
+        return default
+    try:
+        return int(pax[key])
+    except ValueError:
+        raise FormatError(f"input tar: PAX {key}={pax[key][:40]!r} of the header at offset {pos} is not a number") from None
+
+
 def read_members(fd: int) -> list[TarMember]:
     """Parse every header of the tar in `fd`: USTAR (with prefix), GNU long names/links, PAX local and
-    global records, base-256 numbers. GNU sparse files are refused: eStargz cannot hold them."""
+    global records, base-256 numbers. GNU sparse files are refused: eStargz cannot hold them.
+
+    The input is a stranger's: every size is checked against the file before it moves the position or
+    sizes a read, so each header moves forward by at least one block and the loop always ends."""
     out: list[TarMember] = []
     pos = 0
     file_size = os.fstat(fd).st_size
@@ -249,10 +267,16 @@ def read_members(fd: int) -> list[TarMember]:
         kind = block[156:157]
         size = _number(block[124:136], pos)
         data_offset = pos + BLOCK
+        if size < 0:  # a GNU base-256 negative size would move the position backwards: a loop forever
+            raise FormatError(f"input tar is corrupt: the header at offset {pos} gives a negative size ({size})")
         next_pos = data_offset + -(-size // BLOCK) * BLOCK
         if first_block is None:
             first_block = pos
         if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, b"X"):
+            if size > MAX_EXTENDED_HEADER:
+                raise LimitExceeded(f"input tar: the extended header (type {kind.decode('latin-1')!r}) at offset {pos} "
+                                    f"is {size} bytes, past the {MAX_EXTENDED_HEADER >> 20} MiB cap on PAX records "
+                                    "and GNU long names")
             data = os.pread(fd, size, data_offset)
             if len(data) != size:
                 raise FormatError(f"input tar is truncated in the extended header at offset {pos}")
@@ -280,20 +304,32 @@ def read_members(fd: int) -> list[TarMember]:
         if kind == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
             raise UnsupportedEntryError(f"tar entry {name!r} is a GNU sparse file, which eStargz cannot hold")
         info.mode = _number(block[100:108], pos)
-        info.uid = int(pax["uid"]) if "uid" in pax else _number(block[108:116], pos)
-        info.gid = int(pax["gid"]) if "gid" in pax else _number(block[116:124], pos)
-        info.size = int(pax["size"]) if "size" in pax else size
-        info.mtime = float(pax["mtime"]) if "mtime" in pax else _number(block[136:148], pos)
+        info.uid = _pax_int(pax, "uid", _number(block[108:116], pos), pos)
+        info.gid = _pax_int(pax, "gid", _number(block[116:124], pos), pos)
+        info.size = _pax_int(pax, "size", size, pos)
+        try:
+            info.mtime = float(pax["mtime"]) if "mtime" in pax else _number(block[136:148], pos)
+        except ValueError:
+            raise FormatError(f"input tar: PAX mtime of {name!r} (header at offset {pos}) is not a number") from None
+        if not math.isfinite(info.mtime):
+            raise FormatError(f"input tar: PAX mtime of {name!r} (header at offset {pos}) is {info.mtime}")
+        # Negative ids, modes or sizes (base-256 or PAX) would reach the TOC, which refuses them.
+        if (info.mode | info.uid | info.gid) >> 32 or not 0 <= info.size < 1 << 62:
+            raise FormatError(f"input tar: entry {name!r} (header at offset {pos}) has a negative or absurd mode, "
+                              f"uid, gid or size ({info.mode:o}, {info.uid}, {info.gid}, {info.size})")
         info.linkname = pax.get("linkpath", long_link if long_link is not None else _text(block[157:257]))
         info.uname = pax.get("uname", _text(block[265:297]))
         info.gname = pax.get("gname", _text(block[297:329]))
         if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
             info.devmajor, info.devminor = _number(block[329:337], pos), _number(block[337:345], pos)
+            if (info.devmajor | info.devminor) >> 32:
+                raise FormatError(f"input tar: device {name!r} (header at offset {pos}) has a negative or absurd number")
         xattrs = {k[len(XATTR_PAX_PREFIX):]: v.encode("utf-8", "surrogateescape") for k, v in pax.items() if k.startswith(XATTR_PAX_PREFIX)}
         info.xattrs = xattrs or None
         info.offset = first_block
-        if info.isreg() and data_offset + info.size > file_size:
-            raise FormatError(f"input tar is truncated in the payload of {name!r} (offset {data_offset})")
+        if info.type not in _HEADER_ONLY and data_offset + info.size > file_size:
+            raise FormatError(f"input tar is truncated in the payload of {name!r}: {info.size} bytes at offset "
+                              f"{data_offset}, the input has {file_size}")
         out.append(TarMember(info, data_offset))
         if info.type not in _HEADER_ONLY:  # header-only types carry no payload whatever size says
             next_pos = data_offset + -(-info.size // BLOCK) * BLOCK

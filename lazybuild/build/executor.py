@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from lazybuild import inroot
 from lazybuild.frontend.dockerfile import model
 from lazybuild.frontend.dockerfile.dockerignore import DockerIgnore, read_patterns
 from lazybuild.image import Manifest, Platform
@@ -123,28 +125,34 @@ def _sha(*parts) -> str:
 
 
 def tree_digest(root: str, rel_paths: list[str], ignored=None) -> str:
-    """A digest of what COPY would read: names, types, modes, owners, link targets and contents."""
+    """A digest of what COPY would read: names, types, modes, owners, link targets and contents.
+
+    Each path is resolved inside ROOT as COPY resolves it (a symlink source is followed, within the
+    root), and .dockerignore is asked about the path really read."""
     h = hashlib.sha256()
+    root = os.path.abspath(root)
 
     def add(path: str, rel: str) -> None:
         st = os.lstat(path)
         h.update(f"{rel}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0".encode())
-        if os.path.islink(path):
+        if stat.S_ISLNK(st.st_mode):
             h.update(os.readlink(path).encode())
-        elif os.path.isfile(path):
+        elif stat.S_ISREG(st.st_mode):
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
-        elif os.path.isdir(path):
+        elif stat.S_ISDIR(st.st_mode):
             for name in sorted(os.listdir(path)):
-                child = posixpath.join(rel, name) if rel else name
-                if ignored is None or not ignored(child):
-                    add(os.path.join(path, name), child)
+                child = os.path.join(path, name)
+                real = os.path.relpath(child, root)
+                if ignored is None or not ignored(real):
+                    add(child, posixpath.join(rel, name) if rel else name)
 
     for rel in sorted(rel_paths):
-        full = os.path.join(root, rel)
-        if os.path.lexists(full):
-            add(full if not os.path.islink(full) or not os.path.exists(full) else os.path.realpath(full), rel)
+        full = inroot.resolve(root, rel)
+        real = os.path.relpath(full, root)
+        if os.path.lexists(full) and (ignored is None or real == "." or not ignored(real)):
+            add(full, rel)
     return h.hexdigest()
 
 
@@ -164,9 +172,9 @@ class Builder:
         for d in (self.run_dir, self.steps_dir, self.cache_mounts, self.empty, self.empty2):
             os.makedirs(d, exist_ok=True)
         self.context = os.path.abspath(opts.context)
-        dockerfile = opts.dockerfile or os.path.join(self.context, "Dockerfile")
+        dockerfile = os.path.abspath(opts.dockerfile or os.path.join(self.context, "Dockerfile"))
         self.dockerfile = dockerfile
-        self.ignore = DockerIgnore(read_patterns(_read_text(_dockerignore_path(self.context, dockerfile)) or ""))
+        self.ignore = DockerIgnore(read_patterns(_dockerignore_text(self.context, dockerfile)))
 
     # ---- lifecycle
     def close(self) -> None:
@@ -184,6 +192,35 @@ class Builder:
 
     def ignored(self, rel: str) -> bool:
         return self.ignore.ignored(rel)
+
+    def context_view(self, src: str) -> str:
+        """SRC (a resolved path in the context) as BuildKit's context would show it: without the
+        files .dockerignore leaves out. A tree that holds none is used as it is; otherwise a copy
+        without them (hardlinks where the filesystem allows) is made for this build."""
+        rel = os.path.relpath(src, self.context)
+        if rel != "." and self.ignored(rel):
+            raise BuildError(f"{rel}: excluded by .dockerignore")
+        if not os.path.isdir(src) or os.path.islink(src):
+            return src
+        hidden = []
+        for dirpath, dirs, files in os.walk(src):
+            for name in dirs + files:
+                if self.ignored(os.path.relpath(os.path.join(dirpath, name), self.context)):
+                    hidden.append(name)
+        if not hidden:
+            return src
+        view = os.path.join(tempfile.mkdtemp(prefix="ctx-", dir=self.run_dir), "c")
+
+        def link_or_copy(s: str, d: str) -> None:
+            try:
+                os.link(s, d, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(s, d, follow_symlinks=False)
+
+        shutil.copytree(src, view, symlinks=True, copy_function=link_or_copy,
+                        ignore=lambda d, names: [n for n in names
+                                                 if self.ignored(os.path.relpath(os.path.join(d, n), self.context))])
+        return view
 
     # ---- images
     def image(self, ref_text: str, platform: Platform) -> BaseImage:
@@ -237,7 +274,7 @@ class Builder:
 
     # ---- the build
     def load(self) -> model.Build:
-        text = _read_text(self.dockerfile)
+        text = _read_text(self.dockerfile, self.context)
         if text is None:
             raise BuildError(f"{self.dockerfile}: no such file")
         plat = self.opts.platform or str(Platform.host())
@@ -311,8 +348,8 @@ class Builder:
         if kind in ("COPY", "ADD"):
             if "fromStage" in ins:
                 ident["fromKey"] = results[ins["fromStage"]].key
-            elif "from" in ins:
-                ident["fromImage"] = ins["from"]
+            elif "from" in ins:  # an image: its name may move, its digest does not
+                ident["fromImage"] = self.image(ins["from"], Platform.host()).manifest.digest
             elif any(copyop.has_magic(s) for s in ins["sources"]):  # a pattern may match anything
                 ident["context"] = tree_digest(self.context, [""], self.ignored)
             else:
@@ -322,7 +359,10 @@ class Builder:
                 if m["type"] == "bind":
                     if "fromStage" in m:
                         ident.setdefault("mountKeys", []).append(results[m["fromStage"]].key)
-                    elif "from" not in m:
+                    elif "from" in m:
+                        ident.setdefault("mountKeys", []).append(
+                            self.image(m["from"], Platform.host()).manifest.digest)
+                    else:
                         ident.setdefault("mountKeys", []).append(
                             tree_digest(self.context, [m.get("source", "").lstrip("/")], self.ignored))
         return ident
@@ -364,17 +404,11 @@ class Builder:
 
     # ---- instructions
     def do_workdir(self, ins: dict, root: str) -> None:
-        path = os.path.join(root, ins["path"].lstrip("/"))
-        missing = []
-        p = path
-        while not os.path.lexists(p) and p != root:
-            missing.append(p)
-            p = os.path.dirname(p)
         owner = copyop.parse_chown(ins.get("user", ""), root) if ins.get("user") else None
-        for d in reversed(missing):
-            os.mkdir(d, 0o755)
-            if owner:
-                os.lchown(d, *owner)
+        try:
+            inroot.mkdir_all(root, ins["path"], 0o755, owner)
+        except inroot.UnsafePath as e:
+            raise BuildError(f"line {ins['line']}: WORKDIR {ins['path']}: {e.strerror}") from None
 
     def do_copy(self, ins: dict, root: str, results) -> None:
         workdir = ins.get("workdir") or "/"
@@ -444,6 +478,8 @@ class Builder:
             if files[0]["chomp"]:
                 data = "\n".join(line.lstrip("\t") for line in data.split("\n"))
             if data.startswith("#!"):
+                if "/" in files[0]["name"] or files[0]["name"] in (".", ".."):
+                    raise BuildError(f"line {ins['line']}: heredoc name {files[0]['name']!r} is not a file name")
                 pipes = os.path.join(self.run_dir, "pipes-" + uuid.uuid4().hex[:6])
                 os.makedirs(pipes)
                 with open(os.path.join(pipes, files[0]["name"]), "w") as f:
@@ -479,7 +515,11 @@ class Builder:
                                           for i, d in enumerate(self.mount_image(img))], m["from"])
                 else:
                     src_root = self.context
-                src = os.path.join(src_root, m.get("source", "").lstrip("/"))
+                src = inroot.resolve(src_root, m.get("source", ""))
+                if not os.path.exists(src):
+                    raise BuildError(f"line {ins['line']}: RUN --mount source {m.get('source', '/')!r} not found")
+                if src_root == self.context:
+                    src = self.context_view(src)
                 if not m.get("readonly", True):  # writes to a rw bind mount are thrown away, as in BuildKit
                     scratch = tempfile.mkdtemp(prefix="rw-", dir=self.run_dir)
                     dst = os.path.join(scratch, "d")
@@ -522,45 +562,56 @@ class Builder:
 
 
 def _missing_paths(root: str, paths: list[str]) -> list[str]:
-    """The mount targets (and their parents) that do not exist yet: runc will create them as stubs."""
+    """The mount targets (and their parents) that do not exist yet, as paths relative to ROOT with
+    symlinks resolved inside it (where runc, which resolves them the same way, will make the stubs)."""
     out = []
     for p in paths:
-        rel = posixpath.normpath(p).lstrip("/")
+        rel = os.path.relpath(inroot.resolve(root, p), root)
+        if rel == ".":
+            continue
         parts = rel.split("/")
         for i in range(1, len(parts) + 1):
-            sub = "/".join(parts[:i])
-            if not os.path.lexists(os.path.join(root, sub)):
-                out.append(sub)
+            if not os.path.lexists(os.path.join(root, *parts[:i])):
+                out += ["/".join(parts[:j]) for j in range(i, len(parts) + 1)]
                 break
-        else:
-            continue
-        out += ["/".join(parts[:j]) for j in range(i + 1, len(parts) + 1)]
     return out
 
 
 def _remove_stubs(root: str, stubs: list[str]) -> None:
-    """Remove mount stubs the run left behind (empty files or directories), deepest first."""
+    """Remove mount stubs the run left behind (empty files or directories), deepest first.
+
+    The step may have put a symlink where a stub's parent was; a stub is removed only where its path
+    still resolves to itself inside ROOT, so nothing outside the root is ever removed."""
     for rel in sorted(set(stubs), key=lambda s: -s.count("/")):
         path = os.path.join(root, rel)
+        if inroot.resolve(root, rel, follow_last=False) != path:
+            continue
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
                 os.rmdir(path)
-            elif os.path.isfile(path) and os.path.getsize(path) == 0:
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
                 os.unlink(path)
         except OSError:
             pass
 
 
-def _read_text(path: str | None) -> str | None:
-    if not path:
-        return None
+def _read_text(path: str, context: str) -> str | None:
+    """PATH as text, or None. A path inside the context is a name in an untrusted tree and is read
+    inside it (a `Dockerfile -> /etc/shadow` link reads the context's own etc/shadow, if any); a path
+    elsewhere is the user's own choice and is read as it is."""
+    rel = os.path.relpath(os.path.abspath(path), context)
     try:
+        if rel != ".." and not rel.startswith("../"):
+            data = inroot.read_file(context, rel, 16 << 20)
+            return None if data is None else data.decode("utf-8", errors="replace")
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     except OSError:
         return None
 
 
-def _dockerignore_path(context: str, dockerfile: str) -> str:
-    own = dockerfile + ".dockerignore"
-    return own if os.path.exists(own) else os.path.join(context, ".dockerignore")
+def _dockerignore_text(context: str, dockerfile: str) -> str:
+    """The ignore patterns: `<Dockerfile>.dockerignore` when there is one, else the context's."""
+    own = _read_text(dockerfile + ".dockerignore", context)
+    return own if own is not None else (_read_text(os.path.join(context, ".dockerignore"), context) or "")

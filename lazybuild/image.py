@@ -31,7 +31,20 @@ ACCEPT_MANIFESTS = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIF
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
+# Caps on the JSON documents an image is made of, wherever they come from (a registry, a layout, an
+# archive): they are read whole into memory before their digest can be checked. Manifests and indexes
+# are a few KiB; 4 MiB is containerd's limit for them. Configs carry the history, a few KiB per
+# layer: 8 MiB leaves room for hundreds of layers with long commands.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 8 << 20
 
+
+def size_text(n: int) -> str:
+    """4194304 -> "4 MiB" (caps are named this way in errors)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
 
 def canonical_json(obj) -> bytes:
@@ -63,6 +76,8 @@ class Platform:
     def from_json(cls, d: dict | None) -> "Platform | None":
         if not d:
             return None
+        if not isinstance(d, dict) or not all(isinstance(d.get(k, ""), str) for k in ("os", "architecture", "variant")):
+            raise ValueError(f"platform {d!r:.100} is not an object of strings")
         return cls(d.get("os", ""), d.get("architecture", ""), d.get("variant", "")).normalized()
 
     def normalized(self) -> "Platform":
@@ -92,18 +107,38 @@ class Descriptor:
     urls: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Descriptor":
+    def from_json(cls, d: dict, what: str = "descriptor") -> "Descriptor":
+        """A descriptor from a manifest, an index or a layout; its digest is checked here, where it enters,
+        because it later names files (blobs/sha256/HEX, cache entries) and URLs."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{what}: {d!r:.100} is not a JSON object")
         try:
+            size = d["size"]
+            # JSON numbers only: a bool is an int in Python, and a negative size describes nothing.
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"size {size!r:.40} is not a non-negative integer")
+            annotations = d.get("annotations") or {}
+            if not isinstance(annotations, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+                raise ValueError("annotations are not an object of strings")
+            urls = d.get("urls") or []
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise ValueError("urls is not a list of strings")
+            media_type = d.get("mediaType", "")
+            if not isinstance(media_type, str):
+                raise ValueError("mediaType is not a string")
             return cls(
-                media_type=d.get("mediaType", ""),
-                digest=check_digest(d["digest"]),
-                size=int(d["size"]),
-                annotations=dict(d.get("annotations") or {}),
+                media_type=media_type,
+                digest=check_digest(d["digest"], f"{what} digest"),
+                size=size,
+                annotations=dict(annotations),
                 platform=Platform.from_json(d.get("platform")),
-                urls=list(d.get("urls") or []),
+                urls=list(urls),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"bad descriptor {d!r:.200}: {e}") from e
+        except KeyError as e:
+            raise ValueError(f"{what} {d!r:.200} has no {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad {what} {d!r:.200}: {e}") from None
 
     def to_json(self) -> dict:
         d: dict = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -141,11 +176,13 @@ class Manifest:
             raise ValueError(f"not an image manifest: media type {mt!r}")
         if doc.get("schemaVersion") != 2:
             raise ValueError(f"manifest schemaVersion {doc.get('schemaVersion')!r} is not 2")
-        try:
-            return cls(raw, mt, Descriptor.from_json(doc["config"]), [Descriptor.from_json(x) for x in doc["layers"]],
-                       dict(doc.get("annotations") or {}))
-        except KeyError as e:
-            raise ValueError(f"manifest has no {e.args[0]!r}") from None
+        if "config" not in doc or "layers" not in doc:
+            raise ValueError(f"manifest has no {'config' if 'config' not in doc else 'layers'!r}")
+        if not isinstance(doc["layers"], list):
+            raise ValueError("manifest layers are not a list")
+        return cls(raw, mt, Descriptor.from_json(doc["config"], "config descriptor"),
+                   [Descriptor.from_json(x, f"layer {i} descriptor") for i, x in enumerate(doc["layers"])],
+                   _annotations(doc))
 
     @classmethod
     def build(cls, config: Descriptor, layers: list[Descriptor], annotations: dict[str, str] | None = None,
@@ -179,8 +216,11 @@ class Index:
         mt = doc.get("mediaType") or media_type or OCI_INDEX
         if mt not in INDEX_TYPES:
             raise ValueError(f"not an image index: media type {mt!r}")
-        return cls(raw, mt, [Descriptor.from_json(x) for x in doc.get("manifests") or []],
-                    dict(doc.get("annotations") or {}))
+        manifests = doc.get("manifests") or []
+        if not isinstance(manifests, list):
+            raise ValueError("index manifests are not a list")
+        return cls(raw, mt, [Descriptor.from_json(x, f"index entry {i}") for i, x in enumerate(manifests)],
+                   _annotations(doc))
 
     @classmethod
     def build(cls, manifests: list[Descriptor], annotations: dict[str, str] | None = None) -> "Index":
@@ -206,13 +246,27 @@ def parse_manifest_or_index(raw: bytes, media_type: str = "") -> Manifest | Inde
 
 
 def _load(raw: bytes, what: str) -> dict:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{what} is {len(raw)} bytes, over the {size_text(MAX_MANIFEST_BYTES)} cap for manifests")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} is not JSON: {e}") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise ValueError(f"{what} is nested too deeply to be a manifest") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{what} is not a JSON object")
+    mt = doc.get("mediaType")
+    if mt is not None and not isinstance(mt, str):
+        raise ValueError(f"{what} mediaType is not a string")
     return doc
+
+
+def _annotations(doc: dict) -> dict[str, str]:
+    a = doc.get("annotations") or {}
+    if not isinstance(a, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in a.items()):
+        raise ValueError("annotations are not an object of strings")
+    return dict(a)
 
 
 def is_layer(media_type: str) -> bool:

@@ -6,13 +6,14 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from ..digest import check_digest
+
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,18 @@ class Reference:
     tag: str = ""
     digest: str = ""
 
+    def __post_init__(self):
+        # A digest also arrives here from manifests and indexes (with_digest), and it becomes a URL path.
+        if self.digest:
+            check_digest(self.digest, f"digest of {self.host}/{self.repository}")
+
     @classmethod
     def parse(cls, text: str) -> "Reference":
         original = text
         digest = ""
         if "@" in text:
             text, digest = text.split("@", 1)
-            if not _DIGEST_RE.match(digest):
-                raise ValueError(f"reference {original!r}: {digest!r} is not a sha256 digest")
+            check_digest(digest, f"reference {original!r}")  # InvalidDigest is a ValueError
         host, _, rest = text.partition("/")
         if not rest or ("." not in host and ":" not in host and host != "localhost"):
             host, rest = DOCKER_HUB, text  # Docker Hub: `ubuntu`, `library/ubuntu`, `user/image`

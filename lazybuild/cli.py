@@ -185,10 +185,18 @@ def cmd_inspect_dockerfile(args) -> int:
     from .frontend.dockerfile.dockerignore import DockerIgnore
     from .frontend.dockerfile.model import load
 
+    from . import inroot
+
     context = args.context
     dockerfile = args.file or os.path.join(context, "Dockerfile")
-    with open(dockerfile, encoding="utf-8", errors="surrogateescape") as f:
-        text = f.read()
+    if args.file:  # the user's own path
+        with open(dockerfile, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    else:  # a name in the context, which may link anywhere: read inside it
+        data = inroot.read_file(context, "Dockerfile", 16 << 20)
+        if data is None:
+            raise FileNotFoundError(2, "No such file or directory", dockerfile)
+        text = data.decode("utf-8", errors="surrogateescape")
     build_args = {}
     for kv in args.build_arg:
         key, has_value, value = kv.partition("=")

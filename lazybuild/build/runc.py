@@ -30,8 +30,9 @@ from . import seccomp
 RUNC_ROOT = "/run/lazybuild/runc"
 HOSTNAME = "buildkitsandbox"
 # Docker's default capability set (moby oci/defaults.go, containerd oci/spec.go). BuildKit gives it
-# as the bounding, effective and permitted sets only: since containerd 1.6.1 / BuildKit 0.10
-# (CVE-2022-24769) the inheritable set is empty, and the ambient set always was.
+# as the bounding, effective and permitted sets only: since the fix of CVE-2022-24769 (containerd
+# 1.5.11 and 1.6.2, whose defaults BuildKit takes) the inheritable set is empty; the ambient set
+# always was.
 CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
                 "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
                 "CAP_KILL", "CAP_AUDIT_WRITE"]

@@ -170,7 +170,7 @@ def profile(capabilities: list[str], machine: str | None = None, kernel_release:
     """The OCI `linux.seccomp` for a step holding CAPABILITIES (its bounding set) on this machine."""
     machine = machine or platform.machine()
     if machine not in _ARCHES:
-        raise RuntimeError(f"lazybuild build has Docker's seccomp profile for {', '.join(sorted(_ARCHES))} only; "
+        raise ValueError(f"lazybuild build has Docker's seccomp profile for {', '.join(sorted(_ARCHES))} only; "
                            f"this machine is {machine}, so RUN steps cannot be confined as BuildKit confines them")
     goarch, architectures = _ARCHES[machine]
     kernel = _kernel(kernel_release or platform.release())

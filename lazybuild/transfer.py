@@ -4,6 +4,10 @@
 the config and every layer from the source to the destination, optionally turning each layer into
 eStargz/zstd on the way (then diff_ids, media types and annotations follow), and record the result
 (a tag in the registry, an entry in index.json).
+
+Sources are input from strangers: every digest comes checked out of the image model (`Descriptor`),
+every blob is verified against its digest while it is copied, configs are capped before they are
+read into memory, and a fetched blob is named (adopted by the destination) only once verified.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from .digest import digest_hex
 from .image import (
     INDEX_TYPES,
+    MAX_CONFIG_BYTES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
@@ -34,6 +40,7 @@ from .image import (
     is_layer,
     parse_manifest_or_index,
     sha256_digest,
+    size_text,
 )
 from .layout import DockerArchive, LayoutError, OCILayout
 from .registry import Reference, Registry, RegistryError
@@ -85,10 +92,12 @@ class Source(abc.ABC):
         """Write the blob into `out`, raising rather than leaving bytes that do not match its digest."""
 
     def read(self, desc: Descriptor) -> bytes:
+        """A config, in memory: capped at MAX_CONFIG_BYTES before anything is read."""
+        _check_config_size(desc)
         with tempfile.TemporaryFile() as f:
             self.fetch(desc, f)
             f.seek(0)
-            return f.read()
+            return f.read(MAX_CONFIG_BYTES)
 
     def close(self) -> None:
         pass
@@ -101,20 +110,31 @@ class RegistrySource(Source):
 
     def manifests(self, platform, all_platforms):
         raw, media_type = self.registry.get_manifest(self.ref)
-        doc = parse_manifest_or_index(raw, media_type)
-        if isinstance(doc, Manifest):
-            return [(doc, None)]
-        chosen = doc.manifests if all_platforms else [doc.select(platform or Platform.host())]
+        try:
+            doc = parse_manifest_or_index(raw, media_type)
+            if isinstance(doc, Manifest):
+                return [(doc, None)]
+            chosen = doc.manifests if all_platforms else [doc.select(platform or Platform.host())]
+        except (ValueError, LookupError) as e:  # a bad digest or size inside, or no such platform
+            raise TransferError(f"{self.ref}: {e}") from None
         out = []
         for d in chosen:
             raw, mt = self.registry.get_manifest(self.ref.with_digest(d.digest))
             if (mt or d.media_type) in INDEX_TYPES:
                 continue  # nested indexes (attestations and the like) are not images
-            out.append((Manifest.parse(raw, mt or d.media_type), d.platform))
+            try:
+                out.append((Manifest.parse(raw, mt or d.media_type), d.platform))
+            except ValueError as e:
+                raise TransferError(f"{self.ref}: manifest {d.digest}: {e}") from None
         return out
 
     def fetch(self, desc, out, progress=None):
-        self.registry.fetch_blob(self.ref.repository, desc.digest, out, progress)
+        # The descriptor's size bounds the download: a registry sending more is cut off there.
+        self.registry.fetch_blob(self.ref.repository, desc.digest, out, progress, size=desc.size)
+
+    def read(self, desc):
+        _check_config_size(desc)
+        return self.registry.read_blob(self.ref.repository, desc.digest, size=desc.size)
 
     def close(self):
         self.registry.close()
@@ -128,15 +148,12 @@ class OCISource(Source):
         return self.layout.manifests_for(self.tag, platform, all_platforms)
 
     def fetch(self, desc, out, progress=None):
-        start = out.tell()
         with self.layout.open_blob(desc.digest) as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-        out.seek(start)
-        h = hashlib.sha256()
-        for block in iter(lambda: out.read(1 << 20), b""):
-            h.update(block)
-        if "sha256:" + h.hexdigest() != desc.digest:
-            raise TransferError(f"{self.layout.root}: blob {desc.digest} is corrupt")
+            _copy_verified(f, out, desc, f"{self.layout.root}: blob {desc.digest}")
+
+    def read(self, desc):
+        _check_config_size(desc)
+        return self.layout.read_blob(desc.digest, MAX_CONFIG_BYTES, "configs")
 
 
 class ArchiveSource(Source):
@@ -152,8 +169,29 @@ class ArchiveSource(Source):
         return out
 
     def fetch(self, desc, out, progress=None):
+        # The digest was computed from this member when the manifest was made; the archive may have
+        # changed since, so the bytes are checked again as they are copied.
         with self.archive.open_member(self.paths[desc.digest]) as f:
-            shutil.copyfileobj(f, out, 1 << 20)
+            _copy_verified(f, out, desc, f"{self.archive.path}: member {self.paths[desc.digest]!r}")
+
+
+def _check_config_size(desc: Descriptor) -> None:
+    if desc.size > MAX_CONFIG_BYTES:
+        raise TransferError(f"config {desc.digest}: its descriptor says {desc.size} bytes, over the "
+                            f"{size_text(MAX_CONFIG_BYTES)} cap for configs")
+
+
+def _copy_verified(src: BinaryIO, out: BinaryIO, desc: Descriptor, what: str) -> None:
+    """Copy SRC into OUT checking DESC's digest; on a mismatch OUT is left as it was and nothing is named."""
+    start = out.tell()
+    h = hashlib.sha256()
+    for block in iter(lambda: src.read(1 << 20), b""):
+        out.write(block)
+        h.update(block)
+    if "sha256:" + h.hexdigest() != desc.digest:
+        out.seek(start)
+        out.truncate()
+        raise TransferError(f"{what} has digest sha256:{h.hexdigest()}, not {desc.digest} (corrupt or changed)")
 
 
 def open_source(loc: Location, insecure: bool = False) -> Source:
@@ -243,7 +281,7 @@ class ArchiveDest(Dest):
         self.blobs = tempfile.mkdtemp(prefix=".lazybuild-archive-", dir=self.staging_dir)
 
     def put_blob(self, desc, path):
-        os.replace(path, os.path.join(self.blobs, desc.digest.split(":", 1)[1]))
+        os.replace(path, os.path.join(self.blobs, digest_hex(desc.digest)))
 
     def put_manifest(self, manifest):
         pass  # the archive's manifest.json is written by finish()
@@ -252,7 +290,7 @@ class ArchiveDest(Dest):
         if len(images) != 1:
             raise TransferError(f"{self.path}: a docker archive holds one image; choose one with --platform")
         manifest = images[0][0]
-        hexof = lambda d: d.digest.split(":", 1)[1]
+        hexof = lambda d: digest_hex(d.digest)
         entry = {"Config": hexof(manifest.config) + ".json", "RepoTags": [self.tag] if self.tag else [],
                  "Layers": [hexof(layer) + "/layer.tar" for layer in manifest.layers]}
         tmp = self.path + ".partial"
@@ -309,8 +347,9 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                 if not is_layer(layer.media_type):
                     raise TransferError(f"layer {i} of {manifest.digest} has media type {layer.media_type!r}")
                 label = f"layer {i + 1}/{len(manifest.layers)}"
-                path = os.path.join(tmp, layer.digest.split(":", 1)[1])
-                with open(path, "w+b") as f:
+                # A temporary name until the source has verified every byte; the destination names it.
+                fd, path = tempfile.mkstemp(prefix=".fetch-", dir=tmp)
+                with os.fdopen(fd, "w+b") as f:
                     src.fetch(layer, f, _counting(layer_progress(f"{label} fetch") if layer_progress else None, layer.size))
                 if convert is not None and (convert.force or estargz.TOC_DIGEST_ANNOTATION not in layer.annotations):
                     out = path + ".esgz"

@@ -260,10 +260,13 @@ def read_members(fd: int) -> list[TarMember]:
             if pos == 0:
                 raise FormatError(f"input is not a tar archive ({len(block)} bytes, less than one header)")
             raise FormatError(f"input tar is truncated at offset {pos}")
-        stored = _number(block[148:156], pos)
+        try:
+            stored = _number(block[148:156], pos)
+        except FormatError:
+            stored = None  # not even a number: reported as a bad checksum below
         if stored != sum(block) - sum(block[148:156]) + 256 and stored != _signed_checksum(block):
             what = "input is not a tar archive" if pos == 0 else f"input tar is corrupt at offset {pos}"
-            raise FormatError(f"{what}: header checksum does not match")
+            raise FormatError(f"{what}: header checksum {bytes(block[148:156])!r} does not match the header")
         kind = block[156:157]
         size = _number(block[124:136], pos)
         data_offset = pos + BLOCK

@@ -21,6 +21,7 @@ from typing import BinaryIO, Callable
 from .compression import compression_for, tar_padding
 from .errors import PrioritizedFileNotFound, UnsafeEntryError, UnsupportedEntryError
 from .order import sort_members
+from .reader import MAX_CHUNK_SIZE
 from .tarinput import SpooledTar, TarHeader, TarMember
 from .toc import (
     LANDMARK_CONTENTS,
@@ -138,6 +139,8 @@ def build(
     """
     if chunk_size <= 0:
         raise ValueError("chunk size must be positive")
+    if chunk_size > MAX_CHUNK_SIZE:  # readers (ours included) refuse larger chunks: they are inflated whole
+        raise ValueError(f"chunk size {chunk_size} is past the {MAX_CHUNK_SIZE >> 20} MiB a reader accepts")
     comp = compression_for(compression, level)
     with SpooledTar(source, tmpdir) as tar:
         members = tar.members()

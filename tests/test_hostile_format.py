@@ -507,6 +507,17 @@ def test_deep_names_do_not_exhaust_the_stack():
     assert sum(1 for _ in r.walk()) == 5001
 
 
+def test_toc_entry_count_is_capped_before_the_json_is_built(monkeypatch):
+    from lazybuild.estargz import toc as toc_module
+
+    entries = [{"name": f"d{i}/", "type": "dir"} for i in range(1000)]
+    blob = layer(entries)
+    assert len(open_blob(blob).entries) == 1000
+    monkeypatch.setattr(toc_module, "MAX_TOC_ENTRIES", 999)
+    with pytest.raises(LimitExceeded, match=r"evil-layer: TOC holds up to 1001 entries, more than the 999 cap"):
+        open_blob(blob)
+
+
 def test_deeply_nested_toc_json_is_a_format_error():
     with pytest.raises(FormatError, match="nested too deeply"):
         parse_toc_json(b"[" * 100000 + b"]" * 100000)

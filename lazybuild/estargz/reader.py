@@ -76,10 +76,7 @@ class LayerReader:
         self.name = name  # used in every error message
         self.kind, self.toc_offset, self.raw_toc = toc if toc is not None else self._read_toc()
         self.toc_digest = "sha256:" + hashlib.sha256(self.raw_toc).hexdigest()
-        try:
-            self.entries = parse_toc_json(self.raw_toc)
-        except FormatError as e:
-            raise FormatError(f"{self.name}: {e}") from e
+        self.entries = self._named(parse_toc_json, self.raw_toc)
         self._index()
 
     @classmethod

@@ -19,7 +19,7 @@ import types
 from dataclasses import dataclass, field
 
 from ..digest import InvalidDigest, check_digest, is_digest
-from .errors import FormatError, UnsafeEntryError
+from .errors import FormatError, LimitExceeded, UnsafeEntryError
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -271,8 +271,20 @@ def toc_json(entries: list[TOCEntry]) -> bytes:
     return b"".join(toc_json_parts(entries))
 
 
+# Entries per TOC. Each costs ~1 KB of Python objects once parsed and indexed, and 150 MiB of minimal
+# JSON entries would be ~6 million of them (GBs): the count is capped before json.loads builds them.
+# A million is past any real layer (the largest seen hold a few hundred thousand files).
+MAX_TOC_ENTRIES = 1 << 20
+
+
 def parse_toc_json(raw: bytes) -> list[TOCEntry]:
     """The entries of a raw TOC (its size is capped by the reader before it gets here)."""
+    # Every entry is a JSON object and no object can be written without a "{" (escapes exist only
+    # inside strings), so this count is an upper bound on the entries; it costs ~1 ms per 10 MB.
+    objects = raw.count(b"{")
+    if objects > MAX_TOC_ENTRIES + 1:
+        raise LimitExceeded(f"TOC holds up to {objects} entries, more than the {MAX_TOC_ENTRIES} cap on TOC entries "
+                            "(estargz.toc.MAX_TOC_ENTRIES); split the layer if it really has that many files")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

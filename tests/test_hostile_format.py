@@ -392,6 +392,7 @@ def test_tar_absurd_extended_header_length_is_refused_before_reading(kind):
     (b"11 uid=abc\n", "PAX uid=.abc."),
     (b"14 mtime=nan1\n", "mtime"),
     (b"13 mtime=inf\n", "mtime"),
+    (b"12 path=a\0b\n", "NUL byte"),
 ])
 def test_tar_bad_pax_records_are_refused(record, expect):
     pax = tar_header("././@PaxHeader", size=len(record), kind=tarfile.XHDTYPE) + record + c.tar_padding(len(record))
@@ -498,6 +499,14 @@ def test_extract_device_entries_stay_inside(tmp_path, canary):
     assert stat.S_ISFIFO(os.lstat(dest / "fifo").st_mode)
     with pytest.raises(UnsafeEntryError):
         open_blob(hostile_layer([{"name": os.path.join(target, "etc", "blk"), "type": "block", "devMajor": 7}]))
+
+
+@pytest.mark.parametrize("entry", [{"name": "a\0b", "type": "dir"},
+                                   {"name": "ln", "type": "symlink", "linkName": "/etc\0"},
+                                   {"name": "x", "type": "dir", "xattrs": {"user.a\0b": "eA=="}}])
+def test_nul_bytes_in_names_are_format_errors(entry):
+    with pytest.raises(FormatError, match="NUL byte"):
+        open_blob(hostile_layer([entry]))
 
 
 def test_deep_names_do_not_exhaust_the_stack():

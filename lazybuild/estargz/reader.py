@@ -199,6 +199,8 @@ class LayerReader:
                     ent.chunk_size = last_reg.size - ent.chunk_offset
                 self.chunks[ent.path].append(ent)
             else:
+                if "\0" in ent.name or "\0" in ent.link_name:  # no file system takes it; os.* would raise ValueError
+                    raise FormatError(f"{self.name}: entry {ent.name!r} has a NUL byte in its name or link target")
                 try:
                     ent.path = safe_name(ent.name)
                 except UnsafeEntryError as e:

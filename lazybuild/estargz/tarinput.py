@@ -302,6 +302,8 @@ def read_members(fd: int) -> list[TarMember]:
             name = _text(block[345:500]) + "/" + name
         name = pax.get("path", long_name if long_name is not None else name)
         info = TarHeader(name, kind)
+        if "\0" in name:  # only a PAX path can carry one; no file system takes it
+            raise FormatError(f"input tar: entry {name!r} (header at offset {pos}) has a NUL byte in its name")
         if kind == tarfile.AREGTYPE and name.endswith("/"):
             info.type = tarfile.DIRTYPE  # old V7 directories
         if kind == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):

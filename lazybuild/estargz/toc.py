@@ -121,6 +121,8 @@ class TOCEntry:
             if not isinstance(raw_xattrs, dict):
                 raise FormatError(f"TOC entry {name!r}: xattrs is not an object")
             for k, v in raw_xattrs.items():
+                if not k or "\0" in k:
+                    raise FormatError(f"TOC entry {name!r}: xattr name {k!r} is empty or has a NUL byte")
                 try:
                     xattrs[k] = base64.b64decode(v, validate=True)
                 except (ValueError, TypeError) as e:

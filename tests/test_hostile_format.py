@@ -704,3 +704,40 @@ def test_property_toc_parser(raw):
     with bounded(peak=8 * MiB):
         _only_our_errors(parse_toc_json, raw)
         _only_our_errors(_open_and_use, sink.getvalue())
+
+
+def test_property_extract_of_hostile_tocs_stays_inside(tmp_path):
+    """Random TOCs of names, symlinks and hardlinks aimed at a host canary: extraction either refuses
+    with our error or writes only under its destination; the canary never changes."""
+    from canary import Canary
+
+    canary = Canary()
+    dests = tmp_path / "dests"
+    dests.mkdir()
+    up = canary.rel_from(str(dests / "tmpname" / "x"))  # ../.. from a destination to the canary
+    parts = st.sampled_from(["a", "b", "..", ".", "", "etc", "cron.d", up, canary.root])
+    names = st.lists(parts, min_size=1, max_size=4).map("/".join)
+    targets = st.sampled_from(["a", "b", "a/b", "..", "../..", "/", up, up + "/etc/cron.d", canary.root,
+                               canary.writable_dir, canary.secret, canary.victim])
+    entries = st.lists(st.fixed_dictionaries({
+        "name": names, "type": st.sampled_from(["dir", "reg", "symlink", "hardlink", "fifo"]), "linkName": targets}),
+        min_size=1, max_size=6)
+
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(entries)
+    def extract_one(es):
+        dest = tempfile.mkdtemp(dir=dests)
+        try:
+            r = open_blob(hostile_layer(es, {e["name"]: b"pwn " + e["name"].encode() for e in es}))
+            with bounded(peak=16 * MiB):
+                extract(r, os.path.join(dest, "x"))
+        except EStargzError:
+            pass
+        canary.check()
+        assert os.listdir(dest) in ([], ["x"])
+
+    try:
+        extract_one()
+        canary.check()
+    finally:
+        canary.remove()

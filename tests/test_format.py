@@ -237,3 +237,15 @@ def test_inner_offset_entries_sharing_one_member(tmp_path):
         assert r.verify() == 3
         assert r.read_file("a") == a and r.read_file("b") == b
         assert r.compressed_range(r.chunk_for("a", 0)) == r.compressed_range(r.chunk_for("b", 0))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_decompress_member_returns_only_the_asked_slice(kind):
+    from lazybuild.estargz.compression import compression_for, decompress_member
+
+    data = bytes(range(256)) * 40
+    member = compression_for(kind).compress_member(data) + compression_for(kind).compress_member(b"next member")
+    assert decompress_member(kind, member, 100) == data[:100]
+    assert decompress_member(kind, member, 100, skip=5000) == data[5000:5100]
+    assert decompress_member(kind, member, 10_000, skip=10_000) == data[10_000:]  # stops at the member's end
+    assert decompress_member(kind, member, 10, skip=20_000) == b""

@@ -1,5 +1,6 @@
 """Real registries for the tests: Debian's docker-registry (distribution v2) on 127.0.0.1, plain HTTP, TLS +
-htpasswd, or token auth with a small token issuer of ours; and a fault-injecting proxy in front of one."""
+htpasswd, or token auth with a small token issuer of ours; a fault-injecting proxy in front of one (which
+can also play an evil registry); and `EvilServer`, a second host that answers what a test says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import http.server
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -160,6 +162,16 @@ class TokenIssuer:
         self.server.shutdown()
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A test server that does not print a traceback when a client hangs up (clients here do, on purpose)."""
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """An HTTP proxy in front of a registry that misbehaves on purpose, a fault at a time.
 
@@ -173,6 +185,14 @@ class FaultProxy:
       corrupt_blobs  - flip the first byte of whole-blob bodies
       corrupt_ranges - flip a byte in the middle of ranged (206) bodies
       refuse_head    - answer 405 to HEAD (as some object stores do)
+    and the evil registry's (kept until changed):
+      redirect_blobs_to: URL - answer 307 to blob GETs on the main port, pointing at URL + the path
+      location: TEXT - answer 307 to blob GETs on the main port with this exact Location
+      challenge: TEXT - the main port answers 401 with this WWW-Authenticate to requests without credentials
+      manifests: {tag: (body, content_type, headers)} - serve this for GET/HEAD of /v2/.../manifests/<tag>
+      error_body: (code, body) - answer every request with this status and body
+    `blob_bytes_sent` counts the body bytes of blob GETs that the client really took (written in 64 KiB
+    pieces; a client that hangs up stops the count).
     """
 
     def __init__(self, upstream: str):
@@ -180,6 +200,7 @@ class FaultProxy:
         self.faults: dict = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[int, str, str, dict]] = []
+        self.blob_bytes_sent = 0
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -197,16 +218,27 @@ class FaultProxy:
                     fault = proxy._take(method, self.path, self.headers, self.server.server_port)
                 if fault == "need_auth":
                     self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="proxy"')
+                    self.send_header("WWW-Authenticate", proxy.faults.get("challenge") or 'Basic realm="proxy"')
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 if fault == "redirect":
-                    target = f"http://127.0.0.1:{proxy.redirect_port}{self.path}"
+                    f = proxy.faults
+                    target = f.get("location") or (f.get("redirect_blobs_to") or f"http://127.0.0.1:{proxy.redirect_port}") + self.path
                     self.send_response(307)
                     self.send_header("Location", target)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if isinstance(fault, tuple):  # a canned answer: (status, headers, body)
+                    status, extra, data = fault
+                    self.send_response(status)
+                    for k, v in extra.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if method != "HEAD":
+                        self.wfile.write(data)
                     return
                 if isinstance(fault, int):
                     self.send_response(fault)
@@ -244,8 +276,21 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if method != "HEAD":
-                    self.wfile.write(data)
+                    self._write(data, counted="/blobs/sha256:" in self.path and method == "GET")
                 conn.close()
+
+            def _write(self, data, counted):
+                view = memoryview(data)
+                for i in range(0, len(data), 1 << 16):
+                    piece = view[i:i + (1 << 16)]
+                    try:
+                        self.wfile.write(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True  # the client hung up: it takes no more
+                        return
+                    if counted:
+                        with proxy.lock:
+                            proxy.blob_bytes_sent += len(piece)
 
             def do_GET(self):
                 self._forward("GET")
@@ -262,10 +307,10 @@ class FaultProxy:
             def do_PATCH(self):
                 self._forward("PATCH")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = _QuietServer(("127.0.0.1", free_port()), Handler)
         self.port = self.server.server_port
         self.host = f"127.0.0.1:{self.port}"
-        self.redirect_server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.redirect_server = _QuietServer(("127.0.0.1", free_port()), Handler)
         self.redirect_port = self.redirect_server.server_port
         for s in (self.server, self.redirect_server):
             threading.Thread(target=s.serve_forever, daemon=True).start()
@@ -273,6 +318,16 @@ class FaultProxy:
     def _take(self, method, path, headers, port):
         f = self.faults
         is_blob_get = method == "GET" and "/blobs/sha256:" in path
+        if f.get("error_body"):
+            code, body = f["error_body"]
+            return code, {"Content-Type": "application/json"}, body
+        if f.get("challenge") and port == self.port and not headers.get("Authorization"):
+            return "need_auth"
+        if "/manifests/" in path and path.rsplit("/", 1)[-1] in (f.get("manifests") or {}):
+            body, content_type, extra = f["manifests"][path.rsplit("/", 1)[-1]]
+            return 200, {"Content-Type": content_type, **extra}, body
+        if is_blob_get and port == self.port and (f.get("redirect_blobs_to") or f.get("location")):
+            return "redirect"
         if f.get("status"):
             code, n = f["status"][0]
             f["status"][0] = (code, n - 1)
@@ -302,6 +357,59 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.redirect_server.shutdown()
+
+
+class EvilServer:
+    """Another host (127.0.0.1, its own port: another origin) that answers what a test says and records
+    every request it gets, headers included: a storage host a registry redirects to, a token realm, or a
+    whole registry. `answer(method, path, headers) -> (status, headers, body)`; `tls`: (cert, key)."""
+
+    def __init__(self, answer, tls: tuple[str, str] | None = None):
+        self.answer = answer
+        self.requests: list[tuple[str, str, dict]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                status, headers, body = server.answer(self.command, self.path, self.headers)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if not any(k.lower() == "content-length" for k in headers):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    try:
+                        self.wfile.write(body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
+
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def authorizations(self) -> list[str]:
+        return [v for _, _, h in self.requests for k, v in h.items() if k.lower() == "authorization"]
+
+    def stop(self) -> None:
+        self.server.shutdown()
 
 
 def docker_config(workdir: str, host: str, user: str, password: str) -> str:

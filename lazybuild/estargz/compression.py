@@ -226,19 +226,20 @@ class _ZstdFrame:
 
     def __init__(self, data):
         self._r = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        self._ended = False
 
     def read(self, n: int) -> bytes:
-        pieces, left = [], n
+        if self._ended or n <= 0:
+            return b""
         try:
-            while left > 0:
-                out = self._r.read(left)
-                if not out:
-                    break
-                pieces.append(out)
-                left -= len(out)
+            out = self._r.read(n)
         except zstandard.ZstdError as e:
             raise FormatError(f"zstd data does not decompress: {e}") from e
-        return b"".join(pieces)
+        # The reader fills the whole request unless the frame (or the input) ends first; the next read
+        # would go on into the following frame, which belongs to another chunk.
+        if len(out) < n:
+            self._ended = True
+        return out
 
 
 def open_member(kind: str, data):

@@ -377,11 +377,19 @@ class LazyLayers:
         path = os.path.join(self._toc_dir(layer.stats.digest), "chunks")
         if os.path.exists(path):
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(sorted({layer.key(c) for c in layer.payload_chunks()})))
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write("\n".join(sorted({layer.key(c) for c in layer.payload_chunks()})))
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk: the layer still serves; Cleanup then leaves its chunks to the LRU
+            log.warning("cannot keep the chunk list of layer %s (%s); its chunks are freed by the cache's LRU "
+                        "instead of at its removal", layer.stats.digest, e.strerror or e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def cleanup(self, live_digests: set[str]) -> int:
         """Free what only removed layers used: their kept TOC and their chunks (chunks that a live layer

@@ -515,3 +515,40 @@ def test_label_rules_without_services():
             remote.LayerSource.from_labels({**stargz, **cri, label: value})
     with pytest.raises(remote.LabelError):
         remote.LayerSource.from_json({"reference": "registry.example/app:1", "digest": "sha256:../x"})
+
+
+@pytest.mark.integration
+def test_snapshotter_on_a_full_cache_disk_serves_verified_bytes(registry, small_tmpfs, tmp_path):
+    """The same full disk under the snapshotter (cache_dir on the 256k tmpfs): the prefetch and the reads
+    of a lazy layer store into it and fail; every file still reads right, nothing hangs, one warning."""
+    files = {f"f{i:02d}": os.urandom(96 << 10) for i in range(12)}
+    layer = estargz_layer(tmp_path, "full-sn", files, chunk_size=32 << 10,
+                          prioritized_files=[f"f{i:02d}" for i in range(6)])
+    ref = f"{registry.host}/hostile/full-sn:esgz"
+    push_layer(tmp_path, layer, ref)
+    sn = Snapshotter(str(tmp_path / "sn"))
+    os.makedirs(sn.workdir)
+    with open(os.path.join(sn.workdir, "config.toml"), "w") as f:
+        f.write(f'cache_dir = "{small_tmpfs}"\nbackground_fetch = false\n')
+    sn.config = os.path.join(sn.workdir, "config.toml")
+    sn.start()
+    channel = grpc.insecure_channel("unix://" + sn.sock)
+    try:
+        from lazybuild.snapshotter.proto import snapshots_pb2_grpc
+
+        sn.api = snapshots_pb2_grpc.SnapshotsStub(channel)
+        chain = _chain(300)
+        with pytest.raises(grpc.RpcError) as e:
+            prepare(sn, "extract-full", {REF: chain, remote.STARGZ_REF: ref, remote.STARGZ_DIGEST: layer["digest"],
+                                         remote.STARGZ_LAYERS: layer["digest"], remote.TOC_LABEL: layer["toc"]})
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS, e.value.details()
+        (sid,) = os.listdir(os.path.join(sn.root, "fuse"))
+        for name in sorted(files, reverse=True):
+            rc, out, err = read_with_timeout(os.path.join(sn.root, "fuse", sid, name))
+            assert rc == 0 and out == files[name], (name, rc, len(out), err)
+        assert sn.logs().count("cannot keep chunks") == 1, sn.logs()
+        remove(sn, chain)
+    finally:
+        channel.close()
+        sn.stop()
+    assert not lazybuild_mounts(sn.root)

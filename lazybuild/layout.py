@@ -111,14 +111,15 @@ class OCILayout:
     def open_blob(self, digest: str) -> BinaryIO:
         return self._open(self.blob_path(digest), f"blob {digest}")
 
-    def read_blob(self, digest: str, cap: int = MAX_MANIFEST_BYTES, kind: str = "manifests") -> bytes:
-        """A JSON blob (manifest, index: `cap` MAX_MANIFEST_BYTES; configs: MAX_CONFIG_BYTES), digest checked."""
+    def read_blob(self, digest: str, cap: int | None = None, kind: str = "") -> bytes:
+        """A blob in memory, digest checked. Manifests and indexes are read with `cap` MAX_MANIFEST_BYTES
+        (kind "manifests"), configs with MAX_CONFIG_BYTES: refused before they are read whole."""
         with self.open_blob(digest) as f:
             size = os.fstat(f.fileno()).st_size
-            if size > cap:
+            if cap is not None and size > cap:
                 raise LayoutError(f"{self.root}: blob {digest} is {size} bytes, over the {size_text(cap)} cap for {kind}")
-            data = f.read(cap + 1)
-        if len(data) > cap or sha256_digest(data) != digest:
+            data = f.read() if cap is None else f.read(cap + 1)
+        if (cap is not None and len(data) > cap) or sha256_digest(data) != digest:
             raise LayoutError(f"{self.root}: blob {digest} is corrupt (its content has another digest)")
         return data
 
@@ -198,7 +199,7 @@ class OCILayout:
     def _manifests(self, desc: Descriptor, platform: Platform | None, all_platforms: bool, depth: int
                    ) -> list[tuple[Manifest, Platform | None]]:
         try:
-            doc = parse_manifest_or_index(self.read_blob(desc.digest), desc.media_type)
+            doc = parse_manifest_or_index(self.read_blob(desc.digest, MAX_MANIFEST_BYTES, "manifests"), desc.media_type)
         except ValueError as e:  # a bad descriptor inside (digest, size, types): name the document
             raise LayoutError(f"{self.root}: {desc.digest}: {e}") from None
         if isinstance(doc, Manifest):

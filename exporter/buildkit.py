@@ -34,7 +34,8 @@ def fetch_base(layout: OCILayout, base: dict) -> tuple[list[Descriptor], list[st
     ref = Reference.parse(f"{base['repository']}@{base['digest']}")
     registry = Registry(ref.host)
     resolved = registry.resolve(ref, Platform.parse(base["platform"]))
-    config = _json.loads(registry.read_blob(ref.repository, resolved.manifest.config.digest))
+    config = _json.loads(registry.read_blob(ref.repository, resolved.manifest.config.digest,
+                                           size=resolved.manifest.config.size))
     for d in resolved.manifest.layers:
         if not layout.has_blob(d.digest):
             layout.write_blob(d.digest, lambda out, d=d: registry.fetch_blob(ref.repository, d.digest, out))

@@ -172,7 +172,7 @@ def cmd_inspect(args) -> int:
     ref = Reference.parse(args.ref[len("docker://"):] if args.ref.startswith("docker://") else args.ref)
     with Registry(ref.host, insecure=args.insecure) as reg:
         resolved = reg.resolve(ref, _platform(args))
-        config = json.loads(reg.read_blob(ref.repository, resolved.manifest.config.digest))
+        config = json.loads(reg.read_blob(ref.repository, resolved.manifest.config.digest, size=resolved.manifest.config.size))
     out = {"reference": str(ref), "digest": resolved.manifest.digest, "manifest": json.loads(resolved.manifest.raw),
            "config": config}
     if resolved.index is not None:

@@ -232,7 +232,7 @@ class Builder:
         try:
             resolved = registry.resolve(ref, platform)
             cfg_desc = resolved.manifest.config
-            config = json.loads(registry.read_blob(ref.repository, cfg_desc.digest))
+            config = json.loads(registry.read_blob(ref.repository, cfg_desc.digest, size=cfg_desc.size))
         except Exception as e:
             raise BuildError(f"base image {ref}: {e}") from None
         img = BaseImage(resolved.reference, registry, resolved.manifest, config)

@@ -146,7 +146,7 @@ class LazyLayer:
     def __post_init__(self) -> None:
         # Every chunk key becomes a cache file name and a lock: a TOC written by a stranger could say
         # `sha256:../../etc/shadow`. The layer is refused here, whole, rather than at some later read
-        # (a FormatError: the CLI prints it, the snapshotter falls back to containerd's download).
+        # (a FormatError: `lazybuild mount` prints it; the snapshotter reports the layer unavailable, EIO).
         for chunks in self.reader.chunks.values():
             for c in chunks:
                 key = self.key(c)

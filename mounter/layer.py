@@ -211,7 +211,7 @@ class LazyLayer:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         if not os.path.exists(local):
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), prefix=".download-") as tmp:
-                registry.fetch_blob(repository, desc.digest, tmp)
+                registry.fetch_blob(repository, desc.digest, tmp, size=desc.size)
                 stats.fetched_bytes += desc.size
                 tmp.flush()
                 estargz.convert_file(tmp.name, local)

@@ -119,7 +119,7 @@ def rpull(ref_text: str, address: str, namespace: str = "default", snapshotter: 
     with Registry(ref.host, insecure=insecure) as reg:
         resolved = reg.resolve(ref, platform)
         manifest = resolved.manifest
-        config_raw = reg.read_blob(ref.repository, manifest.config.digest)
+        config_raw = reg.read_blob(ref.repository, manifest.config.digest, size=manifest.config.size)
         diff_ids = json.loads(config_raw).get("rootfs", {}).get("diff_ids") or []
         if len(diff_ids) != len(manifest.layers):
             raise PullError(f"{ref}: the config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")

@@ -12,8 +12,12 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
-_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_REPO_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+# host[:port] as Docker's reference grammar has it (a DNS name or an IPv4, or [IPv6]): no userinfo, no
+# spaces, nothing a URL would read as more than a host.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                      r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,13 @@ class Reference:
         last = rest.rsplit("/", 1)[-1]
         if ":" in last:
             rest, tag = rest.rsplit(":", 1)
-            if not _TAG_RE.match(tag):
+            if not _TAG_RE.fullmatch(tag):
                 raise ValueError(f"reference {original!r}: {tag!r} is not a valid tag")
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError(f"reference {original!r}: {host!r} is not a registry host (host[:port])")
         if host == DOCKER_HUB and "/" not in rest:
             rest = "library/" + rest
-        if not _REPO_RE.match(rest):
+        if not _REPO_RE.fullmatch(rest):
             raise ValueError(f"reference {original!r}: repository {rest!r} must be lowercase letters, digits, . _ - and /")
         if not tag and not digest:
             tag = "latest"

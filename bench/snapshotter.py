@@ -48,7 +48,7 @@ def main() -> int:
     env = {**os.environ, "A": a, "BIN": os.path.join(CACHE, "anchor-bin"), "REPS": str(args.reps), "NETS": args.nets,
            "REG_CONFIG": os.path.join(a, "reg-push.yml"), "REG_DATA": os.path.join(a, "regdata"),
            "SNAPSHOTTERS": "stargz lazybuild", "OTHER_NAME": "lazybuild",
-           "OTHER_CMD": f"{sys.executable} -m lazybuild.cli snapshotter --address {{sock}} --root {{root}} --config {config}"}
+           "OTHER_CMD": f"{sys.executable} -I -m lazybuild.cli snapshotter --address {{sock}} --root {{root}} --config {config}"}
     if not args.report_only:
         if not (os.path.exists(os.path.join(a, "manifest-esgz-opt.json")) and
                 os.access(os.path.join(env["BIN"], "ctr-remote"), os.X_OK)):

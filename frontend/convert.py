@@ -1,4 +1,4 @@
-"""Dockerfile -> LLB: the stages of `frontend.dockerfile.model` become BuildKit ops.
+"""Dockerfile -> LLB: the stages of `lazybuild.dockerfile.model` become BuildKit ops.
 
 Semantics follow BuildKit's dockerfile2llb: RUN is an ExecOp on the stage's filesystem (root mount
 output 0) with its mounts; COPY/ADD are one FileOp with a copy action per source; WORKDIR makes its
@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 
 from lazybuild.registry.reference import Reference
 
-from .dockerfile.model import Build, Stage
-from .dockerfile.parser import DockerfileError
-from .dockerfile.shell import ShellLex
+from lazybuild.dockerfile.model import HEREDOC_MARKER, Build, Stage
+from lazybuild.dockerfile.parser import DockerfileError
+from lazybuild.dockerfile.shell import ShellLex
 from .llb import builder
 from .llb.builder import InputList, Output, Vertex
 from .llb.proto import ops_pb2 as pb
 
 CUSTOM_NAME = "llb.customname"
 COMMAND = "com.docker.dockerfile.v1.command"
-HEREDOC_MARKER = re.compile(r"^<<(-?)\s*(['\"]?)([^'\"\s]+)\2$")
 PROXY_FIELDS = {"HTTP_PROXY": "http_proxy", "HTTPS_PROXY": "https_proxy", "FTP_PROXY": "ftp_proxy",
                 "NO_PROXY": "no_proxy", "ALL_PROXY": "all_proxy"}
 

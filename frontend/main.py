@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .convert import CUSTOM_NAME, BuildOptions, ConvertError, Converter, normalize_image
-from .dockerfile import model
-from .dockerfile.dockerignore import read_patterns
-from .dockerfile.parser import DockerfileError
-from .dockerfile.shell import ShellLex
+from lazybuild.dockerfile import model
+from lazybuild.dockerfile.dockerignore import read_patterns
+from lazybuild.dockerfile.parser import DockerfileError
+from lazybuild.dockerfile.shell import ShellLex
 from lazybuild.registry.reference import Reference
 
 from .gateway import Bridge, GatewayError

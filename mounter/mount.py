@@ -165,22 +165,87 @@ def status(mountpoint: str) -> dict:
         raise OSError(f"{mountpoint} is not a lazybuild mount (no status at {status_path(mountpoint)})") from None
 
 
-def daemonize(argv: list[str], mountpoint: str, timeout_s: float = 120.0) -> int:
-    """Start `lazybuild mount` without --daemon in the background; return once the mount is up."""
+class MountedImage:
+    """An image mounted by a child of this process (see mount_image); closing it unmounts."""
+
+    def __init__(self, mountpoint: str, pid: int, log_path: str):
+        self.mountpoint = mountpoint
+        self.pid = pid
+        self.log_path = log_path
+
+    def status(self) -> dict:
+        """Per layer: size, bytes fetched, served from cache, prefetched (as `mount --status`)."""
+        return status(self.mountpoint)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Unmount and reap the child (it flushes its status and exits once the kernel lets go)."""
+        from .fs import is_mounted
+
+        if self.pid == 0:
+            return
+        if is_mounted(self.mountpoint):
+            try:
+                umount(self.mountpoint)
+            except OSError:
+                os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self.pid = 0
+
+
+def mount_image(ref_text: str, mountpoint: str, opts: MountOptions, timeout_s: float = 120.0,
+                detach: bool = False) -> MountedImage:
+    """Mount REF at MOUNTPOINT from a forked child of this process and return once it serves.
+
+    pyfuse3 serves one mount per process, so each mount is a child; forking (rather than starting
+    `python -m ...`) costs no interpreter start or imports and does not depend on the current
+    directory's sys.path. DETACH puts the child in its own session (`lazybuild mount --daemon`, which
+    outlives us); otherwise it stays ours, and `close()` unmounts it and reaps it.
+    """
     from .fs import is_mounted
 
     log_path = status_path(mountpoint).replace(".json", ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "lazybuild.cli"] + argv, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: serve until unmounted, never return into the caller's code
+        code = 1
+        try:
+            if detach:
+                os.setsid()
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if detach else signal.SIG_IGN)  # the parent unmounts us
+            logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr,
+                                force=True)
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+            code = serve(ref_text, mountpoint, opts)
+        except BaseException as e:  # noqa: BLE001 - reported in the log the parent reads
+            print(f"lazybuild: error: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    handle = MountedImage(mountpoint, pid, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if is_mounted(mountpoint):
-            return 0
-        if proc.poll() is not None:
+            if detach:
+                handle.pid = 0  # not ours to reap: init adopts it when we exit
+            return handle
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
             with open(log_path) as f:
                 raise OSError(f"mount failed: {f.read().strip()}")
-        time.sleep(0.05)
-    proc.terminate()
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
     raise OSError(f"mount of {mountpoint} did not come up in {timeout_s:.0f} s (log: {log_path})")

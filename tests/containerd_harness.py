@@ -49,7 +49,7 @@ class Snapshotter:
 
     def start(self) -> None:
         # LAZYBUILD_SNAPSHOTTER_ARGS="--log-level debug" shows per-RPC and per-fetch timings in the log
-        cmd = [sys.executable, "-m", "lazybuild.cli", "snapshotter", "--address", self.sock, "--root", self.root] + \
+        cmd = [sys.executable, "-I", "-m", "lazybuild.cli", "snapshotter", "--address", self.sock, "--root", self.root] + \
             os.environ.get("LAZYBUILD_SNAPSHOTTER_ARGS", "").split()
         if self.config is None:  # fetch only what is read, so tests can count it
             self.config = os.path.join(self.workdir, "config.toml")

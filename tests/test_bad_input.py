@@ -165,8 +165,8 @@ def test_absolute_names_land_inside_the_destination(tmp_path):
 def test_cli_names_layer_and_entry(good, tmp_path):
     out, blob = good
     bad = corrupt_payload_of(out, "etc/passwd")
-    p = subprocess.run([sys.executable, "-m", "lazybuild.cli", "layer", "verify", bad], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-I", "-m", "lazybuild.cli", "layer", "verify", bad], capture_output=True, text=True)
     assert p.returncode == 1 and bad in p.stderr and "etc/passwd" in p.stderr and "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "lazybuild.cli", "layer", "verify", out, "--toc-digest", "sha256:00"],
+    p = subprocess.run([sys.executable, "-I", "-m", "lazybuild.cli", "layer", "verify", out, "--toc-digest", "sha256:00"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and "TOC digest" in p.stderr

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from lazybuild.frontend.dockerfile.dockerignore import DockerIgnore, read_patterns
-from lazybuild.frontend.dockerfile.model import DockerfileError, load
+from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.dockerfile.model import DockerfileError, load
 
 DOCKERFILE = """\
 # syntax=docker/dockerfile:1

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lazybuild.frontend.dockerfile.parser import DockerfileError, parse
+from lazybuild.dockerfile.parser import DockerfileError, parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTDATA = os.path.join(os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared")),

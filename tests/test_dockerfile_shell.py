@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from lazybuild.frontend.dockerfile.shell import GO_WHITESPACE, ShellError, ShellLex
+from lazybuild.dockerfile.shell import GO_WHITESPACE, ShellError, ShellLex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared"))

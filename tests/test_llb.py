@@ -9,8 +9,8 @@ import json
 import pytest
 
 from lazybuild.frontend.convert import BuildOptions, ConvertError, Converter
-from lazybuild.frontend.dockerfile import model
-from lazybuild.frontend.dockerfile.shell import ShellLex
+from lazybuild.dockerfile import model
+from lazybuild.dockerfile.shell import ShellLex
 from lazybuild.frontend.gateway import Caps
 from lazybuild.frontend.llb import builder
 from lazybuild.frontend.llb.proto import ops_pb2 as pb

@@ -16,7 +16,7 @@ import pytest
 from cli_runner import lazybuild
 from flatten import flatten_oci_tar
 from images import debootstrap_rootfs, docker_archive
-from lazybuild.build import runc, seccomp
+from lazybuild.runtime import runc, seccomp
 
 integration = pytest.mark.integration
 

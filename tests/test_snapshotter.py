@@ -17,7 +17,7 @@ from images import debootstrap_rootfs, docker_archive
 from registry_harness import RegistryProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containerd, FUSE and overlayfs need root")
-LAZYBUILD = [sys.executable, "-m", "lazybuild.cli"]
+LAZYBUILD = [sys.executable, "-I", "-m", "lazybuild.cli"]
 
 
 def lazybuild(*args: str) -> str:

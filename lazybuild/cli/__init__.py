@@ -9,8 +9,8 @@ import re
 import stat
 import sys
 
-from . import __version__
-from . import estargz
+from .. import __version__
+from .. import estargz
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMG]i?B?)?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
@@ -132,13 +132,13 @@ def _log(message: str) -> None:
 
 
 def _platform(args):
-    from .image import Platform
+    from ..image import Platform
 
     return Platform.parse(args.platform) if getattr(args, "platform", None) else None
 
 
 def cmd_copy(args, convert=None) -> int:
-    from .transfer import Location, copy_image, open_dest, open_source
+    from ..transfer import Location, copy_image, open_dest, open_source
 
     src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
     mount_from = src_loc.ref.repository if src_loc.kind == dst_loc.kind == "registry" and src_loc.ref.host == dst_loc.ref.host else None
@@ -160,14 +160,14 @@ def cmd_copy(args, convert=None) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .transfer import ConvertOptions
+    from ..transfer import ConvertOptions
 
     prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else None
     return cmd_copy(args, ConvertOptions("zstd" if args.zstd else "gzip", args.chunk_size, prioritized, args.force))
 
 
 def cmd_inspect(args) -> int:
-    from .registry import Reference, Registry
+    from ..registry import Reference, Registry
 
     ref = Reference.parse(args.ref[len("docker://"):] if args.ref.startswith("docker://") else args.ref)
     with Registry(ref.host, insecure=args.insecure) as reg:
@@ -182,10 +182,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_inspect_dockerfile(args) -> int:
-    from .frontend.dockerfile.dockerignore import DockerIgnore
-    from .frontend.dockerfile.model import load
+    from ..dockerfile.dockerignore import DockerIgnore
+    from ..dockerfile.model import load
 
-    from . import inroot
+    from .. import inroot
 
     context = args.context
     dockerfile = args.file or os.path.join(context, "Dockerfile")
@@ -213,16 +213,13 @@ def cmd_inspect_dockerfile(args) -> int:
 
 
 def cmd_mount(args) -> int:
-    from .mounter import mount as m
+    from ..mounter import mount as m
 
     if args.status:
         print(json.dumps(m.status(args.ref_or_dir), indent=2))
         return 0
     if not args.dir:
         raise SystemExit("lazybuild: error: mount needs REF and DIR (or --status DIR)")
-    if args.daemon:
-        argv = [a for a in sys.argv[1:] if a != "--daemon"]
-        return m.daemonize(argv, args.dir)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr)
@@ -231,11 +228,14 @@ def cmd_mount(args) -> int:
                           prefetch=not args.no_prefetch, background_fetch=not args.no_background_fetch,
                           verify=not args.insecure_skip_verify, record=args.record, insecure=args.insecure,
                           timeout_s=args.timeout, layers=args.layers)
+    if args.daemon:  # a child in its own session serves; we return once it does
+        m.mount_image(args.ref_or_dir, args.dir, opts, detach=True)
+        return 0
     return m.serve(args.ref_or_dir, args.dir, opts)
 
 
 def cmd_umount(args) -> int:
-    from .mounter import mount as m
+    from ..mounter import mount as m
 
     m.umount(args.dir)
     return 0
@@ -244,7 +244,7 @@ def cmd_umount(args) -> int:
 def cmd_snapshotter(args) -> int:
     import logging
 
-    from .snapshotter import config, server
+    from ..snapshotter import config, server
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
@@ -259,7 +259,7 @@ def cmd_snapshotter(args) -> int:
 def cmd_rpull(args) -> int:
     import grpc
 
-    from .snapshotter import pull
+    from ..snapshotter import pull
 
     try:
         report = pull.rpull(args.ref, args.address, args.namespace, args.snapshotter, _platform(args), args.insecure,
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--platform", metavar="P")
     i.add_argument("--insecure", action="store_true")
     i.set_defaults(func=cmd_inspect)
-    from .build.command import add_parser as add_build
+    from .build import add_parser as add_build
 
     add_build(sub)
     return p
@@ -402,10 +402,10 @@ def _bounded_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .layout import LayoutError
-    from .registry import RegistryAuthError, RegistryError
-    from .frontend.dockerfile.parser import DockerfileError
-    from .transfer import TransferError
+    from ..layout import LayoutError
+    from ..registry import RegistryAuthError, RegistryError
+    from ..dockerfile.parser import DockerfileError
+    from ..transfer import TransferError
 
     _bounded_malloc()
     argv = sys.argv[1:] if argv is None else list(argv)

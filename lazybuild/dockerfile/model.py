@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 
 from .instructions import Instruction, InstructionError, instructions
@@ -20,6 +21,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROXY_ARGS = ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
 # Instructions that leave a filesystem change; the others are empty layers in the history.
 LAYER_KINDS = ("run", "copy", "add")
+# A RUN whose script is only `<<NAME` (or `<<-NAME`, quoted or not): the heredoc is the script itself.
+HEREDOC_MARKER = re.compile(r"^<<(-?)\s*(['\"]?)([^'\"\s]+)\2$")
 
 
 @dataclass

@@ -15,7 +15,6 @@ import os
 import posixpath
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +22,16 @@ import uuid
 from dataclasses import dataclass, field
 
 from lazybuild import inroot
-from lazybuild.frontend.dockerfile import model
-from lazybuild.frontend.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.dockerfile import model
+from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild import mounter
 from lazybuild.image import Manifest, Platform
 from lazybuild.registry import Reference, Registry
 
-from . import copy as copyop
-from . import runc
-from .overlay import mount_overlay, unmount
+from lazybuild.runtime import runc
+from lazybuild.runtime.overlay import mount_overlay, unmount
+
+from . import filecopy
 
 STATE_DIR = os.environ.get("LAZYBUILD_STATE", "/var/lib/lazybuild")
 RUN_DIR = "/run/lazybuild/b"
@@ -75,6 +76,7 @@ class BaseImage:
     manifest: Manifest
     config: dict
     mountpoint: str = ""
+    mounted: "mounter.MountedImage | None" = None
 
     @property
     def diff_ids(self) -> list[str]:
@@ -101,19 +103,13 @@ class BuildResult:
         """Per base image: bytes fetched lazily and the image's compressed size."""
         out = {}
         for img in self.images:
-            status = _mount_status(img.mountpoint)
+            try:
+                status = img.mounted.status() if img.mounted else {}
+            except OSError:
+                status = {}
             fetched = sum(layer.get("fetchedBytes", 0) for layer in status.get("layers", [])) if status else 0
             out[str(img.ref)] = {"fetched": fetched, "size": sum(d.size for d in img.manifest.layers)}
         return out
-
-
-def _mount_status(mountpoint: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "lazybuild.cli", "mount", "--status", mountpoint],
-                       capture_output=True, text=True)
-    try:
-        return json.loads(p.stdout) if p.returncode == 0 else {}
-    except ValueError:
-        return {}
 
 
 def _sha(*parts) -> str:
@@ -186,8 +182,11 @@ class Builder:
                 self.log(f"warning: {e}")
         self.mounts.clear()
         for img in self.images.values():
-            if img.mountpoint:
-                subprocess.run([sys.executable, "-m", "lazybuild.cli", "umount", img.mountpoint], capture_output=True)
+            if img.mounted:
+                try:
+                    img.mounted.close()
+                except OSError as e:
+                    self.log(f"warning: {e}")
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def ignored(self, rel: str) -> bool:
@@ -246,16 +245,13 @@ class Builder:
             os.makedirs(mp, exist_ok=True)
             # No background fetch: a build reads what it reads; the rest of the image is never downloaded.
             pinned = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"  # the manifest we resolved
-            cmd = [sys.executable, "-m", "lazybuild.cli", "mount", pinned, mp, "--layers", "--daemon",
-                   "--no-background-fetch", "--cache", self.opts.chunk_cache]
-            if self.opts.insecure:
-                cmd.append("--insecure")
-            if self.opts.record_base:
-                cmd += ["--record", self.opts.record_base]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise BuildError(f"cannot mount {img.ref} lazily: {p.stderr.strip() or p.stdout.strip()} "
-                                 "(its layers must be eStargz: `lazybuild convert` it)")
+            opts = mounter.MountOptions(cache_dir=self.opts.chunk_cache, background_fetch=False, layers=True,
+                                        insecure=self.opts.insecure, record=self.opts.record_base or None)
+            try:
+                img.mounted = mounter.mount_image(pinned, mp, opts)
+            except OSError as e:
+                raise BuildError(f"cannot mount {img.ref} lazily: {e} "
+                                 "(its layers must be eStargz: `lazybuild convert` it)") from None
             img.mountpoint = mp
         return [os.path.join(img.mountpoint, str(i)) for i in range(len(img.manifest.layers))]
 
@@ -350,7 +346,7 @@ class Builder:
                 ident["fromKey"] = results[ins["fromStage"]].key
             elif "from" in ins:  # an image: its name may move, its digest does not
                 ident["fromImage"] = self.image(ins["from"], Platform.host()).manifest.digest
-            elif any(copyop.has_magic(s) for s in ins["sources"]):  # a pattern may match anything
+            elif any(filecopy.has_magic(s) for s in ins["sources"]):  # a pattern may match anything
                 ident["context"] = tree_digest(self.context, [""], self.ignored)
             else:
                 ident["context"] = tree_digest(self.context, [s.lstrip("/") for s in ins["sources"]], self.ignored)
@@ -404,7 +400,7 @@ class Builder:
 
     # ---- instructions
     def do_workdir(self, ins: dict, root: str) -> None:
-        owner = copyop.parse_chown(ins.get("user", ""), root) if ins.get("user") else None
+        owner = filecopy.parse_chown(ins.get("user", ""), root) if ins.get("user") else None
         try:
             inroot.mkdir_all(root, ins["path"], 0o755, owner)
         except inroot.UnsafePath as e:
@@ -434,12 +430,12 @@ class Builder:
             sources, ignored = [(self.context, s) for s in ins["sources"]], self.ignored
         try:
             if sources:
-                copyop.copy(root, dest, sources, chown=ins.get("chown", ""), chmod=ins.get("chmod", ""),
+                filecopy.copy(root, dest, sources, chown=ins.get("chown", ""), chmod=ins.get("chmod", ""),
                             unpack=ins["instruction"] == "ADD" and ins.get("unpack", True) is not False, ignored=ignored)
             for doc in ins.get("files") or []:
-                copyop.write_file(root, dest, doc["name"], doc["data"].encode(), chown=ins.get("chown", ""),
+                filecopy.write_file(root, dest, doc["name"], doc["data"].encode(), chown=ins.get("chown", ""),
                                   chmod=ins.get("chmod", ""))
-        except (copyop.CopyError, OSError, ValueError) as e:
+        except (filecopy.CopyError, OSError, ValueError) as e:
             raise BuildError(f"line {ins['line']}: {ins['text']}: {e}") from None
 
     def do_run(self, ins: dict, root: str, results) -> None:
@@ -470,9 +466,7 @@ class Builder:
         if not files:
             return args
         shell, script = args[:-1], args[-1]
-        from lazybuild.frontend.convert import HEREDOC_MARKER
-
-        m = HEREDOC_MARKER.match(script.strip())
+        m = model.HEREDOC_MARKER.match(script.strip())
         if m and m.group(3) == files[0]["name"]:
             data = files[0]["data"]
             if files[0]["chomp"]:

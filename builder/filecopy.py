@@ -24,7 +24,7 @@ import zlib
 
 from lazybuild import inroot
 
-from .runc import resolve_user
+from lazybuild.runtime.runc import resolve_user
 
 
 class CopyError(RuntimeError):

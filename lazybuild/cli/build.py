@@ -12,7 +12,7 @@ import time
 from lazybuild.exporter import image as export
 from lazybuild.exporter.optimize import record_workload
 
-from .executor import STATE_DIR, BuildError, Builder, BuildOptions
+from lazybuild.builder.executor import STATE_DIR, BuildError, Builder, BuildOptions
 
 
 def add_parser(sub) -> None:

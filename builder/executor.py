@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from lazybuild import inroot
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.errors import BuildFailure
 from lazybuild import mounter
 from lazybuild.image import Manifest, Platform
 from lazybuild.registry import Reference, Registry
@@ -38,7 +39,7 @@ RUN_DIR = "/run/lazybuild/b"
 STUB_PATHS = ("/etc/resolv.conf", "/etc/hosts", "/proc", "/sys", "/dev")
 
 
-class BuildError(RuntimeError):
+class BuildError(BuildFailure):
     """A build that cannot go on: names the Dockerfile line when there is one."""
 
 

@@ -23,11 +23,12 @@ import tarfile
 import zlib
 
 from lazybuild import inroot
+from lazybuild.errors import BuildFailure
 
 from lazybuild.runtime.runc import resolve_user
 
 
-class CopyError(RuntimeError):
+class CopyError(BuildFailure):
     pass
 
 

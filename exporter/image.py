@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from lazybuild.estargz import convert_file
+from lazybuild.errors import BuildFailure
 from lazybuild.image import OCI_CONFIG, Descriptor, Manifest, canonical_json, sha256_digest
 from lazybuild.layout import OCILayout
 from lazybuild.registry import Reference, Registry
@@ -27,7 +28,7 @@ from .diff import write_layer
 OUTPUT_TYPES = ("stargz", "oci", "tar", "local")
 
 
-class ExportError(RuntimeError):
+class ExportError(BuildFailure):
     pass
 
 

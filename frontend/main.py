@@ -19,6 +19,7 @@ from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import read_patterns
 from lazybuild.dockerfile.parser import DockerfileError
 from lazybuild.dockerfile.shell import ShellLex
+from lazybuild.errors import RemoteError
 from lazybuild.registry.reference import Reference
 
 from .gateway import Bridge, GatewayError
@@ -33,7 +34,7 @@ LOCAL_ATTR_CAPS = {"source.local", "source.local.sessionid", "source.local.share
                    "source.local.followpaths"}
 
 
-class Unsupported(Exception):
+class Unsupported(RemoteError):
     """A request this frontend does not implement (answered with gRPC Unimplemented)."""
 
 

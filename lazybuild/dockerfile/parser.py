@@ -13,6 +13,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ..errors import InputError
+
 DEFAULT_ESCAPE = "\\"
 VALID_DIRECTIVES = ("syntax", "escape", "check")
 HEREDOC_INSTRUCTIONS = ("add", "copy", "run")
@@ -22,7 +24,7 @@ _DIRECTIVE = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 _HEREDOC = re.compile(r"^(\d*)<<(-?)\s*([^<]*)$")
 
 
-class DockerfileError(ValueError):
+class DockerfileError(InputError):
     """A Dockerfile BuildKit would refuse, with the lines it is about."""
 
     def __init__(self, message: str, start_line: int = 0, end_line: int = 0, filename: str = "Dockerfile"):

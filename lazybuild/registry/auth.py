@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from ..errors import RemoteError
 from .bodies import MAX_TOKEN_BYTES, BodyError, discard, printable, read_capped
 from .reference import DOCKER_HUB, DOCKER_HUB_API
 
 
-class RegistryAuthError(Exception):
+class RegistryAuthError(RemoteError):
     pass
 
 

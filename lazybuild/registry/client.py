@@ -31,6 +31,7 @@ from typing import BinaryIO, Callable, Iterator
 import httpx
 
 from ..digest import InvalidDigest, check_digest
+from ..errors import RemoteError
 from ..image import (ACCEPT_MANIFESTS, INDEX_TYPES, MANIFEST_TYPES, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Index,
                      Manifest, Platform, parse_manifest_or_index, sha256_digest, size_text)
 from .auth import Credentials, RegistryAuth, RegistryAuthError, load_credentials
@@ -51,7 +52,7 @@ MULTIPART_SLACK_BYTES = 4096
 PART_HEADER_BYTES = 1024
 
 
-class RegistryError(Exception):
+class RegistryError(RemoteError):
     def __init__(self, message: str, status: int | None = None, url: str = ""):
         super().__init__(message)
         self.status, self.url = status, url

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 
+from ..errors import HostError
 
-class OverlayError(OSError):
+
+class OverlayError(HostError, OSError):
     pass
 
 

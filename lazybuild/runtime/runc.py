@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import inroot
+from ..errors import BuildFailure
 from . import seccomp
 
 RUNC_ROOT = "/run/lazybuild/runc"
@@ -55,7 +56,7 @@ NO_NEW_PRIVILEGES = True
 ACCOUNT_FILE_LIMIT = 1 << 20
 
 
-class RunError(RuntimeError):
+class RunError(BuildFailure):
     """A RUN step exited non-zero: the command, its exit code and the last lines it printed."""
 
     def __init__(self, args: list[str], code: int, tail: list[str]):

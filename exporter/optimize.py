@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 from lazybuild import mounter
+from lazybuild.errors import MountError, UsageError
 from lazybuild.runtime import runc
 from lazybuild.runtime.overlay import mount_overlay, unmount
 
@@ -21,7 +22,7 @@ def record_workload(ref: str, config: dict, args: list[str], period_s: float, *,
     cfg = config.get("config") or {}
     argv = list(args) or list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or [])
     if not argv:
-        raise ValueError("--optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
+        raise UsageError("--optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
     work = tempfile.mkdtemp(prefix="lazybuild-optimize-")
     mnt, merged = os.path.join(work, "image"), os.path.join(work, "merged")
     upper, wdir = os.path.join(work, "upper"), os.path.join(work, "work")
@@ -34,7 +35,7 @@ def record_workload(ref: str, config: dict, args: list[str], period_s: float, *,
         image = mounter.mount_image(ref, mnt, opts)
     except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError(f"--optimize: cannot mount {ref}: {e}") from None
+        raise MountError(f"--optimize: cannot mount {ref}: {e}") from None
     mounted = False
     try:
         layers = sorted((int(n) for n in os.listdir(mnt)), reverse=True)

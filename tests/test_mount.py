@@ -1,5 +1,5 @@
 """`lazybuild mount` on real FUSE against a real registry: the merged tree, lazy reads, overlay + chroot,
-records, faults. The merged-tree rules are also checked without FUSE."""
+records, faults. The model under it (layers, prefetch, trees) is checked without FUSE in test_mounter_model.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ import time
 import pytest
 
 from images import debootstrap_rootfs, docker_archive
-from lazybuild.estargz import LayerReader, build
-from lazybuild.mounter.cache import ChunkCache
-from lazybuild.mounter.layer import LayerStats, LazyLayer
-from lazybuild.mounter.rootfs import MergedTree
 from cli_runner import lazybuild
 from registry_harness import FaultProxy
 
@@ -190,35 +186,6 @@ def test_corrupt_or_vanishing_registry_gives_eio(registry, archive, tmp_path):
             m.close()
     finally:
         proxy.stop()
-
-
-def test_merged_tree_rules_without_fuse(tmp_path):
-    """Whiteouts hide lower entries, opaque dirs hide lower children, upper files replace lower ones."""
-    import io
-
-    def layer(i, entries):
-        src = tmp_path / f"l{i}.tar"
-        with tarfile.open(src, "w") as tf:
-            for name, data in entries:
-                info = tarfile.TarInfo(name)
-                if data is None:
-                    info.type = tarfile.DIRTYPE
-                    tf.addfile(info)
-                else:
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-        out = tmp_path / f"l{i}.esgz"
-        with open(out, "wb") as f:
-            build(str(src), f)
-        return LazyLayer(i, LayerReader.open_file(str(out)), ChunkCache(str(tmp_path / "c")), LayerStats("x", 1))
-
-    lower = layer(0, [("a/", None), ("a/keep", b"k"), ("a/gone", b"g"), ("o/", None), ("o/old", b"o"), ("f", b"lower")])
-    upper = layer(1, [("a/.wh.gone", b""), ("o/", None), ("o/.wh..wh..opq", b""), ("o/new", b"n"), ("f", b"upper!")])
-    tree = MergedTree([lower, upper])
-    names = lambda path: sorted(tree.inodes[tree._by_path(path, None)].children)
-    assert names("a") == ["keep"] and names("o") == ["new"]
-    f = tree.lookup(1, "f")
-    assert tree.read(f.ino, 0, 100) == b"upper!" and f.layer == 1
 
 
 def test_layers_mode_is_an_overlay_lowerdir_stack(registry, archive, tmp_path):

@@ -31,7 +31,7 @@ from lazybuild import estargz
 from lazybuild.digest import sha256_digest
 from lazybuild.estargz import FileBlob, LayerReader
 from lazybuild.estargz import compression as comp
-from lazybuild.mounter.cache import ChunkCache
+from lazybuild.mounter import ChunkCache
 from lazybuild.mounter.mount import status_path
 from lazybuild.snapshotter import remote
 

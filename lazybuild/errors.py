@@ -10,8 +10,9 @@ Each module keeps its own specific classes (`estargz.ChunkDigestMismatch`, `regi
 | area            | exit | what went wrong                                        | its classes                                 |
 |-----------------|------|--------------------------------------------------------|---------------------------------------------|
 | UsageError      | 2    | the command line: flags that do not fit together       | the CLI, `lazybuild build`'s flags          |
-| InputError      | 1    | a value or file given: Dockerfile, reference, platform,| DockerfileError, ShellError, InvalidDigest, |
-|                 |      | digest, config file, snapshot label                    | snapshotter ConfigError and LabelError      |
+| InputError      | 1    | a value or file given: reference, platform, digest,    | InvalidDigest, snapshotter ConfigError and  |
+|                 |      | config file, snapshot label                            | LabelError                                  |
+|  BadDockerfile  | 1    | a Dockerfile lazybuild (and BuildKit) cannot build     | DockerfileError, ShellError, ConvertError   |
 | DataError       | 1    | bytes that are not what their format or digest says:   | EStargzError (all of `lazybuild.estargz`),  |
 |                 |      | layers, OCI layouts, docker-archives, image documents  | LayoutError, TransferError, UnsafePath      |
 | RemoteError     | 3    | a registry, containerd or BuildKit refused or was gone | RegistryError, RegistryAuthError, BodyError,|
@@ -31,6 +32,8 @@ hierarchy existed, and code that catches ValueError around them keeps working.
 
 from __future__ import annotations
 
+import importlib
+
 
 class LazybuildError(Exception):
     """An error for the person running lazybuild. `hint` says what to try; `exit_code` is the command's status.
@@ -38,7 +41,7 @@ class LazybuildError(Exception):
     Raise a subclass, with `hint=` when this case knows better than its class what to try."""
 
     exit_code = 1
-    hint = ""
+    hint = ""  # may name `{command}`: the boundary puts in the command that was run
 
     def __init__(self, *args, hint: str | None = None):
         super().__init__(*args)
@@ -50,22 +53,28 @@ class UsageError(LazybuildError):
     """Flags or arguments that do not fit together (argparse itself exits 2 for unknown flags)."""
 
     exit_code = 2
-    hint = "`lazybuild COMMAND --help` lists each command's arguments and flags"
+    hint = "`lazybuild {command} --help` lists its arguments and flags"
 
 
 class InputError(LazybuildError, ValueError):
-    """A value or file the user gave that lazybuild cannot take: a Dockerfile line, a reference, a digest..."""
+    """A value or file the user gave that lazybuild cannot take: a reference, a platform, a digest, a config."""
 
     exit_code = 1
-    hint = "fix the value or line named above (`lazybuild inspect-dockerfile` shows how a Dockerfile is read)"
+    hint = "correct the value named above; `lazybuild {command} --help` says what each argument takes"
+
+
+class BadDockerfile(InputError):
+    """A Dockerfile (with its build args and context) that BuildKit would refuse too, or lazybuild cannot build."""
+
+    hint = "see the Dockerfile line named above; `lazybuild inspect-dockerfile CONTEXT` shows how lazybuild reads it"
 
 
 class DataError(LazybuildError):
     """Bytes that are not what their format or their digest says: a layer, a layout, an image document."""
 
     exit_code = 1
-    hint = ("the data is damaged, changed or not in the format named above; `lazybuild layer verify BLOB` "
-            "checks a layer, `lazybuild convert SRC DST` rewrites an image as eStargz")
+    hint = ("the data named above is damaged, was changed, or is not in the format lazybuild expects: produce or "
+            "fetch it again (`lazybuild layer verify BLOB` checks a layer)")
 
 
 class RemoteError(LazybuildError):
@@ -104,17 +113,17 @@ class SnapshotterError(HostError):
 
 
 class MissingExtra(HostError):
-    """An optional dependency is not installed; the message names the command that needs it."""
+    """An optional dependency is missing or does not import; the message names the command that needs it."""
 
-    def __init__(self, command: str, module: str, extra: str):
-        super().__init__(f"{command} needs the Python module {module!r}, which is not installed",
+    def __init__(self, command: str, module: str, extra: str, reason: str = ""):
+        super().__init__(f"{command} needs {module}, from the {extra!r} extra" + (f": {reason}" if reason else ""),
                          hint=f"install it with: pip install 'lazybuild[{extra}]' (pyfuse3 builds against "
                               f"libfuse3-dev and pkg-config)")
         self.command, self.module, self.extra = command, module, extra
 
 
-# Modules that come with an extra of setup's extras (pyproject `optional-dependencies`), not with lazybuild
-# itself: a ModuleNotFoundError for one of them is a missing install, not a bug.
+# Modules that come with an extra (pyproject's optional-dependencies), not with lazybuild itself: a
+# ModuleNotFoundError for one of them is a missing install, not a bug. trio comes with pyfuse3.
 EXTRA_OF_MODULE = {"pyfuse3": "mount", "trio": "mount"}
 
 
@@ -122,4 +131,13 @@ def missing_extra(error: ImportError, command: str) -> MissingExtra | None:
     """The MissingExtra an ImportError of an optional module stands for, or None for any other import error."""
     module = (error.name or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(module)
-    return MissingExtra(command, module, extra) if extra else None
+    return MissingExtra(command, module, extra, str(error)) if extra else None
+
+
+def require_extra(module: str, command: str) -> None:
+    """Import an optional MODULE now, so that COMMAND fails with MissingExtra before it starts its work
+    (or forks a child that would fail where nobody reads the traceback)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(command, module, EXTRA_OF_MODULE[module], str(e)) from None

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from ..errors import BadDockerfile
 
 DEFAULT_ESCAPE = "\\"
 VALID_DIRECTIVES = ("syntax", "escape", "check")
@@ -24,7 +24,7 @@ _DIRECTIVE = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 _HEREDOC = re.compile(r"^(\d*)<<(-?)\s*([^<]*)$")
 
 
-class DockerfileError(InputError):
+class DockerfileError(BadDockerfile):
     """A Dockerfile BuildKit would refuse, with the lines it is about."""
 
     def __init__(self, message: str, start_line: int = 0, end_line: int = 0, filename: str = "Dockerfile"):

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from ..errors import BadDockerfile
 
 __all__ = ["ShellError", "ShellLex", "WordResult", "env_from_list"]
 
@@ -25,7 +25,7 @@ GO_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x2
 _SPECIAL_PARAMS = "@*#?-$!0"
 
 
-class ShellError(InputError):
+class ShellError(BadDockerfile):
     """A word that cannot be expanded. `reason` is the message without the
     `failed to process "<word>": ` prefix that BuildKit puts in front of it."""
 

@@ -1,9 +1,10 @@
-"""Dockerfile -> LLB: the stages of `lazybuild.dockerfile.model` become BuildKit ops.
+"""Dockerfile -> LLB: the steps of `lazybuild.dockerfile.model` become BuildKit ops.
 
-Semantics follow BuildKit's dockerfile2llb: RUN is an ExecOp on the stage's filesystem (root mount
-output 0) with its mounts; COPY/ADD are one FileOp with a copy action per source; WORKDIR makes its
-directory; every other instruction only changes the image config. Every feature is gated on the
-daemon's LLB caps and declares the caps it uses, so an old BuildKit fails loudly instead of silently
+The model has applied the Dockerfile's rules already (heredocs, mount defaults, WORKDIR, which
+instructions are steps); this only translates its steps, as BuildKit's dockerfile2llb would emit them:
+a RunStep is an ExecOp on the stage's filesystem (root mount output 0) with its mounts; a CopyStep is
+one FileOp with a copy action per source; a WorkdirStep makes its directory. Every feature is gated on
+the daemon's LLB caps and declares the caps it uses, so an old BuildKit fails loudly instead of silently
 dropping a field it does not know.
 """
 
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 
 from lazybuild.registry.reference import Reference
 
-from lazybuild.dockerfile.model import HEREDOC_MARKER, Build, Stage
+from lazybuild.dockerfile.model import Build, Stage
 from lazybuild.dockerfile.parser import DockerfileError
 from lazybuild.dockerfile.shell import ShellLex
+from lazybuild.dockerfile.steps import (HEREDOC_FILE_MODE, PIPES_DIR, BindMount, CacheMount, CopyStep, RunStep,
+                                        SecretMount, SshMount, TmpfsMount, WorkdirStep)
 from .llb import builder
 from .llb.builder import InputList, Output, Vertex
 from .llb.proto import ops_pb2 as pb
@@ -55,10 +58,6 @@ def normalize_image(ref: str) -> str:
     return str(r)
 
 
-def _clean(p: str) -> str:
-    return posixpath.normpath(p) if p else p
-
-
 def _abs(p: str) -> str:
     return posixpath.normpath(posixpath.join("/", p))
 
@@ -88,7 +87,7 @@ class Converter:
                  lex: ShellLex, filename: str = "Dockerfile"):
         self.build, self.caps, self.opts, self.filename = build, caps, opts, filename
         self.platforms = platforms  # stage index -> platform
-        self.lex = lex
+        self.lex = lex  # kept for callers; the model has expanded everything already
         self.states: dict[int, Output | None] = {}
         self.layers: dict[int, list[Output | None]] = {}  # stage index -> the state after each layer step
         self._context: Output | None = opts.context
@@ -137,20 +136,20 @@ class Converter:
         None when the whole context is needed."""
         paths: set[str] = set()
         for st in self.build.stages:
-            for ins in st.instructions:
-                if ins["instruction"] in ("COPY", "ADD") and "from" not in ins:
-                    for src in ins["sources"]:
-                        if not _is_url(src) and not _is_git(src):
-                            paths.add(_abs(src))
-                if ins["instruction"] == "RUN":
-                    for m in ins.get("mounts", []):
-                        if m["type"] == "bind" and "from" not in m:
-                            paths.add(_abs(m.get("source", "/")))
+            for step in st.steps:
+                if isinstance(step, CopyStep) and step.from_stage is None and not step.from_image:
+                    for src in step.sources:
+                        if src.kind == "path":
+                            paths.add(_abs(src.text))
+                if isinstance(step, RunStep):
+                    for m in step.mounts:
+                        if isinstance(m, BindMount) and m.from_stage is None and not m.from_image:
+                            paths.add(m.source)
         if "/" in paths:
             return None
         return sorted(p.lstrip("/") for p in paths)
 
-    def from_ref(self, ref: str, stage_index: int | None, line: int) -> Output | None:
+    def from_state(self, stage_index: int | None, ref: str) -> Output | None:
         """The state of `--from=` / `from=`: an earlier stage, a named context, or an image."""
         if stage_index is not None:
             return self.states[stage_index]
@@ -186,23 +185,19 @@ class Converter:
 
     def _convert_stage(self, st: Stage) -> Output | None:
         state = self._base(st)
-        steps = [i for i in st.instructions if i["instruction"] in ("RUN", "COPY", "ADD", "WORKDIR")]
+        steps = st.steps
         label = st.name or f"stage-{st.index}"
         self._ignore_cache = self.opts.no_cache is not None and (not self.opts.no_cache or st.name in self.opts.no_cache)
         layers: list[Output | None] = [state]
-        n = 0
-        for ins in st.instructions:
-            kind = ins["instruction"]
-            if kind not in ("RUN", "COPY", "ADD", "WORKDIR"):
-                continue
-            n += 1
-            name = f"[{label} {n}/{len(steps)}] {ins['text']}"
-            if kind == "RUN":
-                state = self.run(state, ins, name)
-            elif kind in ("COPY", "ADD"):
-                state = self.copy(state, ins, name)
-            elif kind == "WORKDIR" and ins["path"] != "/":
-                state = self.workdir(state, ins, name)
+        for n, step in enumerate(steps, 1):
+            name = f"[{label} {n}/{len(steps)}] {step.text}"
+            match step:
+                case RunStep():
+                    state = self.run(state, step, name)
+                case CopyStep():
+                    state = self.copy(state, step, name)
+                case WorkdirStep():
+                    state = self.workdir(state, step, name)
             layers.append(state)
         self.layers[st.index] = layers
         return state
@@ -216,226 +211,189 @@ class Converter:
         return Output(v, 0)
 
     # ---- RUN
-    def run(self, state: Output | None, ins: dict, name: str) -> Output:
-        line = ins["line"]
+    def run(self, state: Output | None, step: RunStep, name: str) -> Output:
+        line = step.line
         inputs = InputList()
         caps = {"exec.meta.base", "exec.mount.bind"}
-        meta = pb.Meta(args=self._run_args(ins, inputs, caps), env=ins["env"], cwd=ins["workdir"] or "/",
-                       user=ins["user"])
-        if ins.get("proxyEnv"):
+        pipes = self._inline_files(step, inputs, caps)  # indexed first, as the op's bytes have always had it
+        meta = pb.Meta(args=list(step.argv), env=list(step.env), cwd=step.cwd, user=step.user)
+        if step.proxy_env:
             self.need("exec.meta.proxyenv", "proxy build args", line)
             caps.add("exec.meta.proxyenv")
-            for k, v in ins["proxyEnv"].items():
-                setattr(meta.proxy_env, PROXY_FIELDS[k.upper()], v)
+            for p in step.proxy_env:
+                setattr(meta.proxy_env, PROXY_FIELDS[p.key.upper()], p.value)
         for host, ip in self.opts.extra_hosts:
             meta.extraHosts.add(Host=host, IP=ip)
         op = pb.Op(exec=pb.ExecOp(meta=meta))
         op.platform.CopyFrom(self.platforms[self._stage.index])
-        network = self.opts.force_network_mode or ""
-        network = ins.get("network", network) if ins.get("network") not in (None, "default") else network
+        network = step.network if step.network != "default" else self.opts.force_network_mode or ""
         if network in ("host", "none"):
             self.need("exec.meta.network", f"RUN --network={network}", line)
             caps.add("exec.meta.network")
             op.exec.network = pb.HOST if network == "host" else pb.NONE
-        if ins.get("security") == "insecure":
+        if step.security == "insecure":
             self.need("exec.meta.security", "RUN --security=insecure", line)
             caps.add("exec.meta.security")
             op.exec.security = pb.INSECURE
         mounts = [pb.Mount(input=inputs.index(state), dest="/", output=0)]
-        mounts += self._run_mounts(ins, inputs, caps, op.exec.meta, self._pending_mounts)
+        mounts += pipes
+        mounts += self._run_mounts(step, inputs, caps)
         for m in sorted(mounts, key=lambda m: m.dest):
             op.exec.mounts.append(m)
-        return self._vertex(op, inputs, caps, name, "RUN " + " ".join(ins["cmd"][-1:]))
+        return self._vertex(op, inputs, caps, name, "RUN " + step.command)
 
-    def _run_args(self, ins: dict, inputs: InputList, caps: set[str]) -> list[str]:
-        args = list(ins["cmd"])
-        self._pending_mounts: list[pb.Mount] = []
-        files = ins.get("files") or []
-        if not files:
-            return args
-        if not ins["shellForm"]:
-            raise self.fail("heredocs are only supported in the shell form of RUN", ins["line"])
-        shell, script = args[:-1], args[-1]
-        marker = HEREDOC_MARKER.match(script.strip())
-        if marker and len(files) >= 1 and marker.group(3) == files[0]["name"]:
-            doc = files[0]
-            data = _chomp(doc["data"]) if doc["chomp"] else doc["data"]
-            if data.startswith("#!"):
-                # A script with its own interpreter runs as a file, mounted read-only at /dev/pipes/.
-                mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
-                    path="/" + doc["name"], mode=0o755, data=data.encode(), timestamp=-1))]))
-                mk.constraints.SetInParent()
-                src = Output(Vertex(mk, [], {CUSTOM_NAME: "preparing inline document"}, {"file.base"}), 0)
-                self._pending_mounts.append(pb.Mount(input=inputs.index(src), selector="/", dest="/dev/pipes/",
-                                                     output=-1, readonly=True))
-                caps.add("exec.mount.selector")
-                return ["/dev/pipes/" + doc["name"]]
-            return shell + [data]
-        full = script
-        for doc in files:
-            full += "\n" + doc["data"] + doc["name"]
-        return shell + [full]
+    def _inline_files(self, step: RunStep, inputs: InputList, caps: set[str]) -> list[pb.Mount]:
+        """A `#!` heredoc script: made by a FileOp and mounted read-only at /dev/pipes/."""
+        if not step.inline_files:
+            return []
+        actions = [pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
+            path="/" + f.name, mode=f.mode, data=f.data.encode(), timestamp=-1)) for f in step.inline_files]
+        mk = pb.Op(file=pb.FileOp(actions=actions))
+        mk.constraints.SetInParent()
+        src = Output(Vertex(mk, [], {CUSTOM_NAME: "preparing inline document"}, {"file.base"}), 0)
+        caps.add("exec.mount.selector")
+        return [pb.Mount(input=inputs.index(src), selector="/", dest=PIPES_DIR + "/", output=-1, readonly=True)]
 
-    def _run_mounts(self, ins: dict, inputs: InputList, caps: set[str], meta: pb.Meta,
-                    pending: list[pb.Mount]) -> list[pb.Mount]:
-        line = ins["line"]
-        out = list(pending)
-        ssh_count = 0
-        for m in ins.get("mounts", []):
-            kind = m["type"]
-            target = m.get("target", "")
-            if target and not target.startswith("/"):
-                target = _abs(posixpath.join(ins["workdir"] or "/", target))
-            elif target:
-                target = _clean(target)
-            if kind == "bind":
-                src = self.context() if "from" not in m else self.from_ref(m["from"], m.get("fromStage"), line)
-                mount = pb.Mount(input=inputs.index(src), dest=target, output=-1,
-                                 readonly=m.get("readonly", True), mountType=pb.BIND)
-                if m.get("source"):
-                    mount.selector = _abs(m["source"])
-                    caps.add("exec.mount.selector")
-                if not mount.readonly:
-                    self.need("exec.mount.bind.readwrite-nooutput", "RUN --mount=type=bind,rw", line)
-                    caps.add("exec.mount.bind.readwrite-nooutput")
-            elif kind == "cache":
-                self.need("exec.mount.cache", "RUN --mount=type=cache", line)
-                caps.add("exec.mount.cache")
-                cache_id = m.get("id") or target
-                mount = pb.Mount(input=-1, dest=target, output=-1, readonly=m.get("readonly", False),
-                                 mountType=pb.CACHE)
-                mount.cacheOpt.ID = self.opts.cache_ns + "/" + cache_id
-                sharing = m.get("sharing", "shared")
-                if sharing != "shared":
-                    self.need("exec.mount.cache.sharing", "cache mount sharing", line)
-                    caps.add("exec.mount.cache.sharing")
-                mount.cacheOpt.sharing = {"shared": pb.SHARED, "private": pb.PRIVATE, "locked": pb.LOCKED}[sharing]
-                if "from" in m:
-                    src = self.from_ref(m["from"], m.get("fromStage"), line)
-                    mount.input = inputs.index(src)
-                    if m.get("source"):
-                        mount.selector = _abs(m["source"])
-                        caps.add("exec.mount.selector")
-                elif any(k in m for k in ("uid", "gid", "mode")):
-                    # An owned cache directory starts from a made directory, as BuildKit's frontend does.
-                    owner = pb.ChownOpt()
-                    owner.user.byID = m.get("uid", 0)
-                    owner.group.byID = m.get("gid", 0)
-                    mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0,
-                               mkdir=pb.FileActionMkDir(path="/cache", mode=m.get("mode", 0o755), makeParents=True,
-                                                        owner=owner, timestamp=-1))]))
-                    mk.constraints.SetInParent()
-                    src = Output(Vertex(mk, [], {CUSTOM_NAME: "preparing cache mount"}, {"file.base"}), 0)
-                    mount.input = inputs.index(src)
-                    mount.selector = "/cache"
-                    caps.add("exec.mount.selector")
-            elif kind == "tmpfs":
-                self.need("exec.mount.tmpfs", "RUN --mount=type=tmpfs", line)
-                caps.add("exec.mount.tmpfs")
-                mount = pb.Mount(input=-1, dest=target, output=-1, mountType=pb.TMPFS)
-                if m.get("size"):
-                    self.need("exec.mount.tmpfs.size", "tmpfs size", line)
-                    caps.add("exec.mount.tmpfs.size")
-                    mount.TmpfsOpt.size = _parse_size(m["size"], line, self)
-            elif kind == "secret":
-                self.need("exec.mount.secret", "RUN --mount=type=secret", line)
-                caps.add("exec.mount.secret")
-                secret_id = m.get("id") or posixpath.basename(target)
-                if "env" in m:
-                    raise self.fail("RUN --mount=type=secret,env= is not supported by this frontend yet", line)
-                target = target or "/run/secrets/" + secret_id
-                mount = pb.Mount(input=-1, dest=target, output=-1, readonly=True, mountType=pb.SECRET)
-                mount.secretOpt.CopyFrom(pb.SecretOpt(ID=secret_id, uid=m.get("uid", 0), gid=m.get("gid", 0),
-                                                      mode=m.get("mode", 0o400), optional=not m.get("required", False)))
-            elif kind == "ssh":
-                self.need("exec.mount.ssh", "RUN --mount=type=ssh", line)
-                caps.add("exec.mount.ssh")
-                target = target or f"/run/buildkit/ssh_agent.{ssh_count}"
-                mount = pb.Mount(input=-1, dest=target, output=-1, readonly=True, mountType=pb.SSH)
-                mount.SSHOpt.CopyFrom(pb.SSHOpt(ID=m.get("id", "") or "default", uid=m.get("uid", 0),
-                                                gid=m.get("gid", 0), mode=m.get("mode", 0o600),
-                                                optional=not m.get("required", False)))
-                if ssh_count == 0 and not any(e.startswith("SSH_AUTH_SOCK=") for e in meta.env):
-                    meta.env.append("SSH_AUTH_SOCK=" + target)
-                ssh_count += 1
-            else:
-                raise self.fail(f"unsupported mount type {kind!r}", line)
+    def _run_mounts(self, step: RunStep, inputs: InputList, caps: set[str]) -> list[pb.Mount]:
+        line = step.line
+        out = []
+        for m in step.mounts:
+            match m:
+                case BindMount():
+                    mount = self._bind_mount(m, inputs, caps, line)
+                case CacheMount():
+                    mount = self._cache_mount(m, inputs, caps, line)
+                case TmpfsMount():
+                    self.need("exec.mount.tmpfs", "RUN --mount=type=tmpfs", line)
+                    caps.add("exec.mount.tmpfs")
+                    mount = pb.Mount(input=-1, dest=m.target, output=-1, mountType=pb.TMPFS)
+                    if m.size_bytes:
+                        self.need("exec.mount.tmpfs.size", "tmpfs size", line)
+                        caps.add("exec.mount.tmpfs.size")
+                        mount.TmpfsOpt.size = m.size_bytes
+                case SecretMount():
+                    self.need("exec.mount.secret", "RUN --mount=type=secret", line)
+                    caps.add("exec.mount.secret")
+                    if m.env:
+                        raise self.fail("RUN --mount=type=secret,env= is not supported by this frontend yet", line)
+                    mount = pb.Mount(input=-1, dest=m.target, output=-1, readonly=True, mountType=pb.SECRET)
+                    mount.secretOpt.CopyFrom(pb.SecretOpt(ID=m.id, uid=m.uid, gid=m.gid, mode=m.mode,
+                                                          optional=not m.required))
+                case SshMount():
+                    self.need("exec.mount.ssh", "RUN --mount=type=ssh", line)
+                    caps.add("exec.mount.ssh")
+                    mount = pb.Mount(input=-1, dest=m.target, output=-1, readonly=True, mountType=pb.SSH)
+                    mount.SSHOpt.CopyFrom(pb.SSHOpt(ID=m.id, uid=m.uid, gid=m.gid, mode=m.mode,
+                                                    optional=not m.required))
             out.append(mount)
         return out
 
+    def _bind_mount(self, m: BindMount, inputs: InputList, caps: set[str], line: int) -> pb.Mount:
+        own_context = m.from_stage is None and not m.from_image
+        src = self.context() if own_context else self.from_state(m.from_stage, m.from_image)
+        mount = pb.Mount(input=inputs.index(src), dest=m.target, output=-1, readonly=m.readonly, mountType=pb.BIND)
+        if m.source != "/":
+            mount.selector = m.source
+            caps.add("exec.mount.selector")
+        if not mount.readonly:
+            self.need("exec.mount.bind.readwrite-nooutput", "RUN --mount=type=bind,rw", line)
+            caps.add("exec.mount.bind.readwrite-nooutput")
+        return mount
+
+    def _cache_mount(self, m: CacheMount, inputs: InputList, caps: set[str], line: int) -> pb.Mount:
+        self.need("exec.mount.cache", "RUN --mount=type=cache", line)
+        caps.add("exec.mount.cache")
+        mount = pb.Mount(input=-1, dest=m.target, output=-1, readonly=m.readonly, mountType=pb.CACHE)
+        mount.cacheOpt.ID = self.opts.cache_ns + "/" + m.id
+        if m.sharing != "shared":
+            self.need("exec.mount.cache.sharing", "cache mount sharing", line)
+            caps.add("exec.mount.cache.sharing")
+        mount.cacheOpt.sharing = {"shared": pb.SHARED, "private": pb.PRIVATE, "locked": pb.LOCKED}[m.sharing]
+        if m.from_stage is not None or m.from_image:
+            mount.input = inputs.index(self.from_state(m.from_stage, m.from_image))
+            if m.source != "/":
+                mount.selector = m.source
+                caps.add("exec.mount.selector")
+        elif m.owned:
+            # An owned cache directory starts from a made directory, as BuildKit's frontend does.
+            owner = pb.ChownOpt()
+            owner.user.byID = m.uid
+            owner.group.byID = m.gid
+            mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0,
+                       mkdir=pb.FileActionMkDir(path="/cache", mode=m.mode, makeParents=True,
+                                                owner=owner, timestamp=-1))]))
+            mk.constraints.SetInParent()
+            src = Output(Vertex(mk, [], {CUSTOM_NAME: "preparing cache mount"}, {"file.base"}), 0)
+            mount.input = inputs.index(src)
+            mount.selector = "/cache"
+            caps.add("exec.mount.selector")
+        return mount
+
     # ---- COPY / ADD
-    def copy(self, state: Output | None, ins: dict, name: str) -> Output:
-        line = ins["line"]
-        is_add = ins["instruction"] == "ADD"
+    def copy(self, state: Output | None, step: CopyStep, name: str) -> Output:
+        line = step.line
         caps = {"file.base"}
-        workdir = ins.get("workdir") or "/"
-        raw_dest = ins["dest"]
-        dest = _abs(posixpath.join(workdir, raw_dest))
-        if raw_dest in (".", "") or raw_dest.endswith("/"):
-            dest = dest.rstrip("/") + "/"
+        dest = step.dest
         mode = -1
         mode_str = ""
-        if ins.get("chmod"):
+        if step.chmod:
             try:
-                mode = int(ins["chmod"], 8)
+                mode = int(step.chmod, 8)
             except ValueError:
-                self.need("file.copy.modestring", f"--chmod={ins['chmod']} (not octal)", line)
-                mode_str = ins["chmod"]
-        if ins.get("exclude"):
+                self.need("file.copy.modestring", f"--chmod={step.chmod} (not octal)", line)
+                mode_str = step.chmod
+        if step.exclude:
             self.need("file.copy.includeexcludepatterns", "--exclude", line)
             caps.add("file.copy.includeexcludepatterns")
-        if ins.get("parents"):
+        if step.parents:
             raise self.fail("COPY --parents is not supported by the lazybuild frontend yet", line)
-        link = bool(ins.get("link")) and self.caps.has("mergeop") and not ins.get("chmod")
+        link = step.link and self.caps.has("mergeop") and not step.chmod
         base = None if link else state  # --link copies onto scratch and merges the result on top
         inputs = InputList()
         base_index = inputs.index(base)
-        owner = chown_opt(ins.get("chown", ""), base_index)
+        owner = chown_opt(step.chown, base_index)
         actions: list[pb.FileAction] = []
 
         def add(src_state: Output | None, src: str, attempt_unpack: bool, **extra) -> None:
             cp = pb.FileActionCopy(src=src, dest=dest, mode=mode, followSymlink=True, dirCopyContents=True,
                                    attemptUnpackDockerCompatibility=attempt_unpack, createDestPath=True,
                                    allowWildcard=True, allowEmptyWildcard=True, timestamp=-1, modeStr=mode_str,
-                                   exclude_patterns=ins.get("exclude", []))
+                                   exclude_patterns=list(step.exclude))
             for k, v in extra.items():
                 setattr(cp, k, v)
             if owner is not None:
                 cp.owner.CopyFrom(owner)
             actions.append(pb.FileAction(input=base_index, secondaryInput=inputs.index(src_state), output=-1, copy=cp))
 
-        if "from" in ins:
-            src_state = self.from_ref(ins["from"], ins.get("fromStage"), line)
-            for src in ins["sources"]:
-                add(src_state, _abs(src), False)
+        if step.from_stage is not None or step.from_image:
+            src_state = self.from_state(step.from_stage, step.from_image)
+            for src in step.sources:
+                add(src_state, _abs(src.text), False)
         else:
-            for src in ins["sources"]:
-                if _is_git(src):
-                    if not is_add:
-                        raise self.fail(f"source can't be a git reference for COPY: {src}", line)
-                    add(self._git(src, ins), "/", False)
-                elif _is_url(src):
-                    if not is_add:
-                        raise self.fail(f"source can't be a URL for COPY: {src}", line)
-                    add(self._http(src, ins), "/" + _url_filename(src), False)
-                else:
-                    add(self.context(), _abs(src), is_add and ins.get("unpack", True) is not False)
-        for doc in ins.get("files") or []:
+            for src in step.sources:
+                match src.kind:
+                    case "git":
+                        add(self._git(src.text, step), "/", False)
+                    case "url":
+                        add(self._http(src.text, step), "/" + _url_filename(src.text), False)
+                    case _:
+                        add(self.context(), _abs(src.text), step.unpack)
+        for doc in step.files:
             mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
-                path="/" + doc["name"], mode=0o664, data=doc["data"].encode(), timestamp=-1))]))
+                path="/" + doc.name, mode=HEREDOC_FILE_MODE, data=doc.data.encode(), timestamp=-1))]))
             mk.constraints.SetInParent()
             # The mode is set by the copy, not the mkfile, so the daemon's umask cannot change it.
-            add(Output(Vertex(mk, [], {CUSTOM_NAME: "preparing inline document"}, {"file.base"}), 0), "/" + doc["name"],
+            add(Output(Vertex(mk, [], {CUSTOM_NAME: "preparing inline document"}, {"file.base"}), 0), "/" + doc.name,
                 False, followSymlink=False, dirCopyContents=False, allowWildcard=False, allowEmptyWildcard=False,
-                mode=mode if mode != -1 else 0o664)
+                mode=doc.mode)
         if not actions:
-            raise self.fail(f"{ins['instruction']} has no source", line)
+            raise self.fail(f"{step.keyword} has no source", line)
         # Action j > 0 works on the result of action j-1, addressed past the op's inputs.
         for j in range(1, len(actions)):
             actions[j].input = len(inputs.outputs) + j - 1
         actions[-1].output = 0
         op = pb.Op(file=pb.FileOp(actions=actions))
-        out = self._vertex(op, inputs, caps, name, ins["instruction"])
+        out = self._vertex(op, inputs, caps, name, step.keyword)
         if link:
             merge_inputs = InputList()
             mop = pb.Op(merge=pb.MergeOp(inputs=[pb.MergeInput(input=merge_inputs.index(state)) if state else
@@ -445,17 +403,17 @@ class Converter:
             return self._vertex(mop, merge_inputs, {"mergeop"}, name)
         return out
 
-    def _http(self, url: str, ins: dict) -> Output:
+    def _http(self, url: str, step: CopyStep) -> Output:
         attrs = {"http.filename": _url_filename(url)}
         scaps = {"source.http"}
-        if ins.get("checksum"):
-            attrs["http.checksum"] = ins["checksum"]
-            self.need("source.http.checksum", "ADD --checksum", ins["line"])
+        if step.checksum:
+            attrs["http.checksum"] = step.checksum
+            self.need("source.http.checksum", "ADD --checksum", step.line)
             scaps.add("source.http.checksum")
         return builder.source(url, attrs, caps=scaps, description={CUSTOM_NAME: url})
 
-    def _git(self, url: str, ins: dict) -> Output:
-        self.need("source.git", "ADD of a git repository", ins["line"])
+    def _git(self, url: str, step: CopyStep) -> Output:
+        self.need("source.git", "ADD of a git repository", step.line)
         remote, _, fragment = url.partition("#")
         ident = re.sub(r"^(https?|ssh|git)://", "", remote)
         ident = re.sub(r"^[^@/]+@([^:/]+):", r"\1/", ident)  # git@host:path -> host/path
@@ -463,46 +421,25 @@ class Converter:
         attrs = {"git.fullurl": remote}
         scaps = {"source.git", "source.git.fullurl"}
         if ":" in fragment:
-            self.need("source.git.subdir", "a git subdirectory (#ref:dir)", ins["line"])
+            self.need("source.git.subdir", "a git subdirectory (#ref:dir)", step.line)
             scaps.add("source.git.subdir")
-        if ins.get("keep-git-dir"):
+        if step.keep_git_dir:
             attrs["git.keepgitdir"] = "true"
             scaps.add("source.git.keepgitdir")
         return builder.source(ident, attrs, caps=scaps, description={CUSTOM_NAME: url})
 
     # ---- WORKDIR
-    def workdir(self, state: Output | None, ins: dict, name: str) -> Output:
+    def workdir(self, state: Output | None, step: WorkdirStep, name: str) -> Output:
         inputs = InputList()
         idx = inputs.index(state)
-        mkdir = pb.FileActionMkDir(path=ins["path"], mode=0o755, makeParents=True, timestamp=-1)
-        if ins.get("user"):
-            mkdir.owner.CopyFrom(chown_opt(ins["user"], idx))
+        mkdir = pb.FileActionMkDir(path=step.path, mode=0o755, makeParents=True, timestamp=-1)
+        if step.user:
+            mkdir.owner.CopyFrom(chown_opt(step.user, idx))
         op = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=idx, secondaryInput=-1, output=0, mkdir=mkdir)]))
         return self._vertex(op, inputs, {"file.base"}, name, "WORKDIR")
-
-
-def _chomp(data: str) -> str:
-    return "\n".join(line.lstrip("\t") for line in data.split("\n"))
-
-
-def _is_url(src: str) -> bool:
-    return src.startswith(("http://", "https://"))
-
-
-def _is_git(src: str) -> bool:
-    if src.startswith("git@") or src.startswith("git://"):
-        return True
-    return _is_url(src) and (src.split("#")[0].endswith(".git"))
 
 
 def _url_filename(url: str) -> str:
     path = url.split("?")[0].split("#")[0].rstrip("/")
     name = posixpath.basename(path.split("://", 1)[-1]) if "/" in path.split("://", 1)[-1] else ""
     return name or "__unnamed__"
-
-
-def _parse_size(value: str, line: int, conv: Converter) -> int:
-    m = re.fullmatch(r"(\d+)\s*([kmgt]?)i?b?", value.strip().lower())
-    if not m:
-        raise conv.fail(f"invalid tmpfs size {value!r}", line)
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2)]

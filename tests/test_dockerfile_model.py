@@ -1,5 +1,6 @@
 """The Dockerfile model: ARG scoping, expansion where BuildKit expands, image config and history, stages
-and targets, flag validation, .dockerignore, and `lazybuild inspect-dockerfile`."""
+and targets, flag validation, .dockerignore, and `lazybuild inspect-dockerfile` (the model's to_json).
+How instructions become steps is tested in test_dockerfile_steps.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import subprocess
 import pytest
 
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.dockerfile.instructions import ArgDecl, Copy, Heredoc, KeyValue, Run
 from lazybuild.dockerfile.model import DockerfileError, load
+from lazybuild.dockerfile.steps import CacheMount, CopySource, CopyStep, RunStep
 
 DOCKERFILE = """\
 # syntax=docker/dockerfile:1
@@ -43,18 +46,26 @@ def test_args_and_expansion():
     assert b.syntax == "docker/dockerfile:1"
     build = stage(b, "build")
     assert build.base == "debian:trixie"  # global ARGs in FROM, with the build-arg override
-    ins = build.instructions
-    assert ins[0]["args"] == [{"key": "TAG", "value": "trixie"}]  # a redeclared global brings its value
-    assert ins[1]["args"] == [{"key": "TARGETARCH", "value": "arm64"}]
-    assert ins[2]["args"] == [{"key": "NOTSET", "value": None}]
-    assert ins[3]["pairs"] == [{"key": "DIR", "value": "/src"}, {"key": "OPT", "value": "dflt"}]
-    assert ins[4]["path"] == "/src/sub"
-    run = ins[5]
-    assert run["cmd"] == ["/bin/sh", "-c", "echo $DIR ${TAG} > out"]  # RUN text is the shell's to expand
-    assert run["mounts"][0] == {"type": "cache", "target": "/root/.cache", "id": "c-trixie", "sharing": "shared",
-                                "readonly": False}
-    assert run["network"] == "none" and run["workdir"] == "/src/sub"
-    assert ins[6]["chown"] == "trixie:0" and ins[6]["sources"] == ["atrixie"] and ins[6]["dest"] == "/src/"
+    ins = [r.instruction for r in build.instructions]
+    assert ins[0].args == (ArgDecl("TAG", "trixie"),)  # a redeclared global brings its value
+    assert ins[1].args == (ArgDecl("TARGETARCH", "arm64"),)
+    assert ins[2].args == (ArgDecl("NOTSET", None),)
+    assert ins[3].pairs == (KeyValue("DIR", "/src"), KeyValue("OPT", "dflt"))
+    assert ins[4].path == "/src/sub"
+    run = build.instructions[5].step
+    assert isinstance(run, RunStep) and isinstance(ins[5], Run)
+    assert run.argv == ("/bin/sh", "-c", "echo $DIR ${TAG} > out")  # RUN text is the shell's to expand
+    assert run.mounts == (CacheMount("/root/.cache", "c-trixie", "shared", False, None, "", "/", 0, 0, 0o755,
+                                     owned=False),)
+    assert run.network == "none" and run.cwd == "/src/sub"
+    copy = build.instructions[6].step
+    assert isinstance(copy, CopyStep) and copy.chown == "trixie:0" and copy.dest == "/src/"
+    assert copy.sources == (CopySource("atrixie", "path"),)
+    # inspect-dockerfile's JSON: the mount as written, with the parser's defaults
+    run_json = b.to_json()["stages"][0]["instructions"][5]
+    assert run_json["mounts"][0] == {"type": "cache", "target": "/root/.cache", "id": "c-trixie", "sharing": "shared",
+                                     "readonly": False}
+    assert run_json["network"] == "none" and run_json["workdir"] == "/src/sub"
     assert build.config["Labels"] == {"l1": "v trixie"}
     assert "DIR=/src" in build.config["Env"] and build.config["WorkingDir"] == "/src/sub"
 
@@ -63,7 +74,8 @@ def test_stages_targets_and_config():
     b = load(DOCKERFILE)
     assert [s.name for s in b.stages] == ["build", "final"]  # `unused` is pruned
     final = b.target
-    assert final.base_stage == 0 and final.instructions[0]["fromStage"] == 0
+    assert final.base_stage == 0 and final.steps[0].from_stage == 0 and final.steps[0].from_image == ""
+    assert final.to_json()["instructions"][0]["fromStage"] == 0
     assert final.config["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}, "8000/tcp": {}, "8001/tcp": {}}  # ranges expand
     assert final.config["Entrypoint"] == ["/bin/app"] and "Cmd" not in final.config
     assert final.config["Labels"] == {"l1": "v bookworm"}  # inherited from the base stage
@@ -110,16 +122,21 @@ def test_errors_name_the_line(text, message, line):
 
 def test_proxy_args_go_to_run_only():
     b = load("FROM x\nRUN true\n", build_args={"HTTP_PROXY": "http://127.0.0.1:3128", "OTHER": "x"})
-    run = b.target.instructions[0]
-    assert run["proxyEnv"] == {"HTTP_PROXY": "http://127.0.0.1:3128"}
-    assert not any("PROXY" in e for e in run["env"]) and "PROXY" not in json.dumps(b.target.history)
+    run = b.target.steps[0]
+    assert run.proxy_env == (KeyValue("HTTP_PROXY", "http://127.0.0.1:3128"),)
+    assert not any("PROXY" in e for e in run.env) and "PROXY" not in json.dumps(b.target.history)
+    assert b.to_json()["stages"][0]["instructions"][0]["proxyEnv"] == {"HTTP_PROXY": "http://127.0.0.1:3128"}
 
 
 def test_heredoc_files_reach_the_model():
     b = load("FROM x\nRUN <<EOF\necho hi\nEOF\nCOPY <<conf /etc/app.conf\nk=v\nconf\n")
-    run, copy = b.target.instructions
-    assert run["files"] == [{"name": "EOF", "data": "echo hi\n", "chomp": False, "expand": True}]
-    assert copy["files"][0]["name"] == "conf" and copy["sources"] == [] and copy["dest"] == "/etc/app.conf"
+    run, copy = (r.instruction for r in b.target.instructions)
+    assert isinstance(run, Run) and run.heredocs == (Heredoc("EOF", "echo hi\n", chomp=False, expand=True),)
+    assert isinstance(copy, Copy) and copy.heredocs[0].name == "conf" and copy.sources == ()
+    assert b.target.steps[1].dest == "/etc/app.conf"
+    run_json, copy_json = b.to_json()["stages"][0]["instructions"]
+    assert run_json["files"] == [{"name": "EOF", "data": "echo hi\n", "chomp": False, "expand": True}]
+    assert copy_json["files"] == [{"name": "conf", "data": "k=v\n"}] and copy_json["sources"] == []
 
 
 def test_dockerignore(tmp_path):

@@ -1,8 +1,9 @@
 """Parsed nodes -> typed instructions with their flags validated, as BuildKit's instructions package does.
 
-Each instruction keeps its arguments *unexpanded*: expansion depends on the ARG/ENV scope at that point
-of its stage, which the model (model.py) tracks. Errors name the Dockerfile line and say what was
-expected, in BuildKit's words.
+One frozen dataclass per instruction. Each keeps its arguments *unexpanded*: expansion depends on the
+ARG/ENV scope at that point of its stage, which the model (model.py) tracks and which gives back an
+expanded copy of the same class. Errors name the Dockerfile line and say what was expected, in
+BuildKit's words.
 """
 
 from __future__ import annotations
@@ -31,24 +32,245 @@ FLAGS: dict[str, dict[str, str]] = {
 MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
 NETWORK_MODES = ("default", "none", "host")
 SECURITY_MODES = ("sandbox", "insecure")
-
-
-@dataclass
-class Instruction:
-    kind: str  # lower-case instruction name
-    line: int
-    end_line: int
-    original: str
-    flags: dict = field(default_factory=dict)
-    spec: dict = field(default_factory=dict)  # what this kind holds (args, sources, kvps, ...)
-    heredocs: list = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {"instruction": self.kind.upper(), "line": self.line, "flags": self.flags, **self.spec}
+SHARING_MODES = ("shared", "private", "locked")
 
 
 class InstructionError(DockerfileError):
     pass
+
+
+# ---- the parts instructions are made of
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    """A `<<NAME` document as written: `chomp` for `<<-` (leading tabs go), `expand` unless the name is quoted."""
+
+    name: str
+    data: str
+    chomp: bool = False
+    expand: bool = True
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "data": self.data, "chomp": self.chomp, "expand": self.expand}
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: str
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "value": self.value}
+
+
+@dataclass(frozen=True)
+class ArgDecl:
+    """One name of an ARG line. Parsed: `value` is the default as written. In a stage: the value in effect."""
+
+    key: str
+    value: str | None
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "value": self.value}
+
+
+@dataclass(frozen=True)
+class Command:
+    """CMD, ENTRYPOINT or RUN arguments: the exec form's argv, or the shell form's one command line."""
+
+    exec_form: bool
+    words: tuple[str, ...]  # the argv (exec form) or one string (shell form)
+
+    def argv(self, shell: tuple[str, ...]) -> tuple[str, ...]:
+        return self.words if self.exec_form else tuple(shell) + self.words
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One `RUN --mount=` as written, with the defaults BuildKit's parser gives it (runmount.go); the
+    rest (relative targets, owners and modes) is filled when the RUN becomes a step (steps.py)."""
+
+    type: str
+    target: str | None = None
+    source: str | None = None
+    from_: str | None = None
+    id: str | None = None
+    env: str | None = None
+    sharing: str | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: str | None = None
+    readonly: bool | None = None
+    required: bool | None = None
+    from_stage: int | None = None  # set by the model when `from` names an earlier stage
+    # The options in the order they were written, then the defaults the parser added: inspect-dockerfile
+    # prints them in this order.
+    written_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def to_json(self) -> dict:
+        values = {"type": self.type, "from": self.from_, "source": self.source, "target": self.target,
+                  "id": self.id, "env": self.env, "sharing": self.sharing, "mode": self.mode, "uid": self.uid,
+                  "gid": self.gid, "size": self.size, "required": self.required, "readonly": self.readonly,
+                  "fromStage": self.from_stage}
+        keys = ["type", *self.written_order] + [k for k in values if k != "type" and k not in self.written_order]
+        return {k: values[k] for k in keys if values[k] is not None}
+
+
+# ---- the instructions
+
+
+@dataclass(frozen=True, kw_only=True)
+class Instruction:
+    line: int
+    end_line: int
+    original: str  # the instruction as written (flags and all)
+
+    @property
+    def keyword(self) -> str:
+        """The instruction's name, upper-case, as BuildKit prints it."""
+        return type(self).__name__.upper()
+
+    @property
+    def text(self) -> str:
+        """The instruction on one line, for progress names and errors."""
+        return " ".join(self.original.split())
+
+
+@dataclass(frozen=True, kw_only=True)
+class From(Instruction):
+    image: str
+    name: str  # lower-case stage name, "" when unnamed
+    platform: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arg(Instruction):
+    args: tuple[ArgDecl, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Env(Instruction):
+    pairs: tuple[KeyValue, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Label(Instruction):
+    pairs: tuple[KeyValue, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run(Instruction):
+    command: Command
+    mounts: tuple[MountSpec, ...]
+    network: str | None  # None when not written
+    security: str | None
+    heredocs: tuple[Heredoc, ...]  # as written: the shell (or the step) interprets them
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cmd(Instruction):
+    command: Command
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entrypoint(Instruction):
+    command: Command
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shell(Instruction):
+    shell: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileCopy(Instruction):
+    """What COPY and ADD share. Flags hold None when not written."""
+
+    sources: tuple[str, ...]
+    dest: str
+    heredocs: tuple[Heredoc, ...]  # in a stage: expanded and chomped, ready to be written
+    chown: str | None = None
+    chmod: str | None = None
+    link: bool | None = None
+    exclude: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Copy(FileCopy):
+    from_: str | None = None  # an earlier stage, a named context or an image
+    from_stage: int | None = None  # set by the model when `from_` names an earlier stage
+    parents: bool | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Add(FileCopy):
+    keep_git_dir: bool | None = None
+    checksum: str | None = None
+    unpack: bool | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workdir(Instruction):
+    path: str  # in a stage: absolute
+
+
+@dataclass(frozen=True, kw_only=True)
+class User(Instruction):
+    user: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopSignal(Instruction):
+    signal: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Maintainer(Instruction):
+    maintainer: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expose(Instruction):
+    ports: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Volume(Instruction):
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Healthcheck(Instruction):
+    test: tuple[str, ...]  # ("NONE",) | ("CMD", argv...) | ("CMD-SHELL", command)
+    interval_s: float | None = None
+    timeout_s: float | None = None
+    start_period_s: float | None = None
+    start_interval_s: float | None = None
+    retries: int | None = None
+
+    def to_config(self) -> dict:
+        """The image config's Healthcheck (durations in nanoseconds)."""
+        out: dict = {"Test": list(self.test)}
+        for seconds, key in ((self.interval_s, "Interval"), (self.timeout_s, "Timeout"),
+                             (self.start_period_s, "StartPeriod"), (self.start_interval_s, "StartInterval")):
+            if seconds is not None:
+                out[key] = int(seconds * 1e9)
+        if self.retries is not None:
+            out["Retries"] = self.retries
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Onbuild(Instruction):
+    trigger: str  # the instruction text, run when a later build starts from this image
+
+
+StepInstruction = Run | Copy | Add | Workdir
+
+
+# ---- flags and mounts
 
 
 def parse_flags(kind: str, raw: list[str]) -> dict:
@@ -86,9 +308,9 @@ def parse_duration_s(text: str, flag: str) -> float:
     return sum(float(n) * _UNITS_S[u] for n, u in _DURATION_PART.findall(text))
 
 
-def parse_mount(spec: str) -> dict:
-    """One `RUN --mount=` value (CSV of key=value) -> a mount dict, validated like BuildKit's runmount."""
-    m: dict = {"type": "bind"}
+def parse_mount(spec: str) -> MountSpec:
+    """One `RUN --mount=` value (CSV of key=value) -> a MountSpec, validated like BuildKit's runmount."""
+    fields: dict = {"type": "bind"}  # keyed by the names inspect-dockerfile prints
     for field_ in _csv(spec):
         key, has_value, value = field_.partition("=")
         key = key.strip().lower()
@@ -98,60 +320,64 @@ def parse_mount(spec: str) -> dict:
                 raise ValueError(f"invalid value for {key}: {value}")
             flag = not has_value or value.lower() == "true"
             if key in ("readonly", "ro"):
-                m["readonly"] = flag
+                fields["readonly"] = flag
             elif key in ("readwrite", "rw"):
-                m["readonly"] = not flag
+                fields["readonly"] = not flag
             else:
-                m["required"] = flag
+                fields["required"] = flag
             continue
         if not has_value:
             raise ValueError(f"invalid field '{field_}' must be a key=value pair")
         if key == "type":
             if value not in MOUNT_TYPES:
                 raise ValueError(f"unsupported mount type {value!r} (want one of {', '.join(MOUNT_TYPES)})")
-            m["type"] = value
+            fields["type"] = value
         elif key in ("target", "dst", "destination"):
-            m["target"] = value
+            fields["target"] = value
         elif key in ("source", "src"):
-            m["source"] = value
-        elif key in ("from", "id", "env"):
-            m[key] = value
+            fields["source"] = value
+        elif key == "from":
+            fields["from"] = value
+        elif key in ("id", "env"):
+            fields[key] = value
         elif key == "sharing":
-            if value not in ("shared", "private", "locked"):
+            if value not in SHARING_MODES:
                 raise ValueError(f"unsupported sharing value {value!r} (want shared, private or locked)")
-            m["sharing"] = value
+            fields["sharing"] = value
         elif key == "mode":
             try:
-                m["mode"] = int(value, 8)
+                fields["mode"] = int(value, 8)
             except ValueError:
                 raise ValueError(f"invalid mode {value!r}: want octal (e.g. 0755)") from None
         elif key in ("uid", "gid"):
             if not value.isdigit():
                 raise ValueError(f"invalid {key} {value!r}: want a number")
-            m[key] = int(value)
+            fields[key] = int(value)
         elif key == "size":
-            m["size"] = value
+            fields["size"] = value
         else:
             raise ValueError(f"unexpected key '{key}' in '{field_}'")
-    kind = m["type"]
-    if kind in ("bind", "cache", "tmpfs") and "target" not in m:
+    kind = fields["type"]
+    if kind in ("bind", "cache", "tmpfs") and "target" not in fields:
         raise ValueError(f"mount type {kind} requires a target (target=/path)")
-    if kind == "secret" and "target" not in m and "id" not in m and "env" not in m:
-        raise ValueError("secret mount requires an id or a target")
-    if kind == "secret" and "id" not in m and "target" in m:
-        m["id"] = m["target"].rstrip("/").rsplit("/", 1)[-1]  # BuildKit: the id defaults to the target's base name
-    if kind == "secret" and "target" not in m and "env" not in m:
-        m["target"] = "/run/secrets/" + m["id"]
+    if kind == "secret":
+        if "target" not in fields and "id" not in fields and "env" not in fields:
+            raise ValueError("secret mount requires an id or a target")
+        if "id" not in fields and "target" in fields:
+            fields["id"] = fields["target"].rstrip("/").rsplit("/", 1)[-1]  # BuildKit: the target's base name
+        if "target" not in fields and "env" not in fields:
+            fields["target"] = "/run/secrets/" + fields["id"]
     if kind == "ssh":
-        m.setdefault("id", "default")
-        m.setdefault("target", "/run/buildkit/ssh_agent.0")
-    if kind in ("bind", "cache") and "readonly" not in m:
-        m["readonly"] = kind == "bind"
-    if "sharing" in m and kind != "cache":
+        fields.setdefault("id", "default")
+        fields.setdefault("target", "/run/buildkit/ssh_agent.0")
+    if kind in ("bind", "cache") and "readonly" not in fields:
+        fields["readonly"] = kind == "bind"
+    if "sharing" in fields and kind != "cache":
         raise ValueError("sharing is only allowed for cache mounts")
-    if kind == "cache" and "sharing" not in m:
-        m["sharing"] = "shared"
-    return m
+    if kind == "cache" and "sharing" not in fields:
+        fields["sharing"] = "shared"
+    return MountSpec(**{("from_" if k == "from" else k): v for k, v in fields.items()},
+                     written_order=tuple(k for k in fields if k != "type"))
 
 
 def _csv(text: str) -> list[str]:
@@ -170,141 +396,169 @@ def _csv(text: str) -> list[str]:
     return [x for x in out if x.strip()]
 
 
-def _cmd(node: Node) -> dict:
-    args = node.tokens()
-    if node.attributes.get("json"):
-        return {"json": True, "cmd": args}
-    return {"json": False, "cmd": " ".join(args)}
+# ---- nodes -> instructions
 
 
 def from_node(node: Node, filename: str = "Dockerfile") -> Instruction:
     kind = node.value.lower()
-    inst = Instruction(kind, node.start_line, node.end_line, node.original, heredocs=node.heredocs)
+    where = {"line": node.start_line, "end_line": node.end_line, "original": node.original}
     try:
-        inst.flags = parse_flags(kind, node.flags)
-        inst.spec = _spec(kind, node, inst.flags)
+        flags = parse_flags(kind, node.flags)
+        return _instruction(kind, node, flags, where)
     except ValueError as e:
         raise InstructionError(str(e), node.start_line, node.end_line, filename) from None
-    return inst
 
 
-def _spec(kind: str, node: Node, flags: dict) -> dict:
+def _command(node: Node, args: list[str]) -> Command:
+    if node.attributes.get("json"):
+        return Command(True, tuple(args))
+    return Command(False, (" ".join(args),))
+
+
+def _heredocs(node: Node) -> tuple[Heredoc, ...]:
+    return tuple(Heredoc(h.name, h.content, h.chomp, h.expand) for h in node.heredocs)
+
+
+def _one_value(kind: str, args: list[str]) -> str:
+    if len(args) != 1 or not args[0]:
+        raise ValueError(f"{kind.upper()} requires exactly one argument")
+    return args[0]
+
+
+def _instruction(kind: str, node: Node, flags: dict, where: dict) -> Instruction:
     args = node.tokens()
     n = len(args)
-    if kind == "from":
-        if n not in (1, 3) or (n == 3 and args[1].lower() != "as"):
-            raise ValueError("FROM requires either one or three arguments")
-        name = args[2].lower() if n == 3 else ""
-        if name and not _STAGE_NAME.match(name):
-            raise ValueError(f'invalid name for build stage: "{args[2]}", name can\'t start with a number or contain symbols')
-        return {"image": args[0], "name": name}
-    if kind == "arg":
-        if not args:
-            raise ValueError("ARG requires at least one argument")
-        out = []
-        for w in args:
-            key, has_value, value = w.partition("=")
-            if not key:
-                raise ValueError("ARG names can not be blank")
-            out.append({"key": key, "default": value if has_value else None})
-        return {"args": out}
-    if kind in ("env", "label"):
-        if not args:
-            raise ValueError(f"{kind.upper()} requires at least one argument")
-        if n % 3:
-            raise ValueError(f"Bad input to {kind.upper()}, too many arguments")
-        pairs = []
-        for i in range(0, n, 3):
-            if not args[i]:
-                raise ValueError(f"{kind.upper()} names can not be blank")
-            pairs.append({"key": args[i], "value": args[i + 1]})
-        return {"pairs": pairs}
-    if kind == "run":
-        spec = _cmd(node)
-        spec["mounts"] = [parse_mount(m) for m in flags.get("mount", [])]
-        if "network" in flags and flags["network"] not in NETWORK_MODES:
-            raise ValueError(f"unsupported network mode {flags['network']!r} (want default, none or host)")
-        if "security" in flags and flags["security"] not in SECURITY_MODES:
-            raise ValueError(f"unsupported security mode {flags['security']!r} (want sandbox or insecure)")
-        spec["files"] = [{"name": h.name, "data": h.content, "chomp": h.chomp, "expand": h.expand} for h in node.heredocs]
-        if not args and not node.heredocs:
-            raise ValueError("RUN requires at least one argument")
-        return spec
-    if kind in ("cmd", "entrypoint"):
-        return _cmd(node)
-    if kind == "shell":
-        if not node.attributes.get("json"):
-            raise ValueError("SHELL requires the arguments to be in JSON form")
-        if not args:
-            raise ValueError("SHELL requires at least one argument")
-        return {"shell": args}
-    if kind in ("copy", "add"):
-        heredoc_names = {h.name for h in node.heredocs}
-        if n < 2 and not (n == 1 and heredoc_names):
-            raise ValueError(f"{kind.upper()} requires at least two arguments, but only one was provided. "
-                             "Destination could not be determined")
-        if "from" in flags and kind == "add":
-            raise ValueError("unknown flag: from")
-        sources = args[:-1]
-        docs = {h.name: h for h in node.heredocs}
-        files = [{"name": h.name, "data": h.content, "chomp": h.chomp, "expand": h.expand} for h in node.heredocs]
-        sources = [s for s in sources if not (s.startswith("<<") and s.lstrip("<-").strip("'\"") in docs)]
-        return {"sources": sources, "dest": args[-1], "files": files}
-    if kind in ("workdir", "user", "stopsignal", "maintainer"):
-        if n != 1 or not args[0]:
-            raise ValueError(f"{kind.upper()} requires exactly one argument")
-        return {"value": args[0]}
-    if kind == "expose":
-        if not args:
-            raise ValueError("EXPOSE requires at least one argument")
-        return {"ports": args}
-    if kind == "volume":
-        if not args:
-            raise ValueError("VOLUME requires at least one argument")
-        if any(not v.strip() for v in args):
-            raise ValueError("VOLUME specified can not be an empty string")
-        return {"paths": args}
-    if kind == "healthcheck":
-        if not args:
-            raise ValueError("HEALTHCHECK requires at least one argument")
-        typ = args[0].upper()
-        if typ == "NONE":
-            if n > 1 or flags:
-                raise ValueError("HEALTHCHECK NONE takes no arguments")
-            return {"test": ["NONE"]}
-        if typ != "CMD":
-            raise ValueError(f'Unknown type "{args[0]}" in HEALTHCHECK (try CMD)')
-        rest = args[1:]
-        if not rest:
-            raise ValueError("Missing command after HEALTHCHECK CMD")
-        test = (["CMD"] + rest) if node.attributes.get("json") else ["CMD-SHELL", " ".join(rest)]
-        spec: dict = {"test": test}
-        for flag in ("interval", "timeout", "start-period", "start-interval"):
-            if flag in flags:
-                seconds = parse_duration_s(flags[flag], flag)
-                if 0 < seconds < 0.001:
-                    raise ValueError(f'Interval "{flag}" cannot be less than 1ms')
-                spec[flag.replace("-", "_") + "_s"] = seconds
-        if "retries" in flags:
-            try:
-                retries = int(flags["retries"])
-            except ValueError:
-                raise ValueError(f"--retries expects an integer, not {flags['retries']!r}") from None
-            if retries < 0:
-                raise ValueError(f"--retries cannot be negative ({retries})")
-            spec["retries"] = retries
-        return spec
-    if kind == "onbuild":
-        if node.next is None or not node.next.children:
-            raise ValueError("ONBUILD requires at least one argument")
-        trigger = node.next.children[0]
-        what = trigger.value.upper()
-        if what == "ONBUILD":
-            raise ValueError("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")
-        if what in ("FROM", "MAINTAINER"):
-            raise ValueError(f"{what} isn't allowed as an ONBUILD trigger")
-        return {"trigger": node.original.strip()[len(node.value):].strip()}
+    match kind:
+        case "from":
+            if n not in (1, 3) or (n == 3 and args[1].lower() != "as"):
+                raise ValueError("FROM requires either one or three arguments")
+            name = args[2].lower() if n == 3 else ""
+            if name and not _STAGE_NAME.match(name):
+                raise ValueError(f'invalid name for build stage: "{args[2]}", name can\'t start with a number or '
+                                 'contain symbols')
+            return From(image=args[0], name=name, platform=flags.get("platform", ""), **where)
+        case "arg":
+            if not args:
+                raise ValueError("ARG requires at least one argument")
+            decls = []
+            for w in args:
+                key, has_value, value = w.partition("=")
+                if not key:
+                    raise ValueError("ARG names can not be blank")
+                decls.append(ArgDecl(key, value if has_value else None))
+            return Arg(args=tuple(decls), **where)
+        case "env" | "label":
+            if not args:
+                raise ValueError(f"{kind.upper()} requires at least one argument")
+            if n % 3:
+                raise ValueError(f"Bad input to {kind.upper()}, too many arguments")
+            pairs = []
+            for i in range(0, n, 3):
+                if not args[i]:
+                    raise ValueError(f"{kind.upper()} names can not be blank")
+                pairs.append(KeyValue(args[i], args[i + 1]))
+            return (Env if kind == "env" else Label)(pairs=tuple(pairs), **where)
+        case "run":
+            mounts = tuple(parse_mount(m) for m in flags.get("mount", []))
+            if "network" in flags and flags["network"] not in NETWORK_MODES:
+                raise ValueError(f"unsupported network mode {flags['network']!r} (want default, none or host)")
+            if "security" in flags and flags["security"] not in SECURITY_MODES:
+                raise ValueError(f"unsupported security mode {flags['security']!r} (want sandbox or insecure)")
+            if not args and not node.heredocs:
+                raise ValueError("RUN requires at least one argument")
+            return Run(command=_command(node, args), mounts=mounts, network=flags.get("network"),
+                       security=flags.get("security"), heredocs=_heredocs(node), **where)
+        case "cmd":
+            return Cmd(command=_command(node, args), **where)
+        case "entrypoint":
+            return Entrypoint(command=_command(node, args), **where)
+        case "shell":
+            if not node.attributes.get("json"):
+                raise ValueError("SHELL requires the arguments to be in JSON form")
+            if not args:
+                raise ValueError("SHELL requires at least one argument")
+            return Shell(shell=tuple(args), **where)
+        case "copy" | "add":
+            return _file_copy(kind, node, args, flags, where)
+        case "workdir":
+            return Workdir(path=_one_value(kind, args), **where)
+        case "user":
+            return User(user=_one_value(kind, args), **where)
+        case "stopsignal":
+            return StopSignal(signal=_one_value(kind, args), **where)
+        case "maintainer":
+            return Maintainer(maintainer=_one_value(kind, args), **where)
+        case "expose":
+            if not args:
+                raise ValueError("EXPOSE requires at least one argument")
+            return Expose(ports=tuple(args), **where)
+        case "volume":
+            if not args:
+                raise ValueError("VOLUME requires at least one argument")
+            if any(not v.strip() for v in args):
+                raise ValueError("VOLUME specified can not be an empty string")
+            return Volume(paths=tuple(args), **where)
+        case "healthcheck":
+            return _healthcheck(node, args, flags, where)
+        case "onbuild":
+            if node.next is None or not node.next.children:
+                raise ValueError("ONBUILD requires at least one argument")
+            what = node.next.children[0].value.upper()
+            if what == "ONBUILD":
+                raise ValueError("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")
+            if what in ("FROM", "MAINTAINER"):
+                raise ValueError(f"{what} isn't allowed as an ONBUILD trigger")
+            return Onbuild(trigger=node.original.strip()[len(node.value):].strip(), **where)
     raise ValueError(f"unknown instruction: {node.value.upper()}")
+
+
+def _file_copy(kind: str, node: Node, args: list[str], flags: dict, where: dict) -> FileCopy:
+    heredocs = _heredocs(node)
+    names = {h.name for h in heredocs}
+    if len(args) < 2 and not (len(args) == 1 and names):
+        raise ValueError(f"{kind.upper()} requires at least two arguments, but only one was provided. "
+                         "Destination could not be determined")
+    # `<<NAME` words are the heredocs themselves, not files of the context.
+    sources = tuple(s for s in args[:-1] if not (s.startswith("<<") and s.lstrip("<-").strip("'\"") in names))
+    common = dict(sources=sources, dest=args[-1], heredocs=heredocs, chown=flags.get("chown"),
+                  chmod=flags.get("chmod"), link=flags.get("link"),
+                  exclude=tuple(flags["exclude"]) if "exclude" in flags else None, **where)
+    if kind == "copy":
+        return Copy(from_=flags.get("from"), parents=flags.get("parents"), **common)
+    return Add(keep_git_dir=flags.get("keep-git-dir"), checksum=flags.get("checksum"), unpack=flags.get("unpack"),
+               **common)
+
+
+def _healthcheck(node: Node, args: list[str], flags: dict, where: dict) -> Healthcheck:
+    if not args:
+        raise ValueError("HEALTHCHECK requires at least one argument")
+    typ = args[0].upper()
+    if typ == "NONE":
+        if len(args) > 1 or flags:
+            raise ValueError("HEALTHCHECK NONE takes no arguments")
+        return Healthcheck(test=("NONE",), **where)
+    if typ != "CMD":
+        raise ValueError(f'Unknown type "{args[0]}" in HEALTHCHECK (try CMD)')
+    rest = args[1:]
+    if not rest:
+        raise ValueError("Missing command after HEALTHCHECK CMD")
+    test = ("CMD", *rest) if node.attributes.get("json") else ("CMD-SHELL", " ".join(rest))
+    durations: dict[str, float] = {}
+    for flag in ("interval", "timeout", "start-period", "start-interval"):
+        if flag in flags:
+            seconds = parse_duration_s(flags[flag], flag)
+            if 0 < seconds < 0.001:
+                raise ValueError(f'Interval "{flag}" cannot be less than 1ms')
+            durations[flag.replace("-", "_") + "_s"] = seconds
+    retries = None
+    if "retries" in flags:
+        try:
+            retries = int(flags["retries"])
+        except ValueError:
+            raise ValueError(f"--retries expects an integer, not {flags['retries']!r}") from None
+        if retries < 0:
+            raise ValueError(f"--retries cannot be negative ({retries})")
+    return Healthcheck(test=test, retries=retries, **durations, **where)
 
 
 def instructions(result: Result, filename: str = "Dockerfile") -> list[Instruction]:

@@ -167,6 +167,8 @@ def test_cli_names_layer_and_entry(good, tmp_path):
     bad = corrupt_payload_of(out, "etc/passwd")
     p = subprocess.run([sys.executable, "-I", "-m", "lazybuild.cli", "layer", "verify", bad], capture_output=True, text=True)
     assert p.returncode == 1 and bad in p.stderr and "etc/passwd" in p.stderr and "Traceback" not in p.stderr
+    error, hint = p.stderr.splitlines()  # what is wrong, then what to try
+    assert error.startswith("lazybuild: error: ") and hint.startswith("lazybuild: hint: ")
     p = subprocess.run([sys.executable, "-I", "-m", "lazybuild.cli", "layer", "verify", out, "--toc-digest", "sha256:00"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and "TOC digest" in p.stderr

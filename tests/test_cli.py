@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 import tarcases
 
-LAZYBUILD = shutil.which("lazybuild")
+# The console script next to this interpreter (the install under test), else the one on PATH.
+LAZYBUILD = next((p for p in (os.path.join(os.path.dirname(sys.executable), "lazybuild"),) if os.path.exists(p)),
+                 None) or shutil.which("lazybuild")
 
 
 def run(*args, stdin=None, ok=True):
@@ -86,3 +89,176 @@ def test_errors_are_one_line_for_people(tmp_path):
     assert p.returncode == 1 and "not a tar" in p.stderr and not (tmp_path / "o").exists()
     p = run("layer", "verify", str(tmp_path / "missing"), ok=False)
     assert p.returncode == 1 and "No such file" in p.stderr
+
+
+# --- The one error boundary: lazybuild.cli.main, called in this process with a command that raises. ---
+
+import errno  # noqa: E402
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
+import lazybuild.cli  # noqa: E402
+from lazybuild import errors  # noqa: E402
+
+COMPONENT_PACKAGES = ["lazybuild", "lazybuild.builder", "lazybuild.exporter", "lazybuild.frontend",
+                      "lazybuild.mounter", "lazybuild.snapshotter"]
+
+# The exit codes README's CLI section promises, per area.
+AREA_EXIT_CODES = {errors.UsageError: 2, errors.InputError: 1, errors.BadDockerfile: 1, errors.DataError: 1,
+                   errors.RemoteError: 3, errors.BuildFailure: 4, errors.HostError: 5, errors.MountError: 5,
+                   errors.SnapshotterError: 5, errors.MissingExtra: 5}
+
+
+def _exception_classes() -> list[type]:
+    """Every public exception class the package defines (all modules imported, __main__ ones excepted)."""
+    found = {}
+    for name in COMPONENT_PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, prefix=name + "."):
+            if info.name.rsplit(".", 1)[-1] == "__main__":
+                continue
+            module = importlib.import_module(info.name)
+            for obj in vars(module).values():
+                if (isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == info.name
+                        and not obj.__name__.startswith("_")):
+                    found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+EXCEPTION_CLASSES = _exception_classes()
+
+# Classes whose constructor takes more than a message.
+SPECIAL_ARGS = {"RunError": (["false"], 1, ["boom"]), "SnapshotError": ("not_found", "boom"),
+                "MissingExtra": ("lazybuild mount", "pyfuse3", "mount")}
+
+
+def _instance(cls: type) -> BaseException:
+    return cls(*SPECIAL_ARGS.get(cls.__name__, ("boom",)))
+
+
+def _run_raising(monkeypatch, capsys, exc: BaseException, argv=("layer", "verify", "BLOB")):
+    def command(args):
+        raise exc
+
+    monkeypatch.setattr(lazybuild.cli.layer, "verify", command)
+    code = lazybuild.cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_exception_class_is_a_lazybuild_error():
+    assert len(EXCEPTION_CLASSES) >= 30
+    outside = [c for c in EXCEPTION_CLASSES if not issubclass(c, errors.LazybuildError)]
+    assert outside == [], "exception classes outside lazybuild.errors' hierarchy"
+    assert set(AREA_EXIT_CODES) < set(EXCEPTION_CLASSES)
+    for area, code in AREA_EXIT_CODES.items():
+        assert area.exit_code == code and area.hint, area
+
+
+@pytest.mark.parametrize("cls", [c for c in EXCEPTION_CLASSES if c is not errors.LazybuildError],
+                         ids=lambda c: c.__name__)
+def test_each_error_reaches_the_user_as_one_line_with_its_exit_code(monkeypatch, capsys, cls):
+    exc = _instance(cls)
+    code, out, err = _run_raising(monkeypatch, capsys, exc)
+    area = next(a for a in cls.__mro__ if a.__module__ == "lazybuild.errors")
+    assert code == area.exit_code == exc.exit_code
+    assert out == "" and "Traceback" not in err
+    message = str(exc)
+    assert err.startswith(f"lazybuild: error: {message}\n")
+    rest = err[len(f"lazybuild: error: {message}\n"):]
+    assert rest == f"lazybuild: hint: {exc.hint.replace('{command}', 'layer verify')}\n"
+
+
+def test_a_hint_given_where_the_error_is_raised_wins(monkeypatch, capsys):
+    code, _, err = _run_raising(monkeypatch, capsys, errors.RemoteError("no", hint="try later"))
+    assert code == 3 and err == "lazybuild: error: no\nlazybuild: hint: try later\n"
+
+
+@pytest.mark.parametrize("exc", [ValueError("oops"), RuntimeError("oops"), KeyError("oops"), TypeError("oops"),
+                                 ModuleNotFoundError("No module named 'yaml'", name="yaml")],
+                         ids=lambda e: type(e).__name__)
+def test_a_bug_prints_its_traceback(monkeypatch, capsys, exc):
+    code, out, err = _run_raising(monkeypatch, capsys, exc)
+    assert code == lazybuild.cli.EXIT_BUG == 70
+    assert "Traceback (most recent call last)" in err and f"{type(exc).__name__}: " in err
+    assert err.rstrip().splitlines()[-1].startswith("lazybuild: error: this is a bug in lazybuild")
+
+
+def test_files_the_system_refuses(monkeypatch, capsys):
+    code, _, err = _run_raising(monkeypatch, capsys, FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"))
+    assert code == 1 and err == "lazybuild: error: No such file or directory: /x\n"
+    code, _, err = _run_raising(monkeypatch, capsys, PermissionError(errno.EACCES, "Permission denied", "/dev/fuse"))
+    assert code == 1 and err.startswith("lazybuild: error: Permission denied: /dev/fuse\nlazybuild: hint: ")
+
+
+def test_interrupted(monkeypatch, capsys):
+    code, _, err = _run_raising(monkeypatch, capsys, KeyboardInterrupt())
+    assert code == 130 and err == "lazybuild: error: interrupted\n"
+
+
+def test_a_reader_that_went_away_is_not_an_error(monkeypatch, capfd):
+    def command(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(lazybuild.cli.layer, "verify", command)
+    saved = os.dup(1)
+    try:
+        assert lazybuild.cli.main(["layer", "verify", "BLOB"]) == 0
+    finally:
+        os.dup2(saved, 1)  # main pointed stdout at /dev/null, as it must for the reader that left
+        os.close(saved)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_missing_extra_names_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "pyfuse3", None)  # `import pyfuse3` now fails as if not installed
+    for argv in (["mount", "127.0.0.1:5000/x", str(tmp_path)], ["snapshotter", "--root", str(tmp_path / "sn")]):
+        code = lazybuild.cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == 5, err
+        assert err.startswith(f"lazybuild: error: lazybuild {argv[0]}") and "pyfuse3" in err
+        assert "pip install 'lazybuild[mount]'" in err and "Traceback" not in err
+    # deeper down (a module that imports pyfuse3 or trio on its own): the boundary says the same
+    code, _, err = _run_raising(monkeypatch, capsys, ModuleNotFoundError("No module named 'trio'", name="trio"))
+    assert code == 5 and "pip install 'lazybuild[mount]'" in err and "Traceback" not in err
+
+
+# --- Real user errors through the installed console script. ---
+
+def _error_and_hint(p) -> tuple[str, str]:
+    lines = p.stderr.splitlines()
+    assert "Traceback" not in p.stderr and lines[0].startswith("lazybuild: error: "), p.stderr
+    assert len(lines) == 2 and lines[1].startswith("lazybuild: hint: "), p.stderr
+    return lines[0], lines[1]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    p = run("mount", "127.0.0.1:5000/x", ok=False)
+    assert p.returncode == 2 and "mount needs REF and DIR" in _error_and_hint(p)[0]
+    p = run("build", "-o", "type=nonsense", str(tmp_path), ok=False)
+    error, hint = _error_and_hint(p)
+    assert p.returncode == 2 and "type=nonsense" in error and "lazybuild build --help" in hint
+    p = run("build", "--secret", "id=x", str(tmp_path), ok=False)
+    assert p.returncode == 2 and "--secret" in _error_and_hint(p)[0]
+
+
+def test_input_errors_exit_1(tmp_path, layer_tar):
+    p = run("inspect", "Not/A/Reference", ok=False)
+    assert p.returncode == 1 and "must be lowercase" in _error_and_hint(p)[0]
+    p = run("pull", "127.0.0.1:5000/x", "oci:" + str(tmp_path / "o"), "--platform", "linux", ok=False)
+    assert p.returncode == 1 and "os/arch" in _error_and_hint(p)[0]
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nFROBNICATE now\n")
+    p = run("inspect-dockerfile", str(tmp_path), ok=False)
+    error, hint = _error_and_hint(p)
+    assert p.returncode == 1 and "Dockerfile:2" in error and "inspect-dockerfile" in hint
+    for name, content in (("record", b'{"layer": 0}\n'), ("latin1", b"caf\xe9\n")):
+        (tmp_path / name).write_bytes(content)
+        p = run("layer", "convert", layer_tar, str(tmp_path / "o.blob"), "--prioritized-files", str(tmp_path / name),
+                ok=False)
+        assert p.returncode == 1 and str(tmp_path / name) in _error_and_hint(p)[0]
+
+
+def test_an_unreachable_registry_exits_3():
+    p = run("inspect", "127.0.0.1:9/x", ok=False)  # the discard port: nothing listens there
+    error, hint = _error_and_hint(p)
+    assert p.returncode == 3 and "127.0.0.1:9" in error and "--insecure" in hint

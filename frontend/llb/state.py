@@ -14,7 +14,7 @@ meets them, empty WorkerConstraints as Go writes them), so existing caches keep 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterable, Sequence
 

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lazybuild.errors import require_extra
 from lazybuild.image import Platform
 from lazybuild.registry import Reference, Registry
 
@@ -210,6 +211,7 @@ def mount_image(ref_text: str, mountpoint: str, opts: MountOptions, timeout_s: f
     directory's sys.path. DETACH puts the child in its own session (`lazybuild mount --daemon`, which
     outlives us); otherwise it stays ours, and `close()` unmounts it and reaps it.
     """
+    require_extra("pyfuse3", f"mounting {ref_text}")  # here, not in the child, whose errors only reach a log
     log_path = status_path(mountpoint).replace(".json", ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     sys.stdout.flush()

@@ -218,6 +218,11 @@ def test_a_missing_extra_names_what_to_install(monkeypatch, capsys, tmp_path):
         assert code == 5, err
         assert err.startswith(f"lazybuild: error: lazybuild {argv[0]}") and "pyfuse3" in err
         assert "pip install 'lazybuild[mount]'" in err and "Traceback" not in err
+    # `lazybuild build` mounts its bases through the mounter's API, which checks before it forks its child
+    from lazybuild import mounter
+
+    with pytest.raises(errors.MissingExtra, match="pyfuse3"):
+        mounter.mount_image("127.0.0.1:9/x", str(tmp_path), mounter.MountOptions())
     # deeper down (a module that imports pyfuse3 or trio on its own): the boundary says the same
     code, _, err = _run_raising(monkeypatch, capsys, ModuleNotFoundError("No module named 'trio'", name="trio"))
     assert code == 5 and "pip install 'lazybuild[mount]'" in err and "Traceback" not in err

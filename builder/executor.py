@@ -1,10 +1,12 @@
-"""The daemonless build: Dockerfile stages run on lazily mounted base images.
+"""The daemonless build: the steps of the Dockerfile model run on lazily mounted base images.
 
-Each base image is mounted by the mounter (`lazybuild mount --layers`: one overlay lower dir per
-eStargz layer, contents fetched on first read). Each step runs on an overlay whose lower dirs are the
-image's layers and the earlier steps' upper dirs and whose upper dir is new: RUN under runc, COPY/ADD and
-WORKDIR by us. A step's upper dir is its layer. Steps are cached by a key over everything that decides
-their result (parent, instruction, files read), so an unchanged step is reused, as BuildKit does.
+Each base image is mounted by the mounter (`mounter.mount_image`: one overlay lower dir per eStargz
+layer, contents fetched on first read). Each step runs on an overlay whose lower dirs are the image's
+layers and the earlier steps' upper dirs and whose upper dir is new: a RunStep under runc, CopySteps and
+WorkdirSteps by us. A step's upper dir is its layer. The model has applied the Dockerfile's rules (argv
+with heredocs, mount defaults, destinations); this only executes steps. Steps are cached by a key over
+everything that decides their result (parent, step, files read), so an unchanged step is reused, as
+BuildKit does.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from lazybuild import inroot
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
+from lazybuild.dockerfile.steps import (PIPES_DIR, BindMount, CacheMount, CopyStep, RunStep, SecretMount, SshMount,
+                                        Step, TmpfsMount, WorkdirStep)
 from lazybuild.errors import BuildFailure
 from lazybuild import mounter
 from lazybuild.image import Manifest, Platform
@@ -321,50 +325,48 @@ class Builder:
             for i, d in enumerate(dirs):
                 key = _sha(key, base.manifest.layers[i].digest)
                 layers.append(Layer(d, key, base, i))
-        steps = [ins for ins in st.instructions if ins["instruction"] in ("RUN", "COPY", "ADD")
-                 or (ins["instruction"] == "WORKDIR" and ins["path"] != "/")]
-        for n, ins in enumerate(steps, 1):
-            name = f"[{label} {n}/{len(steps)}] {ins['text']}"
-            key = _sha(key, self.step_identity(ins, results, layers))
+        steps = st.steps
+        for n, step in enumerate(steps, 1):
+            name = f"[{label} {n}/{len(steps)}] {step.text}"
+            key = _sha(key, self.step_identity(step, results))
             cached = os.path.join(self.steps_dir, key[:32])
             if not self.opts.no_cache and os.path.isfile(os.path.join(cached, "done")):
                 self.log(f"{name}  (cached)")
-                layers.append(Layer(os.path.join(cached, "upper"), key, history=ins["text"]))
+                layers.append(Layer(os.path.join(cached, "upper"), key, history=step.text))
                 continue
             self.log(name)
             start = time.monotonic()
-            upper = self.run_step(ins, layers, results, key, label)
-            layers.append(Layer(upper, key, history=ins["text"]))
+            upper = self.run_step(step, layers, results, key, label)
+            layers.append(Layer(upper, key, history=step.text))
             self.log(f"  done in {time.monotonic() - start:.1f} s")
         return StageResult(st, layers, base, key)
 
-    def step_identity(self, ins: dict, results: dict[int, StageResult], layers: list[Layer]) -> dict:
-        """What decides a step's result besides its parent: the instruction and the files it reads."""
-        ident = {k: v for k, v in ins.items() if k not in ("line", "text")}
-        kind = ins["instruction"]
-        if kind in ("COPY", "ADD"):
-            if "fromStage" in ins:
-                ident["fromKey"] = results[ins["fromStage"]].key
-            elif "from" in ins:  # an image: its name may move, its digest does not
-                ident["fromImage"] = self.image(ins["from"], Platform.host()).manifest.digest
-            elif any(filecopy.has_magic(s) for s in ins["sources"]):  # a pattern may match anything
-                ident["context"] = tree_digest(self.context, [""], self.ignored)
-            else:
-                ident["context"] = tree_digest(self.context, [s.lstrip("/") for s in ins["sources"]], self.ignored)
-        if kind == "RUN":
-            for m in ins.get("mounts", []):
-                if m["type"] == "bind":
-                    if "fromStage" in m:
-                        ident.setdefault("mountKeys", []).append(results[m["fromStage"]].key)
-                    elif "from" in m:
-                        ident.setdefault("mountKeys", []).append(
-                            self.image(m["from"], Platform.host()).manifest.digest)
-                    else:
-                        ident.setdefault("mountKeys", []).append(
-                            tree_digest(self.context, [m.get("source", "").lstrip("/")], self.ignored))
+    def step_identity(self, step: Step, results: dict[int, StageResult]) -> dict:
+        """What decides a step's result besides its parent: the step and the files it reads."""
+        ident = {k: v for k, v in asdict(step).items() if k not in ("line", "text")}
+        ident["step"] = type(step).__name__
+        match step:
+            case CopyStep():
+                ident["source"] = self.source_identity(results, step.from_stage, step.from_image,
+                                                       [src.text for src in step.sources])
+            case RunStep():
+                ident["mountKeys"] = [self.source_identity(results, m.from_stage, m.from_image, [m.source])
+                                      for m in step.mounts if isinstance(m, BindMount)]
         return ident
 
-    def run_step(self, ins: dict, layers: list[Layer], results, key: str, label: str) -> str:
+    def source_identity(self, results: dict[int, StageResult], from_stage: int | None, from_image: str,
+                        paths: list[str]) -> str:
+        """What files read from a stage, an image or the build context are: a stage's key, an image's
+        digest (its name may move, its digest does not), or a digest of the context files."""
+        if from_stage is not None:
+            return results[from_stage].key
+        if from_image:
+            return self.image(from_image, Platform.host()).manifest.digest
+        if any(filecopy.has_magic(p) for p in paths):  # a pattern may match anything
+            return tree_digest(self.context, [""], self.ignored)
+        return tree_digest(self.context, [p.lstrip("/") for p in paths], self.ignored)
+
+    def run_step(self, step: Step, layers: list[Layer], results, key: str, label: str) -> str:
         final = os.path.join(self.steps_dir, key[:32])
         tmp = tempfile.mkdtemp(prefix="tmp-", dir=self.steps_dir)
         upper, work, merged = os.path.join(tmp, "upper"), os.path.join(tmp, "work"), os.path.join(self.run_dir, "m")
@@ -376,19 +378,19 @@ class Builder:
             mount_overlay(lowers, upper, work, merged)
             self.mounts.append(merged)
             try:
-                kind = ins["instruction"]
-                if kind == "RUN":
-                    self.do_run(ins, merged, results)
-                elif kind in ("COPY", "ADD"):
-                    self.do_copy(ins, merged, results)
-                elif kind == "WORKDIR":
-                    self.do_workdir(ins, merged)
+                match step:
+                    case RunStep():
+                        self.do_run(step, merged, results)
+                    case CopyStep():
+                        self.do_copy(step, merged, results)
+                    case WorkdirStep():
+                        self.do_workdir(step, merged)
             finally:
                 unmount(merged)
                 self.mounts.remove(merged)
             shutil.rmtree(work, ignore_errors=True)
             with open(os.path.join(tmp, "done"), "w") as f:
-                json.dump({"instruction": ins["text"], "stage": label, "time": time.time()}, f)
+                json.dump({"instruction": step.text, "stage": label, "time": time.time()}, f)
             if os.path.exists(final):  # --no-cache: the new result replaces the old
                 old = final + ".old-" + uuid.uuid4().hex[:6]
                 os.rename(final, old)
@@ -399,161 +401,137 @@ class Builder:
             raise
         return os.path.join(final, "upper")
 
-    # ---- instructions
-    def do_workdir(self, ins: dict, root: str) -> None:
-        owner = filecopy.parse_chown(ins.get("user", ""), root) if ins.get("user") else None
-        try:
-            inroot.mkdir_all(root, ins["path"], 0o755, owner)
-        except inroot.UnsafePath as e:
-            raise BuildError(f"line {ins['line']}: WORKDIR {ins['path']}: {e.strerror}") from None
+    # ---- steps
+    def source_root(self, from_stage: int | None, from_image: str, results) -> str:
+        """Where `--from=` / `from=` files are read: a view of an earlier stage or of an image; the build
+        context otherwise."""
+        if from_stage is not None:
+            return self.view(results[from_stage].layers, f"stage {from_stage}")
+        if from_image:
+            img = self.image(from_image, Platform.host())
+            return self.view([Layer(d, f"{img.manifest.digest}/{i}") for i, d in enumerate(self.mount_image(img))],
+                             from_image)
+        return self.context
 
-    def do_copy(self, ins: dict, root: str, results) -> None:
-        workdir = ins.get("workdir") or "/"
-        dest = posixpath.normpath(posixpath.join(workdir, ins["dest"]))
-        if ins["dest"] in (".", "") or ins["dest"].endswith("/"):
-            dest = dest.rstrip("/") + "/"
-        for flag in ("parents", "exclude"):
-            if ins.get(flag):
-                raise BuildError(f"line {ins['line']}: COPY --{flag} is not supported by lazybuild build yet")
-        if "from" in ins:
-            if "fromStage" in ins:
-                src_root = self.view(results[ins["fromStage"]].layers, ins["from"])
-            else:
-                img = self.image(ins["from"], Platform.host())
-                src_root = self.view([Layer(d, f"{img.manifest.digest}/{i}") for i, d in enumerate(self.mount_image(img))],
-                                     ins["from"])
-            sources, ignored = [(src_root, s) for s in ins["sources"]], None
-        else:
-            for s in ins["sources"]:
-                if s.startswith(("http://", "https://", "git@", "git://")):
-                    raise BuildError(f"line {ins['line']}: ADD of a URL or git repository is not supported by "
-                                     "lazybuild build yet (download it in a RUN step)")
-            sources, ignored = [(self.context, s) for s in ins["sources"]], self.ignored
+    def do_workdir(self, step: WorkdirStep, root: str) -> None:
+        owner = filecopy.parse_chown(step.user, root) if step.user else None
+        try:
+            inroot.mkdir_all(root, step.path, 0o755, owner)
+        except inroot.UnsafePath as e:
+            raise BuildError(f"line {step.line}: WORKDIR {step.path}: {e.strerror}") from None
+
+    def do_copy(self, step: CopyStep, root: str, results) -> None:
+        if step.parents:
+            raise BuildError(f"line {step.line}: COPY --parents is not supported by lazybuild build yet")
+        if step.exclude:
+            raise BuildError(f"line {step.line}: {step.keyword} --exclude is not supported by lazybuild build yet")
+        if any(src.kind != "path" for src in step.sources):
+            raise BuildError(f"line {step.line}: ADD of a URL or git repository is not supported by "
+                             "lazybuild build yet (download it in a RUN step)")
+        src_root = self.source_root(step.from_stage, step.from_image, results)
+        ignored = self.ignored if src_root == self.context else None
+        sources = [(src_root, src.text) for src in step.sources]
         try:
             if sources:
-                filecopy.copy(root, dest, sources, chown=ins.get("chown", ""), chmod=ins.get("chmod", ""),
-                            unpack=ins["instruction"] == "ADD" and ins.get("unpack", True) is not False, ignored=ignored)
-            for doc in ins.get("files") or []:
-                filecopy.write_file(root, dest, doc["name"], doc["data"].encode(), chown=ins.get("chown", ""),
-                                  chmod=ins.get("chmod", ""))
+                filecopy.copy(root, step.dest, sources, chown=step.chown, chmod=step.chmod, unpack=step.unpack,
+                              ignored=ignored)
+            for doc in step.files:
+                filecopy.write_file(root, step.dest, doc.name, doc.data.encode(), chown=step.chown,
+                                    chmod=step.chmod)
         except (filecopy.CopyError, OSError, ValueError) as e:
-            raise BuildError(f"line {ins['line']}: {ins['text']}: {e}") from None
+            raise BuildError(f"line {step.line}: {step.text}: {e}") from None
 
-    def do_run(self, ins: dict, root: str, results) -> None:
-        args = self.run_args(ins, root)
-        mounts, cleanup = self.run_mounts(ins, root, results)
-        stubs = _missing_paths(root, [m.destination for m in mounts] + list(STUB_PATHS))
-        env = list(ins["env"])
-        for k, v in (ins.get("proxyEnv") or {}).items():
-            env.append(f"{k}={v}")
-        network = ins.get("network") if ins.get("network") in ("none", "host") else self.opts.network
-        if ins.get("security") == "insecure":
-            raise BuildError(f"line {ins['line']}: RUN --security=insecure is not supported by lazybuild build")
+    def do_run(self, step: RunStep, root: str, results) -> None:
+        if step.security == "insecure":
+            raise BuildError(f"line {step.line}: RUN --security=insecure is not supported by lazybuild build")
+        mounts, cleanup = self.run_mounts(step, results)
         try:
-            runc.run(root, args, env, ins["workdir"], ins["user"], mounts, network=network,
-                     output=lambda line: self.log("  | " + line))
-        except runc.RunError as e:
-            raise BuildError(f"line {ins['line']}: {e}") from None
-        except ValueError as e:
-            raise BuildError(f"line {ins['line']}: {e}") from None
+            stubs = _missing_paths(root, [m.destination for m in mounts] + list(STUB_PATHS))
+            env = list(step.env) + [f"{p.key}={p.value}" for p in step.proxy_env]
+            network = step.network if step.network in ("none", "host") else self.opts.network
+            try:
+                runc.run(root, list(step.argv), env, step.cwd, step.user, mounts, network=network,
+                         output=lambda line: self.log("  | " + line))
+            except (runc.RunError, ValueError) as e:
+                raise BuildError(f"line {step.line}: {e}") from None
+            finally:
+                _remove_stubs(root, stubs)
         finally:
-            _remove_stubs(root, stubs)
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def run_args(self, ins: dict, root: str) -> list[str]:
-        args = list(ins["cmd"])
-        files = ins.get("files") or []
-        if not files:
-            return args
-        shell, script = args[:-1], args[-1]
-        m = model.HEREDOC_MARKER.match(script.strip())
-        if m and m.group(3) == files[0]["name"]:
-            data = files[0]["data"]
-            if files[0]["chomp"]:
-                data = "\n".join(line.lstrip("\t") for line in data.split("\n"))
-            if data.startswith("#!"):
-                if "/" in files[0]["name"] or files[0]["name"] in (".", ".."):
-                    raise BuildError(f"line {ins['line']}: heredoc name {files[0]['name']!r} is not a file name")
-                pipes = os.path.join(self.run_dir, "pipes-" + uuid.uuid4().hex[:6])
-                os.makedirs(pipes)
-                with open(os.path.join(pipes, files[0]["name"]), "w") as f:
-                    f.write(data)
-                os.chmod(os.path.join(pipes, files[0]["name"]), 0o755)
-                self._pipes = pipes
-                return ["/dev/pipes/" + files[0]["name"]]
-            return shell + [data]
-        full = script
-        for doc in files:
-            full += "\n" + doc["data"] + doc["name"]
-        return shell + [full]
-
-    def run_mounts(self, ins: dict, root: str, results) -> tuple[list[runc.Mount], list[str]]:
+    def run_mounts(self, step: RunStep, results) -> tuple[list[runc.Mount], list[str]]:
+        """The step's mounts as runc mounts, and the scratch dirs to remove after the run."""
         out: list[runc.Mount] = []
         cleanup: list[str] = []
-        pipes = getattr(self, "_pipes", None)
-        if pipes:
-            out.append(runc.Mount("/dev/pipes", pipes, "bind", ["rbind", "ro"]))
-            cleanup.append(pipes)
-            self._pipes = None
-        for m in ins.get("mounts", []):
-            kind = m["type"]
-            target = m.get("target", "")
-            if target and not target.startswith("/"):
-                target = posixpath.normpath(posixpath.join(ins["workdir"] or "/", target))
-            if kind == "bind":
-                if "fromStage" in m:
-                    src_root = self.view(results[m["fromStage"]].layers, m["from"])
-                elif "from" in m:
-                    img = self.image(m["from"], Platform.host())
-                    src_root = self.view([Layer(d, f"{img.manifest.digest}/{i}")
-                                          for i, d in enumerate(self.mount_image(img))], m["from"])
-                else:
-                    src_root = self.context
-                src = inroot.resolve(src_root, m.get("source", ""))
+
+        def scratch(prefix: str) -> str:
+            path = tempfile.mkdtemp(prefix=prefix, dir=self.run_dir)
+            cleanup.append(path)
+            return path
+
+        try:
+            if step.inline_files:  # `#!` heredoc scripts, run as files
+                pipes = scratch("pipes-")
+                for f in step.inline_files:
+                    path = os.path.join(pipes, f.name)
+                    with open(path, "w") as fh:
+                        fh.write(f.data)
+                    os.chmod(path, f.mode)
+                out.append(runc.Mount(PIPES_DIR, pipes, "bind", ["rbind", "ro"]))
+            for m in step.mounts:
+                out.append(self.run_mount(m, step, results, scratch))
+        except BaseException:
+            for path in cleanup:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return [m for m in out if m is not None], cleanup
+
+    def run_mount(self, m, step: RunStep, results, scratch) -> runc.Mount | None:
+        line = step.line
+        match m:
+            case BindMount():
+                src_root = self.source_root(m.from_stage, m.from_image, results)
+                src = inroot.resolve(src_root, m.source)
                 if not os.path.exists(src):
-                    raise BuildError(f"line {ins['line']}: RUN --mount source {m.get('source', '/')!r} not found")
+                    raise BuildError(f"line {line}: RUN --mount source {m.source!r} not found")
                 if src_root == self.context:
                     src = self.context_view(src)
-                if not m.get("readonly", True):  # writes to a rw bind mount are thrown away, as in BuildKit
-                    scratch = tempfile.mkdtemp(prefix="rw-", dir=self.run_dir)
-                    dst = os.path.join(scratch, "d")
+                if not m.readonly:  # writes to a rw bind mount are thrown away, as in BuildKit
+                    dst = os.path.join(scratch("rw-"), "d")
                     shutil.copytree(src, dst, symlinks=True) if os.path.isdir(src) else shutil.copy2(src, dst)
                     src = dst
-                    cleanup.append(scratch)
-                out.append(runc.Mount(target, src, "bind", ["rbind", "ro" if m.get("readonly", True) else "rw"]))
-            elif kind == "cache":
-                cache_id = m.get("id") or target
-                path = os.path.join(self.cache_mounts, hashlib.sha256(cache_id.encode()).hexdigest()[:24])
+                return runc.Mount(m.target, src, "bind", ["rbind", "ro" if m.readonly else "rw"])
+            case CacheMount():
+                if m.from_stage is not None or m.from_image:
+                    raise BuildError(f"line {line}: RUN --mount=type=cache,from= is not supported by lazybuild "
+                                     "build yet")
+                path = os.path.join(self.cache_mounts, hashlib.sha256(m.id.encode()).hexdigest()[:24])
                 if not os.path.isdir(path):
                     os.makedirs(path)
-                    os.chown(path, m.get("uid", 0), m.get("gid", 0))
-                    os.chmod(path, m.get("mode", 0o755))
-                out.append(runc.Mount(target, path, "bind", ["rbind", "ro" if m.get("readonly") else "rw"]))
-            elif kind == "tmpfs":
-                out.append(runc.Mount(target, "tmpfs", "tmpfs", ["nosuid", "nodev"] +
-                                      ([f"size={m['size']}"] if m.get("size") else [])))
-            elif kind == "secret":
-                sid = m.get("id") or posixpath.basename(target)
-                target = target or f"/run/secrets/{sid}"
-                if "env" in m:
-                    raise BuildError(f"line {ins['line']}: secret env= is not supported by lazybuild build yet")
-                src = self.opts.secrets.get(sid)
+                    os.chown(path, m.uid, m.gid)
+                    os.chmod(path, m.mode)
+                return runc.Mount(m.target, path, "bind", ["rbind", "ro" if m.readonly else "rw"])
+            case TmpfsMount():
+                return runc.Mount(m.target, "tmpfs", "tmpfs", ["nosuid", "nodev"] +
+                                  ([f"size={m.size_bytes}"] if m.size_bytes else []))
+            case SecretMount():
+                if m.env:
+                    raise BuildError(f"line {line}: secret env= is not supported by lazybuild build yet")
+                src = self.opts.secrets.get(m.id)
                 if src is None:
-                    if m.get("required"):
-                        raise BuildError(f"line {ins['line']}: secret {sid!r} is required but was not given "
-                                         f"(--secret id={sid},src=FILE)")
-                    continue
-                holder = tempfile.mkdtemp(prefix="secret-", dir=self.run_dir)
-                path = os.path.join(holder, "s")
+                    if m.required:
+                        raise BuildError(f"line {line}: secret {m.id!r} is required but was not given "
+                                         f"(--secret id={m.id},src=FILE)")
+                    return None
+                path = os.path.join(scratch("secret-"), "s")
                 shutil.copyfile(src, path)
-                os.chown(path, m.get("uid", 0), m.get("gid", 0))
-                os.chmod(path, m.get("mode", 0o400))
-                cleanup.append(holder)
-                out.append(runc.Mount(target, path, "bind", ["rbind", "ro"]))
-            else:
-                raise BuildError(f"line {ins['line']}: RUN --mount=type={kind} is not supported by lazybuild build")
-        return out, cleanup
+                os.chown(path, m.uid, m.gid)
+                os.chmod(path, m.mode)
+                return runc.Mount(m.target, path, "bind", ["rbind", "ro"])
+            case SshMount():
+                raise BuildError(f"line {line}: RUN --mount=type=ssh is not supported by lazybuild build")
+        raise BuildError(f"line {line}: RUN --mount of {type(m).__name__} is not supported by lazybuild build")
 
 
 def _missing_paths(root: str, paths: list[str]) -> list[str]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
 
-from lazybuild.exporter import image as export
-from lazybuild.exporter.optimize import record_workload
+from lazybuild.exporter.assemble import ExportError
+from lazybuild.exporter.daemonless import Optimize, export_build
+from lazybuild.exporter.output import OutputSpec
+from lazybuild.exporter.rootfs import write_rootfs
 
-from lazybuild.builder.executor import STATE_DIR, BuildError, Builder, BuildOptions
+from lazybuild.builder.executor import STATE_DIR, Builder, BuildOptions
+from lazybuild.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -52,7 +54,7 @@ def _kv(items: list[str], what: str) -> dict[str, str]:
         if not eq and what == "build-arg":
             v = os.environ.get(k, "")
         elif not eq:
-            raise BuildError(f"--{what} {item!r}: want KEY=VALUE")
+            raise UsageError(f"--{what} {item!r}: want KEY=VALUE")
         out[k] = v
     return out
 
@@ -63,9 +65,9 @@ def _secrets(items: list[str]) -> dict[str, str]:
         fields = dict(f.partition("=")[::2] for f in item.split(","))
         sid, src = fields.get("id"), fields.get("src") or fields.get("source")
         if not sid or not src:
-            raise BuildError(f"--secret {item!r}: want id=NAME,src=FILE")
+            raise UsageError(f"--secret {item!r}: want id=NAME,src=FILE")
         if not os.path.isfile(src):
-            raise BuildError(f"--secret {item!r}: {src} is not a file")
+            raise UsageError(f"--secret {item!r}: {src} is not a file")
         out[sid] = src
     return out
 
@@ -74,23 +76,22 @@ def run(args) -> int:
     quiet = args.progress == "quiet"
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        spec = export.OutputSpec.parse(args.output) if args.output else None
+        spec = OutputSpec.parse(args.output) if args.output else None
         if spec and spec.push and not args.tag:
-            raise BuildError("--output push=true needs -t REGISTRY/NAME:TAG")
+            raise UsageError("--output push=true needs -t REGISTRY/NAME:TAG")
         workload = args.workload
         if workload and not args.optimize:
-            raise BuildError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")
+            raise UsageError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")
         if args.optimize and not (spec and spec.type == "stargz" and spec.push):
-            raise BuildError("--optimize needs --output type=stargz,push=true: the pushed image is mounted lazily "
+            raise UsageError("--optimize needs --output type=stargz,push=true: the pushed image is mounted lazily "
                              "to record what its workload reads")
         opts = BuildOptions(context=args.context, dockerfile=args.dockerfile, target=args.target,
                             build_args=_kv(args.build_arg, "build-arg"), platform=args.platform,
                             no_cache=args.no_cache, secrets=_secrets(args.secret), insecure=args.insecure,
                             state_dir=args.state_dir, chunk_cache=args.cache,
                             record_base=os.path.abspath(args.record_base) if args.record_base else "")
-    except (BuildError, export.ExportError) as e:
-        print(f"lazybuild: error: {e}", file=sys.stderr)
-        return 1
+    except ExportError as e:  # an --output spec that does not parse: a flag, not a failed export
+        raise UsageError(str(e)) from None
     epoch = args.source_date_epoch if args.source_date_epoch is not None else (
         int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit() else None)
     def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no mount or container is left behind
@@ -108,42 +109,22 @@ def run(args) -> int:
             log(f"  {ref}: {f['fetched'] / 1e6:.1f} MB fetched lazily of {f['size'] / 1e6:.1f} MB")
         if spec is None:
             log("no --output: the result stays in the step cache")
-        elif spec.type in ("tar", "local"):
-            export.write_rootfs(builder, result, spec.dest, spec.type == "tar", log)
+        elif not spec.is_image:
+            write_rootfs(builder.view(result.target.layers, "output"), spec.dest, spec.type == "tar", log)
         else:
             log("exporting layers")
-            image = export.build_image(result, spec.compression, source_date_epoch=epoch, log=log)
-            if spec.type == "oci":
-                export.write_layout(image, spec.dest, (args.tag[0].rsplit(":", 1)[-1] if args.tag else "latest"),
-                                    as_tar=spec.dest.endswith(".tar") or spec.extra.get("tar") == "true", log=log)
-            if spec.type == "stargz" and spec.dest:
-                export.write_layout(image, spec.dest, "latest", as_tar=spec.dest.endswith(".tar"), log=log)
-            if spec.push and args.optimize:
-                export.push(image, args.tag[:1], insecure=args.insecure, log=log)
-                reads = record_workload(args.tag[0], json.loads(image.config), workload, args.optimize_period,
-                                        insecure=args.insecure, chunk_cache=args.cache, log=log)
-                prioritized = {i: paths for i, paths in reads.items()
-                               if i < len(result.target.layers) and result.target.layers[i].image is None}
-                for i, paths in sorted(reads.items()):
-                    kind = "new, reordered" if i in prioritized else "base, kept"
-                    log(f"optimize: layer {i} ({kind}): {len(paths)} files read by the workload")
-                shutil.rmtree(image.workdir, ignore_errors=True)
-                image = export.build_image(result, spec.compression, prioritized=prioritized, source_date_epoch=epoch,
-                                           log=log)
-            if spec.push:
-                export.push(image, args.tag, insecure=args.insecure, log=log)
+            optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
+            image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
+                                 optimize=optimize, log=log)
         if args.metadata_file and image is not None:
             tmp = args.metadata_file + ".partial"
             with open(tmp, "w") as f:
-                json.dump({**export.summary(image), "bytesFetched": fetched}, f, indent=1)
+                json.dump({**image.summary(), "bytesFetched": fetched}, f, indent=1)
             os.replace(tmp, args.metadata_file)
         if image is not None:
             print(image.digest)
         return 0
-    except (BuildError, export.ExportError) as e:
-        print(f"lazybuild: error: {e}", file=sys.stderr)
-        return 1
     finally:
         builder.close()
         if image is not None:
-            shutil.rmtree(image.workdir, ignore_errors=True)
+            image.close()

@@ -164,10 +164,10 @@ def test_tls_and_basic_auth(tmp_path_factory, archive):
         # wrong password: the status and what to do, never the password
         env_bad = {**env, "DOCKER_CONFIG": docker_config(work + "/bad", reg.host, "alice", "wrong")}
         p = lazybuild("inspect", ref, env=env_bad, ok=False)
-        assert p.returncode == 1 and "401" in p.stderr and "docker login" in p.stderr and "wrong" not in p.stderr
+        assert p.returncode == 3 and "401" in p.stderr and "docker login" in p.stderr and "wrong" not in p.stderr
         # no CA: a clear TLS error; --insecure skips verification
         p = lazybuild("inspect", ref, env={**env, "LAZYBUILD_CERTS_DIR": "/nonexistent"}, ok=False)
-        assert p.returncode == 1 and reg.host in p.stderr and "--insecure" in p.stderr and "after" not in p.stderr
+        assert p.returncode == 3 and reg.host in p.stderr and "--insecure" in p.stderr and "after" not in p.stderr
         lazybuild("inspect", ref, "--insecure", env={**env, "LAZYBUILD_CERTS_DIR": "/nonexistent"})
     finally:
         reg.stop()
@@ -197,7 +197,7 @@ def test_token_auth(tmp_path_factory, archive):
         assert issuer.issued == issued + 1
         # anonymous: the token service grants nothing on team/, so the registry refuses
         p = lazybuild("inspect", ref, env={"DOCKER_CONFIG": work + "/nobody"}, ok=False)
-        assert p.returncode == 1 and "401" in p.stderr
+        assert p.returncode == 3 and "401" in p.stderr
     finally:
         reg.stop()
         issuer.stop()

@@ -82,7 +82,7 @@ class State:
             platform: Platform | pb.Platform | None = None, info: Info = Info()) -> "ExecState":
         """Run `args` with this state as `/`. The root mount comes first unless `mounts` lists `ROOT`
         where it belongs: inputs and outputs are numbered in the order the mounts are listed."""
-        from .mounts import ROOT, Bind  # mounts describe states; imported here to keep the graph first
+        from .mounts import ROOT, Bind  # mounts.py builds on this module (its mounts hold states)
 
         root = Bind("/", self, output=True)
         listed = list(mounts) if any(m is ROOT for m in mounts) else [ROOT, *mounts]

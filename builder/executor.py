@@ -303,7 +303,7 @@ class Builder:
         # Empty fields are left out, as Go's omitempty does in BuildKit's image config.
         image_config = {k: v for k, v in build.target.config.items() if v not in ("", None, [], {})}
         config.update({"architecture": plat.architecture, "os": plat.os, "config": image_config,
-                       "history": build.target.history})
+                       "history": [dict(h) for h in build.target.history]})
         if plat.variant:
             config["variant"] = plat.variant
         return BuildResult(build, target, [i for i in self.images.values() if i.mountpoint], plat, config)

@@ -476,6 +476,7 @@ class Registry:
                 f = tempfile.TemporaryFile(prefix="lazybuild-blob-")
                 try:
                     size = self.fetch_blob(repository, digest, f)
+                    f.flush()  # read() goes to the file descriptor (pread), past Python's buffer
                 except BaseException:
                     f.close()
                     raise

@@ -23,16 +23,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from lazybuild import inroot
+from lazybuild import inroot, mounter
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
 from lazybuild.dockerfile.steps import (PIPES_DIR, BindMount, CacheMount, CopyStep, RunStep, SecretMount, SshMount,
                                         Step, TmpfsMount, WorkdirStep)
-from lazybuild.errors import BuildFailure
-from lazybuild import mounter
+from lazybuild.errors import BuildFailure, InputError
 from lazybuild.image import Manifest, Platform
 from lazybuild.registry import Reference, Registry
-
 from lazybuild.runtime import runc
 from lazybuild.runtime.overlay import mount_overlay, unmount
 
@@ -277,7 +275,7 @@ class Builder:
     def load(self) -> model.Build:
         text = _read_text(self.dockerfile, self.context)
         if text is None:
-            raise BuildError(f"{self.dockerfile}: no such file")
+            raise InputError(f"{self.dockerfile}: no such file (give the Dockerfile with -f, or put one in the context)")
         plat = self.opts.platform or str(Platform.host())
         kwargs = dict(filename=os.path.basename(self.dockerfile), build_args=self.opts.build_args,
                       target=self.opts.target, platform=plat, build_platform=str(Platform.host()))

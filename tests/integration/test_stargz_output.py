@@ -11,10 +11,8 @@ import subprocess
 
 import pytest
 
-from cli_runner import lazybuild
-from flatten import flatten_docker_save, flatten_oci_tar
-
-pytestmark = pytest.mark.integration
+from support.cli_runner import lazybuild
+from support.flatten import flatten_docker_save, flatten_oci_tar
 
 DOCKERFILE = """FROM lazybuild-test/python:bookworm AS build
 RUN mkdir -p /out && echo compiled > /out/tool && chmod 755 /out/tool

@@ -1,6 +1,6 @@
 """Evil build contexts, Dockerfiles, stages, archives and base images against `lazybuild build`.
 
-Each case aims at a canary tree on the host (tests/canary.py) the way an attacker would: symlinks to
+Each case aims at a canary tree on the host (tests/support/canary.py) the way an attacker would: symlinks to
 its absolute path or `../..` chains in the context, in an earlier stage, in the base image; archive
 members that climb out; `.dockerignore` aliases. Each must end in a clear error or a result confined
 to the image, and the canary must come out untouched.
@@ -15,11 +15,9 @@ import tarfile
 
 import pytest
 
-from canary import Canary
-from cli_runner import lazybuild
-from images import debootstrap_rootfs, docker_archive
-
-pytestmark = pytest.mark.integration
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from support.canary import Canary
+from support.cli_runner import lazybuild
 
 
 def build(ctx, *args, ok=True, timeout=600):

@@ -19,12 +19,9 @@ import zipfile
 
 import pytest
 
-from cli_runner import lazybuild
-from images import docker_archive
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-pytestmark = pytest.mark.integration
+from lazybuild.testing.images import docker_archive
+from support import REPO
+from support.cli_runner import lazybuild
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A real Docker daemon (Debian docker.io 20.10, BuildKit v0.8 inside) for the frontend tests and bench:
+"""A real Docker daemon (Debian docker.io 20.10, BuildKit v0.8 inside) for the frontend tests, bench and demo:
 its own data root, exec root and socket, and no bridge network (it would take 172.17/16), so it never
 touches a system dockerd. Builds go through the Debian 20.10 CLI, which drives BuildKit with a session."""
 
@@ -11,7 +11,8 @@ import subprocess
 import tempfile
 import time
 
-from procs import stop_process
+from lazybuild.testing.images import debootstrap_rootfs
+from lazybuild.testing.procs import stop_process
 
 DOCKER = "/usr/bin/docker"  # the 20.10 CLI; another `docker` on PATH may need buildx, which is absent
 
@@ -86,14 +87,13 @@ class Dockerd:
         shutil.rmtree(self.exec_root, ignore_errors=True)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout this package runs from (an editable install): push_frontend_image needs its Dockerfile and scripts/.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE_IMAGE = "lazybuild-test/python:bookworm"  # Debian bookworm minbase + python3 + python3-venv
 
 
 def start_with_base(workdir: str) -> Dockerd:
     """A daemon with the Debian test base image (debootstrap, cached) imported as BASE_IMAGE."""
-    from images import debootstrap_rootfs
-
     d = Dockerd(workdir)
     try:
         d.import_rootfs(debootstrap_rootfs(("python3", "python3-venv")), BASE_IMAGE)
@@ -105,8 +105,12 @@ def start_with_base(workdir: str) -> Dockerd:
 
 def push_frontend_image(d: Dockerd, ref: str) -> str:
     """Build the frontend image from the top-level Dockerfile on BASE_IMAGE, push it to REF's registry and
-    drop the local copy, so `# syntax=REF` makes BuildKit pull it as a user's build would."""
-    p = subprocess.run(["bash", os.path.join(REPO, "scripts/frontend-image.sh"), ref, "--python-image", BASE_IMAGE,
+    drop the local copy, so `# syntax=REF` makes BuildKit pull it as a user's build would. Needs a checkout
+    (an editable install): the image is built from its Dockerfile by scripts/frontend-image.sh."""
+    script = os.path.join(REPO, "scripts", "frontend-image.sh")
+    if not os.path.exists(script):
+        raise RuntimeError(f"{script} not found: push_frontend_image builds from a checkout (pip install -e)")
+    p = subprocess.run(["bash", script, ref, "--python-image", BASE_IMAGE,
                         "--push"], env=d.env(), capture_output=True)
     if p.returncode != 0:
         raise RuntimeError("building the frontend image failed:\n" + (p.stdout + p.stderr).decode(errors="replace")[-4000:])

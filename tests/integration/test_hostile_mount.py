@@ -20,12 +20,12 @@ import time
 
 import grpc
 import pytest
-from hypothesis import given, settings, strategies as st
 
-from cli_runner import lazybuild
-from containerd_harness import Snapshotter, lazybuild_mounts
-from images import docker_archive
-from registry_harness import FaultProxy
+from lazybuild.testing.images import docker_archive
+from support.cli_runner import lazybuild
+from support.containerd import Snapshotter, lazybuild_mounts
+from support.evil_keys import old_cache_path
+from registry_harness import FaultProxy  # (support.registry once the registry tests move)
 
 from lazybuild import estargz
 from lazybuild.digest import sha256_digest
@@ -103,14 +103,6 @@ def push_layer(tmp_path, layer: dict, ref: str) -> None:
     lazybuild("push", f"oci:{layout.root}:t", ref)
 
 
-def old_cache_path(cache_dir: str, target: str) -> str:
-    """The `sha256:` value that the old ChunkCache.path (root/hex[:2]/hex) turned into `target`."""
-    chunks = os.path.join(cache_dir, "chunks", "sha256")
-    rel = os.path.relpath(target, os.path.join(chunks, ".."))
-    assert rel.startswith("..") and os.path.normpath(os.path.join(chunks, rel[:2], rel)) == target
-    return "sha256:" + rel
-
-
 def _mounted(path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -142,7 +134,6 @@ def mount_log(mountpoint) -> str:
 
 # --- (a) chunk digests that name host paths -----------------------------------------------------------------
 
-@pytest.mark.integration
 def test_evil_chunk_digests_never_touch_the_host(registry, canary, tmp_path):
     cache = tmp_path / "cache"
     decoy = tmp_path / "decoy"  # outside the canary too: what the old code would have opened and unlinked
@@ -185,38 +176,6 @@ def test_evil_chunk_digests_never_touch_the_host(registry, canary, tmp_path):
                                          f"layout-{layer['digest'][7:19]}"}
 
 
-def test_cache_refuses_bad_keys_and_planted_files(canary, tmp_path):
-    """Without FUSE: every ChunkCache entry point refuses a key that is not an exact digest, and a
-    symlink planted under a digest's name is not followed."""
-    cache = ChunkCache(str(tmp_path / "cache"))
-    for bad in ("sha256:" + canary.victim, old_cache_path(str(tmp_path / "cache"), canary.victim),
-                "sha256:" + "A" * 64, "sha256:" + "a" * 63, "sha512:" + "a" * 64, "", "sha256:" + "a" * 64 + "\n"):
-        for call in (cache.get, cache.has, cache.discard, cache.path, lambda d: cache.put(d, b"x")):
-            with pytest.raises(ValueError, match="chunk cache key"):
-                call(bad)
-    data = b"secret-looking chunk"
-    digest = sha256_digest(data)
-    path = cache.path(digest)
-    os.makedirs(os.path.dirname(path))
-    os.symlink(canary.secret, path)
-    assert cache.get(digest) is None  # not followed; dropped, so the real chunk can be stored
-    assert not os.path.lexists(path)
-    assert cache.put(digest, data) and cache.get(digest) == data
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80))
-def test_cache_path_is_inside_its_root_or_refused(tmp_path_factory, text):
-    root = str(tmp_path_factory.getbasetemp() / "prop-cache")
-    cache = ChunkCache(root)
-    for key in (text, "sha256:" + text):
-        try:
-            path = cache.path(key)
-        except ValueError:
-            continue
-        assert os.path.dirname(os.path.dirname(path)) == cache.root and os.path.basename(path) == key[7:]
-
-
 # --- (b) a full cache disk ----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -228,7 +187,6 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-@pytest.mark.integration
 def test_full_cache_disk_serves_verified_bytes_without_hanging(registry, small_tmpfs, canary, tmp_path):
     # 16 files of 96 KiB random bytes (incompressible): 1.5 MiB of chunks for a 256 KiB cache disk.
     # The first files are prioritized, so the prefetch stream stores into the full disk too (where a
@@ -255,7 +213,6 @@ def test_full_cache_disk_serves_verified_bytes_without_hanging(registry, small_t
 
 # --- (c) a chunk cache written by a process that was killed --------------------------------------------------
 
-@pytest.mark.integration
 def test_partial_chunk_files_are_never_served(registry, tmp_path):
     files = {"a.bin": os.urandom(200 << 10), "b.bin": os.urandom(50 << 10)}
     layer = estargz_layer(tmp_path, "partial", files, chunk_size=64 << 10)
@@ -363,7 +320,6 @@ def good_layer(registry, tmp_path_factory) -> dict:
     return layer
 
 
-@pytest.mark.integration
 def test_prepare_refuses_evil_digest_labels(snapshotter, good_layer, canary):
     sn = snapshotter
     good = {REF: "", remote.STARGZ_REF: good_layer["ref"], remote.STARGZ_DIGEST: good_layer["digest"],
@@ -395,7 +351,6 @@ def test_prepare_refuses_evil_digest_labels(snapshotter, good_layer, canary):
     assert root_tree(sn.root) == before
 
 
-@pytest.mark.integration
 def test_evil_toc_behind_valid_labels_gives_eio(snapshotter, registry, canary, tmp_path):
     """Labels that are fine, a layer whose (digest-matching) TOC names host paths: served as EIO or
     downloaded by containerd, never a host file opened or removed, also not by Cleanup afterwards."""
@@ -433,7 +388,6 @@ def test_evil_toc_behind_valid_labels_gives_eio(snapshotter, registry, canary, t
     cleanup(sn)
 
 
-@pytest.mark.integration
 def test_cleanup_never_deletes_by_unchecked_kept_names(snapshotter, canary):
     """A kept chunk list or tocs entry that names host paths (an older version, a hand edit): Cleanup
     ignores those keys, leaves names it did not make, and never follows a symlink out."""
@@ -461,7 +415,6 @@ def test_cleanup_never_deletes_by_unchecked_kept_names(snapshotter, canary):
         os.unlink(link)
 
 
-@pytest.mark.integration
 def test_cri_labels_choose_the_registry_not_the_image(snapshotter, good_layer, registry):
     """Under CRI an image's own `containerd.io/snapshot/remote/stargz.*` annotations reach the Prepare
     too. CRI's labels (set from the kubelet's pull) win: the registry the image names is never asked."""
@@ -499,25 +452,6 @@ def test_cri_labels_choose_the_registry_not_the_image(snapshotter, good_layer, r
     cleanup(sn)
 
 
-def test_label_rules_without_services():
-    d = "sha256:" + "1" * 64
-    t = "sha256:" + "2" * 64
-    stargz = {remote.STARGZ_REF: "evil.example/x:1", remote.STARGZ_DIGEST: d, remote.TOC_LABEL: t}
-    cri = {remote.CRI_REF: "registry.example/app:1", remote.CRI_DIGEST: d, remote.CRI_LAYERS: f"{d},{t}"}
-    src = remote.LayerSource.from_labels({**stargz, **cri})
-    assert (src.reference, src.digest, src.toc_digest, src.neighbours) == ("registry.example/app:1", d, t, [t])
-    assert remote.LayerSource.from_labels({**stargz, remote.CRI_REF: "registry.example/app:1"}) is None
-    assert remote.LayerSource.from_labels(stargz).reference == "evil.example/x:1"
-    for label, value in ((remote.STARGZ_DIGEST, "sha256:../../etc/shadow"), (remote.CRI_LAYERS, f"{d},"),
-                         (remote.TOC_LABEL, d.upper()), (remote.STARGZ_REF, "a b/c"),
-                         (remote.CRI_REF, "host:99999999/x"), (remote.STARGZ_REF, "h@x.example/y")):
-        with pytest.raises(remote.LabelError, match=label.replace(".", r"\.")):
-            remote.LayerSource.from_labels({**stargz, **cri, label: value})
-    with pytest.raises(remote.LabelError):
-        remote.LayerSource.from_json({"reference": "registry.example/app:1", "digest": "sha256:../x"})
-
-
-@pytest.mark.integration
 def test_snapshotter_on_a_full_cache_disk_serves_verified_bytes(registry, small_tmpfs, tmp_path):
     """The same full disk under the snapshotter (cache_dir on the 256k tmpfs): the prefetch and the reads
     of a lazy layer store into it and fail; every file still reads right, nothing hangs, one warning."""

@@ -14,7 +14,7 @@ import sys
 
 import lazybuild
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 COMPONENTS = {"builder": "builder", "exporter": "exporter", "frontend": "frontend", "mounter": "mounter",
               "snapshotter": "snapshotter"}
 

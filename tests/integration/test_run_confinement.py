@@ -1,6 +1,6 @@
 """RUN steps of `lazybuild build` are confined as BuildKit confines them (issue 14).
 
-The spec and the seccomp profile are checked as data; then, tried from inside, real builds under
+Tried from inside (the spec and the seccomp profile as data: unit/test_runc_spec.py): real builds under
 runc on the Debian test base (debootstrap, pushed to the local registry as eStargz): a probe step
 reports what it can see and do, and steps that an attacker would write aim an image's /etc/passwd
 and a RUN working directory at the host canary tree, which must come out untouched."""
@@ -13,12 +13,9 @@ import subprocess
 
 import pytest
 
-from cli_runner import lazybuild
-from flatten import flatten_oci_tar
-from images import debootstrap_rootfs, docker_archive
-from lazybuild.runtime import runc, seccomp
-
-integration = pytest.mark.integration
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from support.cli_runner import lazybuild
+from support.flatten import flatten_oci_tar
 
 # Docker's 14 default capabilities as /proc/self/status shows them (bits 0 1 3 4 5 6 7 8 10 13 18 27 29 31).
 DEFAULT_CAPS_MASK = "00000000a80425fb"
@@ -110,105 +107,9 @@ print("PROBE " + json.dumps(out))
 '''
 
 
-DEFAULT_CAPS = list(runc.CAPABILITIES)
-
-
-def _allowed(profile: dict) -> set[str]:
-    """Names allowed whatever their arguments."""
-    return {n for e in profile["syscalls"] if e["action"] == "SCMP_ACT_ALLOW" and "args" not in e for n in e["names"]}
-
-
-def test_profile_for_the_default_capabilities():
-    p = seccomp.profile(DEFAULT_CAPS, machine="x86_64", kernel_release="6.1.0-18-amd64")
-    assert p["defaultAction"] == "SCMP_ACT_ERRNO" and p["defaultErrnoRet"] == 1
-    assert p["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    allowed = _allowed(p)
-    # What builds need, allowed (chown and mknod with CAP_CHOWN / CAP_MKNOD, chroot with CAP_SYS_CHROOT).
-    assert {"chown", "fchownat", "lchown", "mknod", "mknodat", "setuid", "setgroups", "chroot", "execve",
-            "arch_prctl", "ptrace"} <= allowed
-    # CAP_SYS_ADMIN's, and what no capability of the default set allows: refused.
-    for name in ("mount", "umount2", "unshare", "setns", "bpf", "keyctl", "add_key", "reboot", "init_module",
-                 "open_by_handle_at", "perf_event_open", "io_uring_setup", "clone", "clone3", "socket", "personality"):
-        assert name not in allowed, name
-    by_name = {}
-    for e in p["syscalls"]:
-        for n in e["names"]:
-            by_name.setdefault(n, []).append(e)
-    assert [e["args"] for e in by_name["clone"]] == [
-        [{"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]]
-    assert [(e["action"], e["errnoRet"]) for e in by_name["clone3"]] == [("SCMP_ACT_ERRNO", 38)]
-    assert sorted(e["args"][0]["value"] for e in by_name["personality"]) == [0, 8, 0x20000, 0x20008, 0xFFFFFFFF]
-    assert [(a["op"], a["value"]) for e in by_name["socket"] for a in e["args"]] == [
-        ("SCMP_CMP_LT", 38), ("SCMP_CMP_EQ", 39), ("SCMP_CMP_GT", 40)]  # AF_ALG and AF_VSOCK refused
-
-
-def test_profile_follows_capabilities_architecture_and_kernel():
-    admin = seccomp.profile(DEFAULT_CAPS + ["CAP_SYS_ADMIN"], machine="x86_64", kernel_release="6.1.0")
-    assert {"mount", "unshare", "setns", "clone", "clone3"} <= _allowed(admin)
-    assert not [e for e in admin["syscalls"] if "clone3" in e["names"] and e["action"] != "SCMP_ACT_ALLOW"]
-    arm = seccomp.profile(DEFAULT_CAPS, machine="aarch64", kernel_release="5.10.0")
-    assert arm["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-    assert "arch_prctl" not in _allowed(arm) and "set_tls" in _allowed(arm)
-    old = seccomp.profile(DEFAULT_CAPS, machine="x86_64", kernel_release="4.4.0")
-    assert "ptrace" not in _allowed(old)  # before 4.8 ptrace could step around seccomp
-    with pytest.raises(ValueError, match="this machine is mips"):
-        seccomp.profile(DEFAULT_CAPS, machine="mips")
-
-
-def test_spec_carries_buildkits_defaults():
-    s = runc.spec("/r", ["true"], [], "/", runc.User(0, 0, [0]), [], "host", "/b/hosts", "/b/resolv.conf")
-    proc, linux = s["process"], s["linux"]
-    assert proc["noNewPrivileges"] is True and "rlimits" not in proc
-    assert proc["capabilities"] == {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")}
-    assert len(DEFAULT_CAPS) == 14
-    assert {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
-            "/proc/acpi", "/proc/latency_stats", "/proc/timer_stats", "/sys/devices/virtual/powercap"} == set(
-        linux["maskedPaths"])
-    assert {"/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"} == set(
-        linux["readonlyPaths"])
-    assert linux["seccomp"] == seccomp.profile(DEFAULT_CAPS)
-    assert [n["type"] for n in linux["namespaces"]] == ["pid", "ipc", "uts", "mount"]
-    mounts = {m["destination"]: m for m in s["mounts"]}
-    assert "ro" in mounts["/sys"]["options"] and "ro" in mounts["/sys/fs/cgroup"]["options"]
-    for point in ("/proc", "/dev/shm", "/dev/mqueue", "/sys", "/etc/resolv.conf", "/etc/hosts"):
-        assert {"nosuid", "noexec", "nodev"} <= set(mounts[point]["options"]), point
-    assert "size=65536k" in mounts["/dev/shm"]["options"]
-
-
-def test_resolve_user_reads_the_images_files_only(tmp_path, canary):
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    passwd = root / "etc" / "passwd"
-    passwd.symlink_to(canary.secret)  # an absolute host path, read on the host it would make root uid 19000
-    with pytest.raises(ValueError, match="unable to find user root: no matching entries in /etc/passwd"):
-        runc.resolve_user(str(root), "root")
-    # The same link inside the image leads to the image's own file (and `..` stops at its top).
-    inside = root / canary.secret.lstrip("/")
-    inside.parent.mkdir(parents=True)
-    inside.write_text("root:x:7:8::/:/bin/sh\n")
-    assert runc.resolve_user(str(root), "root") == runc.User(7, 8, [8])
-    passwd.unlink()
-    passwd.symlink_to("../../../../.." + canary.secret)
-    assert runc.resolve_user(str(root), "root") == runc.User(7, 8, [8])
-    (root / "etc" / "group").write_text("big:x:9:" + "root," * 300000 + "\n")
-    with pytest.raises(ValueError, match="/etc/group is larger than 1048576 bytes"):
-        runc.resolve_user(str(root), "root")
-
-
-def test_cwd_is_made_inside_the_root(tmp_path, canary):
-    root = tmp_path / "root"
-    (root / "app").mkdir(parents=True)
-    (root / "app" / "sub").symlink_to(canary.writable_dir)
-    runc._ensure_cwd(str(root), "/app/sub/x/y")
-    assert (root / canary.writable_dir.lstrip("/") / "x" / "y").is_dir()
-    (root / "file").write_text("")
-    with pytest.raises(ValueError, match="/file is not a directory"):
-        runc._ensure_cwd(str(root), "/file/x")
-
-
 @pytest.fixture(scope="module")
 def base(registry, tmp_path_factory) -> str:
-    """The Debian test base (tests/images.py's cached debootstrap tree) as eStargz."""
+    """The Debian test base (lazybuild.testing.images' cached debootstrap tree) as eStargz."""
     d = tmp_path_factory.mktemp("confinement-base")
     archive = docker_archive([debootstrap_rootfs()], str(d / "base.tar"))
     ref = f"{registry.host}/confinement/base:1"
@@ -245,7 +146,6 @@ def probe(base, tmp_path_factory) -> dict:
     return json.loads(lines[-1][len("PROBE "):])
 
 
-@integration
 def test_seccomp_no_new_privileges_and_default_capabilities(probe):
     assert probe["Seccomp"] == "2"  # a filter
     assert probe["NoNewPrivs"] == "1"
@@ -253,7 +153,6 @@ def test_seccomp_no_new_privileges_and_default_capabilities(probe):
     assert probe["CapInh"] == probe["CapAmb"] == "0000000000000000"
 
 
-@integration
 def test_no_namespaces_or_mounts_of_its_own(probe):
     for key in ("unshare_user", "unshare_mount"):
         code, text = probe[key]
@@ -262,7 +161,6 @@ def test_no_namespaces_or_mounts_of_its_own(probe):
     assert code != 0 and "permission denied" in text.lower(), text
 
 
-@integration
 def test_syscalls_docker_refuses_are_refused(probe):
     assert probe["keyctl"] == probe["add_key"] == "EPERM"
     assert probe["clone3"] == "ENOSYS"  # so that libc falls back to clone, whose flags the filter sees
@@ -271,7 +169,6 @@ def test_syscalls_docker_refuses_are_refused(probe):
     assert probe["socket_vsock"] == probe["socket_alg"] == "EPERM"
 
 
-@integration
 def test_host_state_masked_and_kernel_settings_read_only(probe):
     for path, seen in probe["masked"].items():
         assert seen in ("absent", "empty"), (path, seen)
@@ -285,14 +182,12 @@ def test_host_state_masked_and_kernel_settings_read_only(probe):
         assert {"nosuid", "nodev", "noexec"} <= set(mounts[point].split(",")), (point, mounts[point])
 
 
-@integration
 def test_what_buildkit_allows_still_works(probe):
     assert probe["chown_mknod"] == "ok"
     assert probe["setuid_child"] == [0, "65534"]
     assert probe["chroot"][0] == 0, probe["chroot"]
 
 
-@integration
 @pytest.mark.parametrize("user", ["someone", "root"])
 def test_passwd_symlink_to_a_host_file_is_not_read(base, tmp_path, canary, user):
     """/etc/passwd -> the canary's secret (an absolute host path). Read on the host, the secret's
@@ -304,7 +199,6 @@ def test_passwd_symlink_to_a_host_file_is_not_read(base, tmp_path, canary, user)
     assert "19000" not in p.stderr and "CANARY" not in p.stderr
 
 
-@integration
 def test_passwd_symlink_resolves_inside_the_image(base, tmp_path, canary):
     p = build(tmp_path, f"FROM {base}\n"
               "RUN mkdir /real && echo 'someone:x:4321:4322::/:/bin/sh' > /real/passwd"
@@ -315,7 +209,6 @@ def test_passwd_symlink_resolves_inside_the_image(base, tmp_path, canary):
     assert "ids 4321 4322 4322 4323" in step_output(p)
 
 
-@integration
 def test_oversized_passwd_is_refused_with_a_clear_error(base, tmp_path):
     p = build(tmp_path, f"FROM {base}\nRUN head -c 2000000 /dev/zero | tr '\\0' a > /etc/passwd\n"
               "USER someone\nRUN true\n")
@@ -324,7 +217,6 @@ def test_oversized_passwd_is_refused_with_a_clear_error(base, tmp_path):
         p.stderr[-3000:]
 
 
-@integration
 def test_run_cwd_under_a_symlink_to_the_host_is_made_in_the_image(base, tmp_path, canary):
     """WORKDIR made /app/sub/x; a step then turns /app/sub into a link to a host directory. The next
     step's working directory must be made (and used) inside the image, not in the host's directory."""

@@ -18,6 +18,7 @@ from lazybuild.frontend.gateway import Caps
 from lazybuild.frontend.llb import builder
 from lazybuild.frontend.llb import builder as llb
 from lazybuild.frontend.llb.proto import ops_pb2 as pb
+from support import CORPUS
 
 V08_LLB_CAPS = set("""constraints exec.cgroup exec.meta.base exec.meta.network exec.meta.proxyenv exec.meta.security
 exec.meta.security.devices.v1 exec.meta.setsdefaultpath exec.mount.bind exec.mount.bind.readwrite-nooutput exec.mount.cache
@@ -28,7 +29,6 @@ source.http.checksum source.http.perm source.image source.image.resolvemode sour
 source.local.followpaths source.local.includepatterns source.local.sessionid source.local.sharedkeyhint
 source.local.unique""".split())
 AMD64 = pb.Platform(OS="linux", Architecture="amd64")
-CORPUS = os.path.join(os.path.dirname(__file__), "frontend_corpus")
 
 
 def convert(text: str, llb_caps=V08_LLB_CAPS, build_args=None, target="", **opts) -> tuple[pb.Definition, model.Build]:

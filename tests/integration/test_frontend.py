@@ -1,6 +1,6 @@
 """The BuildKit gateway frontend against a real BuildKit (Docker 20.10, BuildKit v0.8).
 
-Differential: each Dockerfile of tests/frontend_corpus is built once by BuildKit's built-in frontend
+Differential: each Dockerfile of tests/data/frontend_corpus is built once by BuildKit's built-in frontend
 and once through `# syntax=<registry>/lazybuild:test`; the image configs and the final filesystems
 must be equal. Where v0.8's built-in frontend lacks a feature (heredocs, COPY --link), the case
 carries a Dockerfile.builtin that writes the same result without it (see each case.json note).
@@ -17,9 +17,8 @@ import tarfile
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from support import CORPUS
 
-CORPUS = os.path.join(os.path.dirname(__file__), "frontend_corpus")
 CASES = sorted(os.listdir(CORPUS))
 CONFIG_FIELDS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts", "Volumes",
                  "Healthcheck", "StopSignal", "Shell", "OnBuild")

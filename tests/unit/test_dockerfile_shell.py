@@ -11,8 +11,7 @@ import pytest
 
 from lazybuild.dockerfile.shell import GO_WHITESPACE, ShellError, ShellLex
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared"))
+from support import SHARED
 GOLDEN = os.path.join(SHARED, "testdata", "buildkit-dockerfile", "shell")
 
 # The environment TestShellParser4EnvVars expands envVarTest in.

@@ -1,4 +1,4 @@
-"""Stopping the daemons the tests start."""
+"""Stopping the daemons that tests, benches and examples start."""
 
 from __future__ import annotations
 

@@ -709,7 +709,7 @@ def test_property_toc_parser(raw):
 def test_property_extract_of_hostile_tocs_stays_inside(tmp_path):
     """Random TOCs of names, symlinks and hardlinks aimed at a host canary: extraction either refuses
     with our error or writes only under its destination; the canary never changes."""
-    from canary import Canary
+    from support.canary import Canary
 
     canary = Canary()
     dests = tmp_path / "dests"

@@ -9,8 +9,9 @@ import pytest
 
 from lazybuild.dockerfile.parser import DockerfileError, parse
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTDATA = os.path.join(os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared")),
+from support import SHARED
+
+TESTDATA = os.path.join(SHARED,
                         "testdata", "buildkit-dockerfile", "parser")
 
 

@@ -1,6 +1,6 @@
 """`lazybuild build` (no daemon: runc on overlayfs over lazily mounted eStargz bases) against BuildKit.
 
-The Dockerfiles of tests/frontend_corpus are built by lazybuild build from the Debian test image pushed
+The Dockerfiles of tests/data/frontend_corpus are built by lazybuild build from the Debian test image pushed
 to a local registry as eStargz, and by Docker 20.10's BuildKit from the same image: the image configs
 and the flattened final filesystems must be equal."""
 
@@ -13,11 +13,10 @@ import subprocess
 
 import pytest
 
-from cli_runner import lazybuild
-from flatten import flatten_docker_save, flatten_oci_tar
-from test_frontend import CONFIG_FIELDS, CORPUS
-
-pytestmark = pytest.mark.integration
+from support import CORPUS
+from support.cli_runner import lazybuild
+from support.flatten import flatten_docker_save, flatten_oci_tar
+from test_frontend import CONFIG_FIELDS
 
 BASE = "lazybuild-test/python:bookworm"
 # Cases whose features lazybuild build does not have yet (see the README): none of the corpus today.

@@ -1,6 +1,6 @@
 """containerd 1.6 (Debian) with its own root, state and socket, `lazybuild snapshotter` as its proxy
 plugin `lazybuild`, and the reference client `ctr-remote` (built by
-../shared/tools/stargz-anchor/anchor-bench.sh build, kept in the test cache)."""
+../shared/tools/stargz-anchor/anchor-bench.sh build (LAZYBUILD_SHARED), kept in the test cache)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
-from images import CACHE
-from procs import stop_process
+from lazybuild.testing.images import CACHE
+from lazybuild.testing.procs import stop_process
+from support import SHARED
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANCHOR = os.path.join(os.path.dirname(REPO), "shared", "tools", "stargz-anchor", "anchor-bench.sh")
+ANCHOR = os.path.join(SHARED, "tools", "stargz-anchor", "anchor-bench.sh")
 ANCHOR_BIN = os.path.join(CACHE, "anchor-bin")
 
 

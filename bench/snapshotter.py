@@ -21,10 +21,11 @@ import statistics
 import subprocess
 import sys
 
+from lazybuild.testing.images import CACHE
+
 here = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(here, "..", "..", "shared"))
 ANCHOR = os.path.join(SHARED, "tools", "stargz-anchor", "anchor-bench.sh")
-CACHE = os.environ.get("LAZYBUILD_TEST_CACHE", "/var/cache/lazybuild-test")
 
 
 def anchor(env: dict, *phases: str) -> None:

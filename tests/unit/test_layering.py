@@ -92,6 +92,31 @@ def test_imports_point_down():
     assert not wrong, "\n".join(wrong)
 
 
+def test_testing_uses_the_standard_library_and_core_only():
+    """lazybuild.testing (local services for tests, benches and examples) imports the standard library and
+    core modules only, and nothing else in the package imports it."""
+    wrong = []
+    for module, path, _ in _modules():
+        inside = module == "lazybuild.testing" or module.startswith("lazybuild.testing.")
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "lazybuild"]
+            else:
+                continue
+            where = f"{os.path.relpath(path, REPO)}:{node.lineno}"
+            for name in names:
+                top = name.split(".")[0]
+                if inside and top != "lazybuild" and top not in sys.stdlib_module_names:
+                    wrong.append(f"{where} imports {name}: lazybuild.testing uses the standard library only")
+                elif inside and top == "lazybuild" and _area(name) != "core":
+                    wrong.append(f"{where} imports {name}: lazybuild.testing uses core modules only")
+                elif not inside and (name == "lazybuild.testing" or name.startswith("lazybuild.testing.")):
+                    wrong.append(f"{where} imports {name}: only tests, benches and examples use lazybuild.testing")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_module_shadows_the_standard_library():
     shadows = []
     for module, path, _ in _modules():

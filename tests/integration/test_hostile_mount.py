@@ -8,7 +8,6 @@ TOC parser or from the stores themselves, so the tests check for a clear error o
 
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import io

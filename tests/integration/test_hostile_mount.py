@@ -24,7 +24,7 @@ from lazybuild.testing.images import docker_archive
 from support.cli_runner import lazybuild
 from support.containerd import Snapshotter, lazybuild_mounts
 from support.evil_keys import old_cache_path
-from registry_harness import FaultProxy  # (support.registry once the registry tests move)
+from support.registry import FaultProxy
 
 from lazybuild import estargz
 from lazybuild.digest import sha256_digest

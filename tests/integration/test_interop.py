@@ -122,5 +122,3 @@ def test_blob_digests_are_what_the_writer_reported(blobs, case, comp):
     assert names[0] == ".no.prefetch.landmark"
     if comp == "gzip":
         assert names[-1] == "stargz.index.json" and stream.endswith(b"\0" * 1024)
-
-

@@ -256,5 +256,3 @@ def wait(pred, what: str, timeout_s: float = 20) -> None:
 
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-

@@ -1,6 +1,6 @@
-"""Real registries for the tests: Debian's docker-registry (distribution v2) on 127.0.0.1, plain HTTP, TLS +
-htpasswd, or token auth with a small token issuer of ours; a fault-injecting proxy in front of one (which
-can also play an evil registry); and `EvilServer`, a second host that answers what a test says."""
+"""The test-only registry parts (the registry itself is lazybuild.testing.registry's RegistryProcess): a small
+token issuer of ours for its token auth; a fault-injecting proxy in front of one (which can also play an evil
+registry); and `EvilServer`, a second host that answers what a test says."""
 
 from __future__ import annotations
 
@@ -12,76 +12,11 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.parse
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 20) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
-
-
-class RegistryProcess:
-    """docker-registry serve CONFIG, filesystem storage in `workdir`."""
-
-    def __init__(self, workdir: str, *, tls: tuple[str, str] | None = None, htpasswd: str | None = None,
-                 token: dict | None = None):
-        os.makedirs(workdir, exist_ok=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        lines = ["version: 0.1", "log:", "  level: error", "storage:", "  filesystem:",
-                 f"    rootdirectory: {workdir}/data", "  delete:", "    enabled: true", "http:",
-                 f"  addr: 127.0.0.1:{self.port}"]
-        if tls:
-            lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
-        if htpasswd:
-            lines += ["auth:", "  htpasswd:", "    realm: lazybuild-test", f"    path: {htpasswd}"]
-        if token:
-            lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in token.items()]
-        config = os.path.join(workdir, "config.yml")
-        with open(config, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        self.log = open(os.path.join(workdir, "registry.log"), "w")
-        self.proc = subprocess.Popen(["docker-registry", "serve", config], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
-
-
-def make_tls(workdir: str) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 (IP SAN), as `openssl` makes it."""
-    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
-    return cert, key
-
-
-def make_htpasswd(workdir: str, user: str, password: str) -> str:
-    path = os.path.join(workdir, "htpasswd")
-    out = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True).stdout
-    with open(path, "w") as f:
-        f.write(out)
-    return path
+from lazybuild.testing.registry import free_port
 
 
 class TokenIssuer:
@@ -410,16 +345,3 @@ class EvilServer:
 
     def stop(self) -> None:
         self.server.shutdown()
-
-
-def docker_config(workdir: str, host: str, user: str, password: str) -> str:
-    """A DOCKER_CONFIG directory with `auths` for host, as `docker login` writes it."""
-    d = os.path.join(workdir, "docker-config")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"auths": {host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}, f)
-    return d
-
-
-def ping(url: str, **kw) -> int:
-    return httpx.get(url, **kw).status_code

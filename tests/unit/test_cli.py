@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import tarcases
+from support import tarcases
 
 # The console script next to this interpreter (the install under test), else the one on PATH.
 LAZYBUILD = next((p for p in (os.path.join(os.path.dirname(sys.executable), "lazybuild"),) if os.path.exists(p)),

@@ -16,11 +16,10 @@ import zstandard
 
 from lazybuild.image import Platform
 from lazybuild.registry import Credentials, Reference, Registry, RegistryError
-from images import debootstrap_rootfs, docker_archive
-from cli_runner import lazybuild
-from registry_harness import FaultProxy, RegistryProcess, TokenIssuer, docker_config, make_htpasswd, make_tls
-
-pytestmark = pytest.mark.integration
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from lazybuild.testing.registry import RegistryProcess, docker_config, make_htpasswd, make_tls
+from support.cli_runner import lazybuild
+from support.registry import FaultProxy, TokenIssuer
 
 
 @pytest.fixture(scope="session")

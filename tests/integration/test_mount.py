@@ -14,11 +14,9 @@ import time
 
 import pytest
 
-from images import debootstrap_rootfs, docker_archive
-from cli_runner import lazybuild
-from registry_harness import FaultProxy
-
-pytestmark = pytest.mark.integration
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from support.cli_runner import lazybuild
+from support.registry import FaultProxy
 
 
 class Mount:

@@ -1,7 +1,8 @@
 """Evil registries, layouts and archives against the registry client (issue 14), on real services: Debian's
 docker-registry behind the fault proxy playing the evil registry, and `EvilServer` as the second host a
 registry redirects to (or a whole TLS registry). Each case asserts a clear error (or a bounded, verified
-result), that credentials went nowhere but the registry, and that the host canary tree is untouched."""
+result), that credentials went nowhere but the registry, and that the host canary tree is untouched. (The
+manifest parser and capped bodies as properties: unit/test_hostile_registry_parsers.py.)"""
 
 from __future__ import annotations
 
@@ -12,19 +13,15 @@ import os
 import shutil
 import tarfile
 
-import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from lazybuild.digest import is_digest, sha256_digest
-from lazybuild.image import OCI_INDEX, OCI_MANIFEST, Index, Manifest, parse_manifest_or_index
+from lazybuild.digest import sha256_digest
+from lazybuild.image import OCI_INDEX, OCI_MANIFEST, Index
 from lazybuild.registry import Credentials, Reference, Registry, RegistryError
-from lazybuild.registry.bodies import BodyError, read_capped
-from cli_runner import lazybuild
-from registry_harness import EvilServer, FaultProxy, docker_config, make_tls
+from lazybuild.testing.registry import docker_config, make_tls
+from support.cli_runner import lazybuild
+from support.registry import EvilServer, FaultProxy
 
-integration = pytest.mark.integration
 MIB = 1 << 20
 
 
@@ -74,7 +71,6 @@ def blob_files(layout: str) -> list[str]:
 # --- credentials to the wrong host -----------------------------------------------------------------------
 
 
-@integration
 @pytest.mark.parametrize("challenge", ["bearer", "basic"])
 def test_blob_redirect_to_a_host_asking_for_credentials(proxy, image, tmp_path, canary, servers, challenge):
     """The registry redirects a blob to host B, which answers 401 with a realm of its own: the pull fails
@@ -112,7 +108,6 @@ def test_blob_redirect_to_a_host_asking_for_credentials(proxy, image, tmp_path, 
     assert evil.authorizations() == []
 
 
-@integration
 def test_token_realm_elsewhere_is_fine_when_the_registry_names_it(proxy, image, tmp_path, servers):
     """Docker Hub's way: the registry's own challenge names a token service on another host. That realm
     gets the credentials (the registry chose it), and the pull works."""
@@ -124,7 +119,6 @@ def test_token_realm_elsewhere_is_fine_when_the_registry_names_it(proxy, image, 
     assert any(h.get("Authorization") == "Bearer t0k3n" for _, _, _, h in proxy.requests)
 
 
-@integration
 def test_basic_credentials_never_go_to_a_plain_http_realm_of_a_tls_registry(tmp_path, servers):
     work = str(tmp_path)
     tls = make_tls(work)
@@ -144,7 +138,6 @@ def test_basic_credentials_never_go_to_a_plain_http_realm_of_a_tls_registry(tmp_
 # --- redirects -----------------------------------------------------------------------------------------
 
 
-@integration
 def test_redirects_limited_to_http_and_never_downgraded(tmp_path, servers):
     ref = "a/b:c"
     # A loop: refused after a few hops.
@@ -181,7 +174,6 @@ def _evil_digests(canary, dest: str) -> list[str]:
             "sha256:" + "g" * 64, "sha512:" + "0" * 128, "sha256:" + "0" * 63, " sha256:" + "0" * 64]
 
 
-@integration
 @pytest.mark.parametrize("where", ["layer", "config", "index", "header"])
 def test_evil_digests_from_the_registry(proxy, registry, image, tmp_path, canary, where):
     doc = manifest_doc(registry.host, image)
@@ -220,7 +212,6 @@ def test_evil_digests_from_the_registry(proxy, registry, image, tmp_path, canary
             Reference.parse(f"{proxy.host}/hostile/base@sha256:../../../etc/shadow")
 
 
-@integration
 def test_evil_oci_layouts_are_refused(image, registry, tmp_path, canary):
     good = tmp_path / "good"
     lazybuild("pull", image, f"oci:{good}:v1")
@@ -300,7 +291,6 @@ def test_evil_oci_layouts_are_refused(image, registry, tmp_path, canary):
     refused(d, "4 MiB cap")
 
 
-@integration
 def test_evil_docker_archives_are_refused(tmp_path, registry, canary, archive):
     secret_rel = os.path.relpath(canary.secret, str(tmp_path))
 
@@ -349,7 +339,6 @@ def big_blob(registry) -> tuple[str, bytes]:
     return digest, data
 
 
-@integration
 def test_whole_blob_answers_to_ranges_are_bounded(proxy, big_blob):
     """A registry that answers every Range request with 200 and the whole blob. The mounter reads one
     request per missed chunk (read_ranges), the snapshotter the tail first (read_tail), the prefetch a
@@ -400,7 +389,6 @@ def _manifest_with(doc: dict, **changes) -> bytes:
     return json.dumps(m).encode()
 
 
-@integration
 def test_oversized_answers_name_their_cap(proxy, registry, image, tmp_path, servers):
     doc = manifest_doc(registry.host, image)
     mt = doc["mediaType"]
@@ -434,51 +422,3 @@ def test_oversized_answers_name_their_cap(proxy, registry, image, tmp_path, serv
                                          b'{"token": "' + b"x" * (2 * MIB) + b'"}'))
     proxy.faults = {"challenge": f'Bearer realm="{tokens.url}/token",service="proxy"'}
     fails("1 MiB cap for token answers", tokens.host, args=("inspect", via(proxy, image)))
-
-
-# --- properties (no services) ----------------------------------------------------------------------------
-
-_json = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**40) | st.text(max_size=80),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                     max_leaves=20)
-_digestish = st.one_of(st.just("sha256:" + "a" * 64), st.text(max_size=80), st.integers(),
-                       st.from_regex(r"sha256:[0-9a-fA-F./]{60,70}", fullmatch=True))
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=_json, layers=st.lists(st.fixed_dictionaries({"digest": _digestish, "size": _json}, optional={
-    "mediaType": _json, "annotations": _json, "platform": _json, "urls": _json}), max_size=3), top=_json)
-def test_manifest_parser_lets_through_only_exact_digests(config, layers, top):
-    """Whatever JSON a registry or layout sends, parsing raises ValueError or gives descriptors whose
-    digests are exact sha256 and sizes non-negative integers (nothing else may name a file or URL)."""
-    for doc in ({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers},
-                {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": layers},
-                {"schemaVersion": 2, "config": {"digest": "sha256:" + "b" * 64, "size": 1}, "layers": top}):
-        try:
-            parsed = parse_manifest_or_index(json.dumps(doc).encode())
-        except ValueError:
-            continue
-        descs = parsed.manifests if isinstance(parsed, Index) else [parsed.config, *parsed.layers]
-        assert isinstance(parsed, (Index, Manifest))
-        for d in descs:
-            assert is_digest(d.digest) and isinstance(d.size, int) and d.size >= 0
-
-
-@settings(max_examples=200, deadline=None)
-@given(body=st.binary(max_size=4096) | st.integers(0, 20000).map(lambda n: b"\0" * n), cap=st.integers(1, 5000),
-       encoding=st.sampled_from(["", "identity", "gzip", "deflate"]), announce=st.booleans())
-def test_read_capped_never_returns_more_than_its_cap(body, cap, encoding, announce):
-    import zlib
-
-    wire = {"": body, "identity": body, "gzip": gzip.compress(body), "deflate": zlib.compress(body)}[encoding]
-    headers = {"Content-Encoding": encoding} if encoding else {}
-    if announce:
-        headers["Content-Length"] = str(len(wire))
-    r = httpx.Response(200, headers=headers, stream=httpx.ByteStream(wire), request=httpx.Request("GET", "http://x/"))
-    try:
-        got = read_capped(r, cap, "test", "tests")
-    except BodyError as e:
-        assert len(body) > cap or (announce and len(wire) > cap), (len(body), cap)
-        assert "cap for tests" in str(e)
-    else:
-        assert got == body and len(got) <= cap

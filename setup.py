@@ -1,8 +1,12 @@
-"""Build hook: compile our .proto subsets with grpcio-tools before the modules are collected.
+"""The package's layout and its build hook, in one place.
 
-The generated *_pb2.py / *_pb2_grpc.py land next to the .proto files (frontend/llb/proto/ for the
-BuildKit gateway, snapshotter/proto/ for containerd's snapshots API) and are never edited or
-committed; every build (wheel or editable install) regenerates them.
+Components stand at the top of the repository (the design card's folders) and import under one
+namespace: COMPONENTS maps each import name to its folder, and the packages are found by walking
+those folders for `__init__.py`, so a new subpackage can never be left out of the wheel.
+
+The build hook compiles our .proto subsets with grpcio-tools before the modules are collected. The
+generated *_pb2.py / *_pb2_grpc.py land next to the .proto files (every `proto/` folder of the
+packages) and are never edited or committed; every build (wheel or editable install) regenerates them.
 """
 
 import glob
@@ -14,12 +18,38 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (source dir, the import path the generated code uses): the protos sit at this virtual root so
-# that generated imports read `from lazybuild.frontend.llb.proto import ops_pb2`.
-PROTO_DIRS = [
-    (os.path.join(HERE, "frontend", "llb", "proto"), "lazybuild/frontend/llb/proto"),
-    (os.path.join(HERE, "snapshotter", "proto"), "lazybuild/snapshotter/proto"),
-]
+# import name -> folder (relative to this file)
+COMPONENTS = {
+    "lazybuild": "lazybuild",
+    "lazybuild.builder": "builder",
+    "lazybuild.exporter": "exporter",
+    "lazybuild.frontend": "frontend",
+    "lazybuild.mounter": "mounter",
+    "lazybuild.snapshotter": "snapshotter",
+}
+
+
+def find_packages() -> dict[str, str]:
+    """Every package (import name -> folder) under the components' folders."""
+    found = {}
+    for name, folder in COMPONENTS.items():
+        for dirpath, dirs, files in os.walk(os.path.join(HERE, folder)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            if "__init__.py" not in files:
+                dirs[:] = []
+                continue
+            rel = os.path.relpath(dirpath, os.path.join(HERE, folder))
+            sub = "" if rel == "." else "." + rel.replace(os.sep, ".")
+            found[name + sub] = os.path.relpath(dirpath, HERE)
+    return found
+
+
+PACKAGES = find_packages()
+# (source dir, the import path the generated code uses): every package folder named `proto` holds
+# .proto files; they sit at this virtual root so that generated imports read
+# `from lazybuild.frontend.llb.proto import ops_pb2`.
+PROTO_DIRS = [(os.path.join(HERE, folder), name.replace(".", "/"))
+              for name, folder in PACKAGES.items() if name.endswith(".proto")]
 
 
 def compile_protos() -> None:
@@ -45,4 +75,5 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+setup(packages=sorted(PACKAGES), package_dir={name: folder for name, folder in PACKAGES.items()},
+      cmdclass={"build_py": BuildPyWithProtos})

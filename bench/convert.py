@@ -21,8 +21,7 @@ import sys
 import tarfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lazybuild.cli import parse_size  # noqa: E402
+from lazybuild.cli.options import parse_size
 
 WORK = os.environ.get("LAZYBUILD_BENCH_DIR", "/var/tmp/lazybuild-bench")
 SOURCES = ["/usr/share", "/usr/bin", "/usr/include", "/usr/lib", "/usr/libexec", "/usr/sbin"]

@@ -29,14 +29,13 @@ import tempfile
 import threading
 import time
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-sys.path.insert(0, here)
-from dockerd_harness import Dockerd  # noqa: E402
-from images import debootstrap_rootfs, docker_archive  # noqa: E402
-from lazy_pull import WAN_HOST, Wan  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
+from lazy_pull import WAN_HOST, Wan  # bench/lazy_pull.py (python puts the script's folder on sys.path)
 
+from lazybuild.testing.dockerd import Dockerd
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from lazybuild.testing.registry import RegistryProcess
+
+here = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(here, "..", "examples", "dev-image")
 PACKAGES = ("python3", "gcc", "libc6-dev", "make")
 

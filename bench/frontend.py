@@ -22,10 +22,10 @@ import sys
 import tempfile
 import time
 
+from lazybuild.testing.dockerd import BASE_IMAGE, push_frontend_image, start_with_base
+from lazybuild.testing.registry import RegistryProcess
+
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-from dockerd_harness import BASE_IMAGE, push_frontend_image, start_with_base  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
 
 
 def dockerfile(n: int) -> str:

@@ -29,11 +29,10 @@ import sys
 import tempfile
 import time
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-from images import debootstrap_rootfs  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from lazybuild.testing.registry import RegistryProcess
 
+here = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(here, "..", "..", "shared"))
 HELLO = '#include <stdio.h>\nint main(){puts("hi");return 0;}\n'
 WORKLOADS = {"python": "python3 -c 'print(1)'", "gcc": "cd /tmp && gcc hello.c -o hello && ./hello"}
@@ -207,8 +206,6 @@ def throughput(registry_host: str, work: str, size_mb: int = 500) -> None:
             f.write(block if i % 2 else bytes(range(256)) * 4096)
     tar = os.path.join(work, "big.tar")
     sh("tar", "-C", src, "-cf", tar, ".")
-    from images import docker_archive
-
     ref = f"{registry_host}/bench/big:esgz"
     lazybuild("convert", f"docker-archive:{docker_archive([tar], os.path.join(work, 'big-img.tar'))}", ref)
     cache = os.path.join(work, "big-cache")

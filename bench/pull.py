@@ -20,10 +20,8 @@ import sys
 import tempfile
 import time
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-from images import debootstrap_rootfs, docker_archive  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from lazybuild.testing.registry import RegistryProcess
 
 
 def timed(cmd: list[str]) -> float:

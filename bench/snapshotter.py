@@ -21,10 +21,11 @@ import statistics
 import subprocess
 import sys
 
+from lazybuild.testing.images import CACHE
+
 here = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(here, "..", "..", "shared"))
 ANCHOR = os.path.join(SHARED, "tools", "stargz-anchor", "anchor-bench.sh")
-CACHE = os.environ.get("LAZYBUILD_TEST_CACHE", "/var/cache/lazybuild-test")
 
 
 def anchor(env: dict, *phases: str) -> None:
@@ -48,7 +49,7 @@ def main() -> int:
     env = {**os.environ, "A": a, "BIN": os.path.join(CACHE, "anchor-bin"), "REPS": str(args.reps), "NETS": args.nets,
            "REG_CONFIG": os.path.join(a, "reg-push.yml"), "REG_DATA": os.path.join(a, "regdata"),
            "SNAPSHOTTERS": "stargz lazybuild", "OTHER_NAME": "lazybuild",
-           "OTHER_CMD": f"{sys.executable} -m lazybuild.cli snapshotter --address {{sock}} --root {{root}} --config {config}"}
+           "OTHER_CMD": f"{sys.executable} -I -m lazybuild.cli snapshotter --address {{sock}} --root {{root}} --config {config}"}
     if not args.report_only:
         if not (os.path.exists(os.path.join(a, "manifest-esgz-opt.json")) and
                 os.access(os.path.join(env["BIN"], "ctr-remote"), os.X_OK)):

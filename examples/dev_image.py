@@ -18,11 +18,10 @@ import subprocess
 import sys
 import tempfile
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-from images import debootstrap_rootfs, docker_archive  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
+from lazybuild.testing.images import debootstrap_rootfs, docker_archive
+from lazybuild.testing.registry import RegistryProcess
 
+here = os.path.dirname(os.path.abspath(__file__))
 TOOLCHAIN_PACKAGES = ("python3", "gcc", "libc6-dev", "make")
 
 

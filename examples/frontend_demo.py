@@ -10,10 +10,8 @@ import shutil
 import sys
 import tempfile
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "tests"))
-from dockerd_harness import BASE_IMAGE, push_frontend_image, start_with_base  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
+from lazybuild.testing.dockerd import BASE_IMAGE, push_frontend_image, start_with_base
+from lazybuild.testing.registry import RegistryProcess
 
 DOCKERFILE = """# syntax={frontend}
 FROM {base} AS build

@@ -1,11 +1,13 @@
-"""The export step BuildKit runs inside a build (`LAZYBUILD_OUTPUT=stargz`):
+"""The export step BuildKit runs inside a build (`LAZYBUILD_OUTPUT=stargz`), through the one export path:
 
     python -m lazybuild.exporter.buildkit --states /lazybuild/states --meta /lazybuild/meta/export.json --out /out
 
 The frontend mounts the target stage's states read-only, one per layer step (`0` is the base), and a
-JSON file with the image config and the options. Each step's change from the previous state becomes an
-eStargz (gzip or zstd) layer; the base becomes one layer of its own; the OCI image layout (blobs,
-index.json with the tag, oci-layout) is written to the output mount, which is the build's result.
+JSON file with the image config and the options. What is particular here: each new layer's diff is the
+change from the previous state to the next, found by walking both trees (BuildKit shows states, not
+upper dirs); the base image's own layers are kept when it lives in a registry (resolved by the daemon to
+a digest, fetched by digest into the layout), else the base becomes one eStargz layer of its own; the
+image goes into an OCI image layout at the output mount, which is the build's result.
 """
 
 from __future__ import annotations
@@ -13,33 +15,108 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
+from dataclasses import dataclass
 
-from lazybuild.estargz import convert_file
-from lazybuild.image import OCI_CONFIG, Descriptor, Manifest, canonical_json, sha256_digest
-from lazybuild.layout import OCILayout
+from lazybuild.image import Platform
+from lazybuild.layout import LayoutError
+from lazybuild.registry import Reference, RegistryError
+from lazybuild.transfer import OCIDest, RegistrySource, TransferError
 
-from .tree_diff import write_diff
+from .assemble import ExportError, KeptLayer, NewLayer, export_image
+from .tree_diff import TreeDiff
+
+# Our history entries carry BuildKit's comment; the others came with the base image.
+DOCKERFILE_COMMENT = "buildkit.dockerfile.v0"
 
 
-def fetch_base(layout: OCILayout, base: dict) -> tuple[list[Descriptor], list[str]]:
-    """The base image's layer blobs into the layout; (their descriptors, their diff_ids)."""
-    import json as _json
+@dataclass(frozen=True)
+class ExportSettings:
+    """The frontend's export.json (written by `frontend/main.py`'s stargz_export)."""
 
-    from lazybuild.image import Platform
-    from lazybuild.registry import Reference, Registry
+    state_count: int  # states/0 .. states/N-1: the base, then one per layer step
+    base_empty: bool  # FROM scratch: there is no states/0
+    config: dict  # the image config BuildKit's frontend returns (history included, no diff_ids yet)
+    compression: str = "gzip"
+    tag: str = "latest"
+    source_date_epoch: int | None = None
+    prioritized_list: str = ""  # a file in the context naming the files that lead each new layer
+    base_repository: str = ""  # set when the base's own layers are kept: HOST/REPO, its manifest digest
+    base_digest: str = ""
+    base_platform: str = ""
 
-    ref = Reference.parse(f"{base['repository']}@{base['digest']}")
-    registry = Registry(ref.host)
-    resolved = registry.resolve(ref, Platform.parse(base["platform"]))
-    config = _json.loads(registry.read_blob(ref.repository, resolved.manifest.config.digest,
-                                           size=resolved.manifest.config.size))
-    for d in resolved.manifest.layers:
-        if not layout.has_blob(d.digest):
-            layout.write_blob(d.digest, lambda out, d=d: registry.fetch_blob(ref.repository, d.digest, out))
-    return list(resolved.manifest.layers), list(config.get("rootfs", {}).get("diff_ids") or [])
+    @classmethod
+    def load(cls, path: str) -> "ExportSettings":
+        with open(path) as f:
+            meta = json.load(f)
+        base = meta.get("base") or {}
+        return cls(int(meta["states"]), bool(meta.get("baseEmpty")), dict(meta["config"]),
+                   meta.get("compression", "gzip"), meta.get("tag") or "latest", meta.get("sourceDateEpoch"),
+                   meta.get("prioritized", ""), base.get("repository", ""), base.get("digest", ""),
+                   base.get("platform", ""))
+
+
+def base_layers(settings: ExportSettings) -> list[KeptLayer]:
+    """The base image's layers, kept: one shared registry source reads them by digest."""
+    ref = Reference.parse(f"{settings.base_repository}@{settings.base_digest}")
+    source = RegistrySource(ref)
+    try:
+        manifests = source.manifests(Platform.parse(settings.base_platform), False)
+        if len(manifests) != 1:
+            raise ExportError(f"base {ref}: {len(manifests)} images for {settings.base_platform}, want one")
+        manifest = manifests[0][0]
+        diff_ids = (json.loads(source.read(manifest.config)).get("rootfs") or {}).get("diff_ids") or []
+        if len(diff_ids) != len(manifest.layers):
+            raise ExportError(f"base {ref}: its config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
+        return [KeptLayer(d, diff_id, source) for d, diff_id in zip(manifest.layers, diff_ids)]
+    except BaseException:
+        source.close()
+        raise
+
+
+def history(settings: ExportSettings) -> list[dict]:
+    """The base image's history entries describe its layers: kept with them; when the base becomes one
+    layer they become empty and one entry stands for that layer. The Dockerfile's entries keep theirs."""
+    entries = [dict(h) for h in settings.config.get("history") or []]
+    ours = [h for h in entries if h.get("comment") == DOCKERFILE_COMMENT]
+    base = [h for h in entries if h.get("comment") != DOCKERFILE_COMMENT]
+    if settings.base_repository:
+        return base + ours
+    base = [dict(h, empty_layer=True) for h in base]
+    if not settings.base_empty:
+        base.append({"created_by": "lazybuild: the base image as one eStargz layer", "comment": "lazybuild.exporter"})
+    return base + ours
+
+
+def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
+    prioritized: tuple[str, ...] = ()
+    if settings.prioritized_list:
+        with open(settings.prioritized_list) as f:
+            prioritized = tuple(line.strip() for line in f if line.strip())
+    layers: list[NewLayer | KeptLayer] = []
+    previous = None  # the state the next layer is a change from
+    if settings.base_repository:
+        layers += base_layers(settings)
+        previous = os.path.join(states_dir, "0")
+        print(f"base {settings.base_repository}@{settings.base_digest}: {len(layers)} layers kept", file=sys.stderr)
+    for i in range(settings.state_count):
+        if i == 0 and (settings.base_repository or settings.base_empty):
+            continue  # kept above, or FROM scratch: the first step's layer is all it made
+        state = os.path.join(states_dir, str(i))
+        layers.append(NewLayer(TreeDiff(previous, state), prioritized))
+        previous = state
+    dest = OCIDest(out_dir, settings.tag)
+    log = lambda line: print(line, file=sys.stderr)
+    # The blobs are written beside the layout (same filesystem), so storing one in it is a rename.
+    image = export_image(layers, dict(settings.config, history=history(settings)), compression=settings.compression,
+                         source_date_epoch=settings.source_date_epoch, work_parent=dest.staging_dir, log=log)
+    try:
+        digest = image.send(dest, log)
+    finally:
+        image.close()
+        dest.close()
+    print(f"OCI layout with {len(layers)} eStargz layers: {digest}", file=sys.stderr)
+    return digest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,61 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meta", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    with open(args.meta) as f:
-        meta = json.load(f)
-    count = int(meta["states"])
-    prioritized = []
-    if meta.get("prioritized"):
-        with open(meta["prioritized"]) as f:
-            prioritized = [line.strip() for line in f if line.strip()]
-    # Blobs are written beside the layout and renamed into it (same filesystem), the work dir removed.
-    work = tempfile.mkdtemp(prefix=".lazybuild-export-", dir=args.out)
-    layout = OCILayout(args.out, create=True)
-    descs, diff_ids = [], []
-    epoch = meta.get("sourceDateEpoch")
-    prev = None
-    base = meta.get("base")
-    if base:  # keep the base image's own layers: fetched by digest from its registry
-        descs, diff_ids = fetch_base(layout, base)
-        prev = os.path.join(args.states, "0")
-        print(f"base {base['repository']}@{base['digest']}: {len(descs)} layers kept", file=sys.stderr)
-    for i in range(count):
-        if i == 0 and base:
-            continue
-        state = os.path.join(args.states, str(i))
-        if i == 0 and meta.get("baseEmpty"):
-            continue  # FROM scratch: the first step's layer is all it made
-        tar = os.path.join(work, f"{i}.tar")
-        n = write_diff(prev, state, tar, epoch)
-        blob_path = os.path.join(work, f"{i}.blob")
-        # The prioritized files (a list in the context) lead the layers that hold them.
-        blob = convert_file(tar, blob_path, compression=meta.get("compression", "gzip"),
-                            prioritized_files=prioritized, allow_prioritized_not_found=True)
-        os.unlink(tar)
-        layout.adopt_blob(blob.digest, blob_path)
-        descs.append(Descriptor(blob.media_type, blob.digest, blob.size, annotations=dict(blob.annotations)))
-        diff_ids.append(blob.diff_id)
-        print(f"layer {len(descs) - 1}: {n} entries, {blob.size} bytes {blob.digest}", file=sys.stderr)
-        prev = state
-    config = dict(meta["config"])
-    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
-    # The base image's own history entries describe layers it no longer has separately: they become
-    # empty, and one entry stands for the base layer; the Dockerfile's entries keep their layers.
-    history = [dict(h) for h in config.get("history") or []]
-    ours = [h for h in history if h.get("comment") == "buildkit.dockerfile.v0"]
-    base_history = [dict(h, empty_layer=True) for h in history if h.get("comment") != "buildkit.dockerfile.v0"]
-    if meta.get("base"):  # its layers are kept: so is its history
-        base_history = [dict(h) for h in history if h.get("comment") != "buildkit.dockerfile.v0"]
-    elif not meta.get("baseEmpty"):
-        base_history.append({"created_by": "lazybuild: the base image as one eStargz layer", "comment": "lazybuild.exporter"})
-    config["history"] = base_history + ours
-    raw = canonical_json(config)
-    layout.put_bytes(raw)
-    manifest = Manifest.build(Descriptor(OCI_CONFIG, sha256_digest(raw), len(raw)), descs)
-    layout.put_bytes(manifest.raw)
-    layout.add_to_index(manifest.descriptor(), meta.get("tag") or "latest")
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"OCI layout with {len(descs)} eStargz layers: {manifest.digest}", file=sys.stderr)
+    try:
+        export(args.states, ExportSettings.load(args.meta), args.out)
+    except (ExportError, TransferError, RegistryError, LayoutError) as e:
+        print(f"lazybuild export: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+from dataclasses import dataclass
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -116,3 +117,13 @@ def write_layer(upper: str, out_path: str, source_date_epoch: int | None = None)
         walk("")
     os.replace(tmp, out_path)
     return layer.count
+
+
+@dataclass(frozen=True)
+class UpperDirDiff:
+    """A step's change as overlayfs recorded it: its upper directory (the daemonless builder's layers)."""
+
+    upper: str
+
+    def write_tar(self, out_path: str, source_date_epoch: int | None = None) -> int:
+        return write_layer(self.upper, out_path, source_date_epoch)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-from lazybuild.build import runc
-from lazybuild.build.overlay import mount_overlay, unmount
+from lazybuild import mounter
+from lazybuild.errors import MountError, UsageError
+from lazybuild.runtime import runc
+from lazybuild.runtime.overlay import mount_overlay, unmount
 
 
 def record_workload(ref: str, config: dict, args: list[str], period_s: float, *, insecure: bool = False,
@@ -22,21 +22,20 @@ def record_workload(ref: str, config: dict, args: list[str], period_s: float, *,
     cfg = config.get("config") or {}
     argv = list(args) or list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or [])
     if not argv:
-        raise ValueError("--optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
+        raise UsageError("--optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
     work = tempfile.mkdtemp(prefix="lazybuild-optimize-")
     mnt, merged = os.path.join(work, "image"), os.path.join(work, "merged")
     upper, wdir = os.path.join(work, "upper"), os.path.join(work, "work")
     for d in (mnt, merged, upper, wdir):
         os.makedirs(d)
     record = os.path.join(work, "record.ndjson")
-    cmd = [sys.executable, "-m", "lazybuild.cli", "mount", ref, mnt, "--layers", "--daemon", "--no-prefetch",
-           "--no-background-fetch", "--record", record, "--cache", chunk_cache]
-    if insecure:
-        cmd.append("--insecure")
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
+    opts = mounter.MountOptions(cache_dir=chunk_cache, prefetch=False, background_fetch=False, layers=True,
+                                record=record, insecure=insecure)
+    try:
+        image = mounter.mount_image(ref, mnt, opts)
+    except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError(f"--optimize: cannot mount {ref}: {p.stderr.strip()}")
+        raise MountError(f"--optimize: cannot mount {ref}: {e}") from None
     mounted = False
     try:
         layers = sorted((int(n) for n in os.listdir(mnt)), reverse=True)
@@ -51,7 +50,7 @@ def record_workload(ref: str, config: dict, args: list[str], period_s: float, *,
     finally:
         if mounted:
             unmount(merged)
-        subprocess.run([sys.executable, "-m", "lazybuild.cli", "umount", mnt], capture_output=True)
+        image.close()
     out: dict[int, list[str]] = {}
     try:
         with open(record) as f:

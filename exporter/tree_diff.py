@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+from dataclasses import dataclass
 
 from .diff import WHITEOUT, LayerTar, _xattrs
 
@@ -79,3 +80,14 @@ def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: 
         walk("")
     os.replace(tmp, out_path)
     return layer.count
+
+
+@dataclass(frozen=True)
+class TreeDiff:
+    """A step's change as two whole trees, before (None: nothing) and after (BuildKit's states)."""
+
+    lower: str | None
+    upper: str
+
+    def write_tar(self, out_path: str, source_date_epoch: int | None = None) -> int:
+        return write_diff(self.lower, self.upper, out_path, source_date_epoch)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from lazybuild.errors import RemoteError
+
 from .llb.proto import gateway_pb2 as gw
 from .llb.proto import gateway_pb2_grpc as gw_grpc
 from .llb.proto import ops_pb2 as pb
@@ -32,7 +34,7 @@ DEFAULT_LLB_CAPS = {"source.image", "source.local", "source.localunique", "sourc
                     "meta.ignorecache", "meta.exportcache"}
 
 
-class GatewayError(RuntimeError):
+class GatewayError(RemoteError):
     """A gateway call failed; the message names the call and BuildKit's answer."""
 
 

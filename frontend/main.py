@@ -14,26 +14,27 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .convert import CUSTOM_NAME, BuildOptions, ConvertError, Converter, normalize_image
-from .dockerfile import model
-from .dockerfile.dockerignore import read_patterns
-from .dockerfile.parser import DockerfileError
-from .dockerfile.shell import ShellLex
+from .convert import BuildOptions, ConvertError, Converter, normalize_image
+from lazybuild.dockerfile import model
+from lazybuild.dockerfile.dockerignore import read_patterns
+from lazybuild.dockerfile.parser import DockerfileError
+from lazybuild.dockerfile.shell import ShellLex
+from lazybuild.errors import RemoteError
 from lazybuild.registry.reference import Reference
 
 from .gateway import Bridge, GatewayError
-from .llb import builder
-from .llb.builder import Output
+from .llb import builder as llb
+from .llb.builder import State
 from .llb.proto import gateway_pb2 as gw
 from .llb.proto import ops_pb2 as pb
 
 # google.rpc codes
 INVALID_ARGUMENT, UNKNOWN, UNIMPLEMENTED = 3, 2, 12
-LOCAL_ATTR_CAPS = {"source.local", "source.local.sessionid", "source.local.sharedkeyhint",
-                   "source.local.followpaths"}
+EXPORTER_ARGS = ["/opt/lazybuild/bin/python3", "-m", "lazybuild.exporter.buildkit", "--states", "/lazybuild/states",
+                 "--meta", "/lazybuild/meta/export.json", "--out", "/out"]
 
 
-class Unsupported(Exception):
+class Unsupported(RemoteError):
     """A request this frontend does not implement (answered with gRPC Unimplemented)."""
 
 
@@ -91,33 +92,25 @@ class Frontend:
     def __init__(self, bridge: Bridge, opts: Options):
         self.bridge, self.opts = bridge, opts
         self.caps = bridge.ping()
-        self.inputs = {k: builder.from_definition(v) for k, v in bridge.inputs().items()}
+        self.inputs = {k: llb.from_definition(v) for k, v in bridge.inputs().items()}
         self.base_digests: dict[str, str] = {}
 
     # ---- the Dockerfile and its context
-    def local(self, name: str, hint: str, follow: list[str] | None = None, custom: str = "") -> Output:
-        attrs = {"local.session": self.opts.session_id, "local.sharedkeyhint": hint}
-        if follow is not None:
-            attrs["local.followpaths"] = json.dumps(follow)
-        return builder.source(f"local://{name}", attrs, caps=LOCAL_ATTR_CAPS if follow is not None else
-                              LOCAL_ATTR_CAPS - {"source.local.followpaths"},
-                              description={CUSTOM_NAME: custom} if custom else None)
+    def local(self, name: str, hint: str, follow: list[str] | None = None, custom: str = "") -> State:
+        return llb.local(name, session_id=self.opts.session_id, shared_key_hint=hint, follow_paths=follow,
+                         info=llb.Info(custom))
 
-    def url_context(self, url: str) -> Output:
+    def url_context(self, url: str) -> State:
         """A context given as a URL: a git repository, or a (tar) file over HTTP that is unpacked."""
         if url.startswith("git://") or url.startswith("git@") or url.split("#")[0].endswith(".git"):
             remote, _, frag = url.partition("#")
-            return builder.source("git://" + remote.split("://", 1)[-1] + (f"#{frag}" if frag else ""),
-                                  {"git.fullurl": remote}, caps={"source.git", "source.git.fullurl"})
+            return llb.git(remote.split("://", 1)[-1], frag, full_url=remote)
         # Docker's API upload (http://build-context-ID) can be fetched once: this op must be the very
         # vertex the built-in frontend already solved (same bytes: filename attr, empty constraints).
-        http = builder.source(url, {"http.filename": "context"}, caps={"source.http"})
-        cp = pb.FileActionCopy(src="/context", dest="/", mode=-1, attemptUnpackDockerCompatibility=True, timestamp=-1)
-        op = pb.Op(inputs=[], file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=0, output=0, copy=cp)]))
-        op.constraints.SetInParent()
-        return Output(builder.Vertex(op, [http], {}, {"file.base"}), 0)
+        download = llb.http(url, filename="context")
+        return llb.scratch().file(llb.Copy(download, "/context", "/", unpack_archive=True))
 
-    def context_and_dockerfile(self) -> tuple[Output | None, Output, str]:
+    def context_and_dockerfile(self) -> tuple[State | None, State, str]:
         """(the build context if not the session's local, the state holding the Dockerfile, its path)."""
         fname = self.opts.filename
         sub = self.opts.get("contextsubdir")
@@ -135,8 +128,8 @@ class Frontend:
                         [fname, fname + ".dockerignore"], f"[internal] load build definition from {fname}")
         return context, df, fname
 
-    def read(self, state: Output, path: str, what: str) -> bytes | None:
-        return self.read_ref(self.bridge.solve(builder.definition(state), what=what), path)
+    def read(self, state: State, path: str, what: str) -> bytes | None:
+        return self.read_ref(self.bridge.solve(llb.definition(state), what=what), path)
 
     def read_ref(self, ref: str, path: str) -> bytes | None:
         try:
@@ -144,7 +137,7 @@ class Frontend:
         except GatewayError:
             return None
 
-    def context_dockerignore(self, context: Output | None) -> bytes | None:
+    def context_dockerignore(self, context: State | None) -> bytes | None:
         src = context if context is not None else self.local(
             "context", "context-.dockerignore", [".dockerignore"], "[internal] load .dockerignore")
         return self.read(src, ".dockerignore", "load .dockerignore")
@@ -157,7 +150,7 @@ class Frontend:
         context, df_state, fname = self.context_and_dockerfile()
         # The Dockerfile, its own .dockerignore and the context's are read at once: each is a round
         # trip to the client, and this runs on every build.
-        df_ref = self.bridge.solve(builder.definition(df_state), what="load Dockerfile")
+        df_ref = self.bridge.solve(llb.definition(df_state), what="load Dockerfile")
         with ThreadPoolExecutor(3) as pool:
             text_f = pool.submit(self.read_ref, df_ref, fname)
             own_ignore_f = pool.submit(self.read_ref, df_ref, fname + ".dockerignore")
@@ -198,7 +191,7 @@ class Frontend:
         return res
 
     def build_platform(self, text: str, fname: str, plat: pb.Platform, worker: pb.Platform,
-                       context: Output | None, excludes: list[str]) -> tuple[str, dict]:
+                       context: State | None, excludes: list[str]) -> tuple[str, dict]:
         kwargs = dict(filename=fname, build_args=self.opts.build_args, target=self.opts.get("target"),
                       platform=platform_string(plat), build_platform=platform_string(worker))
         first = model.load(text, **kwargs)
@@ -239,10 +232,10 @@ class Frontend:
         elif output:
             raise DockerfileError(f"LAZYBUILD_OUTPUT={output}: the only other output is stargz", 0, 0, fname)
         cache_imports = [{"Type": "registry", "Attrs": {"ref": r}} for r in self.opts.get("cache-from").split(",") if r]
-        ref = self.bridge.solve(builder.definition(final), cache_imports=cache_imports, what="build")
+        ref = self.bridge.solve(llb.definition(final), cache_imports=cache_imports, what="build")
         return ref, image_config(build, target_plat, self.opts.prefixed("label:"))
 
-    def stargz_export(self, conv: Converter, build: model.Build, plat: pb.Platform, worker: pb.Platform) -> Output:
+    def stargz_export(self, conv: Converter, build: model.Build, plat: pb.Platform, worker: pb.Platform) -> State:
         """Append the export step: our exporter, run from this frontend's own image, reads the target
         stage's states (one read-only mount per layer step) and writes an OCI layout of eStargz layers to
         its output mount, which becomes the build's result (`docker build --output type=local|tar`)."""
@@ -250,11 +243,10 @@ class Frontend:
         if not source:
             raise Unsupported("LAZYBUILD_OUTPUT=stargz needs the frontend to run from its image (# syntax=)")
         for cap in ("exec.mount.bind", "exec.mount.selector", "exec.meta.network"):
-            if not self.caps.has(cap):
-                raise Unsupported(f"LAZYBUILD_OUTPUT=stargz needs the BuildKit capability {cap!r}")
+            conv.require(cap, "LAZYBUILD_OUTPUT=stargz", 0)
         chain = conv.chain(build.target.index)
         args = self.opts.build_args
-        meta = {"states": len(chain), "baseEmpty": chain[0] is None, "config": image_config(build, plat, self.opts.prefixed("label:")),
+        meta = {"states": len(chain), "baseEmpty": chain[0].is_scratch, "config": image_config(build, plat, self.opts.prefixed("label:")),
                 "compression": args.get("LAZYBUILD_COMPRESSION", "gzip"), "tag": "latest"}
         if meta["compression"] not in ("gzip", "zstd"):
             raise DockerfileError(f"LAZYBUILD_COMPRESSION={meta['compression']}: want gzip or zstd", 0, 0)
@@ -267,51 +259,37 @@ class Frontend:
         while root.base_stage is not None:
             root = next(s for s in build.stages if s.index == root.base_stage)
         digest = self.base_digests.get(root.base, "")
-        keep_base = chain[0] is not None and digest and args.get("LAZYBUILD_CONVERT_BASE", "") not in ("1", "true")
+        keep_base = not chain[0].is_scratch and digest and args.get("LAZYBUILD_CONVERT_BASE", "") not in ("1", "true")
         if keep_base:
             r = Reference.parse(root.base)
             meta["base"] = {"repository": f"{r.host}/{r.repository}", "digest": digest, "platform": platform_string(plat)}
-        inputs = builder.InputList()
-        mounts = []
+        # The prioritized files' mount has always been the op's first input, then the exporter's root.
+        mounts: list[llb.Mount] = []
         prio = args.get("LAZYBUILD_PRIORITIZED_FILES", "")
         if prio:
             rel = prio.lstrip("/")
             ctx = self.local(self.opts.get("contextkey") or "context", "context-prioritized", [rel],
                              f"[internal] load {rel}")
-            mounts.append(pb.Mount(input=inputs.index(ctx), dest="/lazybuild/context", output=-1, readonly=True))
+            mounts.append(llb.Bind("/lazybuild/context", ctx, readonly=True))
             meta["prioritized"] = "/lazybuild/context/" + rel
-        mk = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=-1, output=0, mkfile=pb.FileActionMkFile(
-            path="/export.json", mode=0o644, data=json.dumps(meta).encode(), timestamp=-1))]))
-        mk.constraints.SetInParent()
-        meta_state = Output(builder.Vertex(mk, [], {CUSTOM_NAME: "[lazybuild] export settings"}, {"file.base"}), 0)
-        exporter_image = builder.source("docker-image://" + normalize_image(source), {}, plat=worker,
-                                        caps={"source.image"})
-        mounts.append(pb.Mount(input=inputs.index(exporter_image), dest="/", output=0))
-        mounts.append(pb.Mount(input=inputs.index(meta_state), dest="/lazybuild/meta", output=-1, readonly=True))
-        for i, state in enumerate(chain):
-            if state is not None:
-                mounts.append(pb.Mount(input=inputs.index(state), dest=f"/lazybuild/states/{i}", output=-1, readonly=True))
-        mounts.append(pb.Mount(input=-1, dest="/out", output=1))
-        op = pb.Op(exec=pb.ExecOp(meta=pb.Meta(
-            args=["/opt/lazybuild/bin/python3", "-m", "lazybuild.exporter.buildkit", "--states", "/lazybuild/states",
-                  "--meta", "/lazybuild/meta/export.json", "--out", "/out"],
-            env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/"),
-            network=pb.HOST if keep_base else pb.NONE))  # the registry holding the base is reached from the host
-        for m in sorted(mounts, key=lambda m: m.dest):
-            op.exec.mounts.append(m)
-        op.platform.CopyFrom(worker)
-        op.constraints.SetInParent()
-        v = builder.Vertex(op, list(inputs.outputs), {CUSTOM_NAME: "[lazybuild] export optimized eStargz image layout"},
-                           {"exec.meta.base", "exec.mount.bind", "exec.meta.network"})
-        return Output(v, 1)  # the /out mount: the layout is the build's result
+        settings = llb.scratch().file(llb.Mkfile("/export.json", json.dumps(meta).encode(), mode=0o644),
+                                      info=llb.Info("[lazybuild] export settings"))
+        mounts += [llb.ROOT, llb.Bind("/lazybuild/meta", settings, readonly=True)]
+        mounts += [llb.Bind(f"/lazybuild/states/{i}", state, readonly=True) for i, state in enumerate(chain)
+                   if not state.is_scratch]
+        mounts.append(llb.Bind("/out", output=True))  # the layout: the build's result
+        exporter = llb.image(normalize_image(source), platform=worker)
+        export = exporter.run(EXPORTER_ARGS, env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                              mounts=mounts, platform=worker, info=llb.Info("[lazybuild] export optimized eStargz image layout"),
+                              network="host" if keep_base else "none")  # the base's registry is reached from the host
+        return export.mount_output("/out")
 
-    def named_contexts(self) -> dict[str, Output]:
+    def named_contexts(self) -> dict[str, State]:
         out = {}
         for name, value in self.opts.prefixed("context:").items():
             name = name.split("::")[0]
             if value.startswith("docker-image://"):
-                out[name] = builder.source("docker-image://" + normalize_image(value[len("docker-image://"):]), {},
-                                           caps={"source.image"})
+                out[name] = llb.image(normalize_image(value[len("docker-image://"):]))
             elif value.startswith("local:"):
                 out[name] = self.local(value[len("local:"):], value[len("local:"):], None)
             elif value.startswith("input:"):
@@ -326,12 +304,8 @@ class Frontend:
         return out
 
 
-def subdir(state: Output, sub: str) -> Output:
-    cp = pb.FileActionCopy(src="/" + sub.strip("/"), dest="/", mode=-1, followSymlink=True, dirCopyContents=True,
-                           timestamp=-1)
-    op = pb.Op(file=pb.FileOp(actions=[pb.FileAction(input=-1, secondaryInput=0, output=0, copy=cp)]))
-    op.constraints.SetInParent()
-    return Output(builder.Vertex(op, [state], {}, {"file.base"}), 0)
+def subdir(state: State, sub: str) -> State:
+    return llb.scratch().file(llb.Copy(state, "/" + sub.strip("/"), "/", follow_symlinks=True, copy_dir_contents=True))
 
 
 def image_config(build: model.Build, plat: pb.Platform, labels: dict[str, str]) -> dict:

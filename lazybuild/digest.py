@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .errors import InputError
+
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-class InvalidDigest(ValueError):
+class InvalidDigest(InputError):
     """A digest that is not `sha256:` + 64 lowercase hex digits."""
 
 

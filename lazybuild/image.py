@@ -11,6 +11,7 @@ import platform as _platform
 from dataclasses import dataclass, field
 
 from .digest import check_digest, sha256_digest  # noqa: F401  (sha256_digest re-exported for the model's users)
+from .errors import InputError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -63,7 +64,7 @@ class Platform:
         """`linux/amd64`, `linux/arm64/v8`, `linux/arm/v7`."""
         parts = text.strip().split("/")
         if len(parts) < 2 or len(parts) > 3 or not all(parts):
-            raise ValueError(f"platform {text!r} is not os/arch[/variant] (e.g. linux/amd64)")
+            raise InputError(f"platform {text!r} is not os/arch[/variant] (e.g. linux/amd64)")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "").normalized()
 
     @classmethod

@@ -28,6 +28,8 @@ import os
 import posixpath
 import stat
 
+from .errors import DataError
+
 # Linux's limit on symlinks followed in one lookup (MAXSYMLINKS is 40 per nested lookup, but
 # securejoin and the kernel's RESOLVE_IN_ROOT allow this many in all).
 MAX_SYMLINKS = 255
@@ -37,7 +39,7 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 
 
-class UnsafePath(OSError):
+class UnsafePath(DataError, OSError):
     """A path that cannot be resolved inside its root (a symlink loop, a non-directory in the way)."""
 
 

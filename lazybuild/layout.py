@@ -24,6 +24,7 @@ import tempfile
 from typing import BinaryIO, Callable
 
 from .digest import digest_hex
+from .errors import DataError
 from .image import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -48,7 +49,7 @@ from .image import (
 MAX_INDEX_DEPTH = 4
 
 
-class LayoutError(Exception):
+class LayoutError(DataError):
     pass
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from .digest import digest_hex
+from .errors import DataError, InputError
 from .image import (
     INDEX_TYPES,
     MAX_CONFIG_BYTES,
@@ -46,7 +47,7 @@ from .layout import DockerArchive, LayoutError, OCILayout
 from .registry import Reference, Registry, RegistryError
 
 
-class TransferError(Exception):
+class TransferError(DataError):
     pass
 
 
@@ -62,7 +63,7 @@ class Location:
         if text.startswith("oci:"):
             path, _, tag = text[4:].partition(":")
             if not path:
-                raise ValueError(f"{text!r}: oci: needs a directory (oci:DIR[:TAG])")
+                raise InputError(f"{text!r}: oci: needs a directory (oci:DIR[:TAG])")
             return cls("oci", path=path, tag=tag)
         if text.startswith("docker-archive:"):
             path, _, tag = text[len("docker-archive:"):].partition(":")
@@ -209,9 +210,22 @@ class Dest(abc.ABC):
     staging_dir: str | None = None  # where blobs are staged: on the destination's filesystem when it has one
 
     @abc.abstractmethod
-    def put_blob(self, desc: Descriptor, path: str) -> None:
+    def put_blob(self, desc: Descriptor, path: str) -> str:
         """Store the blob whose bytes (already checked against desc.digest) are in the file `path`;
-        the file is the destination's to keep or drop."""
+        the file is the destination's to keep or drop. Returns what happened, for logs
+        ("uploaded", "exists", "stored", ...)."""
+
+    def put_blob_from(self, desc: Descriptor, src: Source, progress=None) -> str:
+        """Store a blob that `src` holds, fetching it (verified, under a temporary name) only when the
+        destination has no cheaper way to get it. Returns what happened, as put_blob does."""
+        fd, path = tempfile.mkstemp(prefix=".fetch-", dir=self.staging_dir)
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                src.fetch(desc, f, progress)
+            return self.put_blob(desc, path)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
 
     @abc.abstractmethod
     def put_manifest(self, manifest: Manifest) -> None:
@@ -231,8 +245,23 @@ class RegistryDest(Dest):
         self.registry = Registry(ref.host, insecure=insecure)
 
     def put_blob(self, desc, path):
-        self.registry.push_blob(self.ref.repository, desc.digest, desc.size, lambda: open(path, "rb"),
-                                mount_from=self.mount_from)
+        return self.registry.push_blob(self.ref.repository, desc.digest, desc.size, lambda: open(path, "rb"),
+                                       mount_from=self.mount_from)
+
+    def put_blob_from(self, desc, src, progress=None):
+        # A blob already in the repository is left alone, one in another repository of the same registry
+        # is mounted from there (cross-repository mount): neither is downloaded. Only an upload fetches it.
+        mount_from = self.mount_from
+        if isinstance(src, RegistrySource) and src.ref.host == self.ref.host:
+            mount_from = src.ref.repository
+
+        def fetched() -> BinaryIO:
+            f = tempfile.TemporaryFile(dir=self.staging_dir)
+            src.fetch(desc, f, progress)
+            f.seek(0)
+            return f
+
+        return self.registry.push_blob(self.ref.repository, desc.digest, desc.size, fetched, mount_from=mount_from)
 
     def put_manifest(self, manifest):
         self.registry.put_manifest(self.ref.repository, manifest.digest, manifest.raw, manifest.media_type)
@@ -255,7 +284,14 @@ class OCIDest(Dest):
         self.staging_dir = self.layout.root  # staged beside the blobs, so adopting one is a rename
 
     def put_blob(self, desc, path):
-        self.layout.adopt_blob(desc.digest, path)
+        existed = self.layout.has_blob(desc.digest)
+        self.layout.adopt_blob(desc.digest, path)  # drops the file when the layout has the blob already
+        return "exists" if existed else "stored"
+
+    def put_blob_from(self, desc, src, progress=None):
+        if self.layout.has_blob(desc.digest):  # layouts written again keep their blobs: no second fetch
+            return "exists"
+        return super().put_blob_from(desc, src, progress)
 
     def put_manifest(self, manifest):
         self.layout.put_bytes(manifest.raw)
@@ -271,6 +307,33 @@ class OCIDest(Dest):
         return index.digest
 
 
+class OCIArchiveDest(OCIDest):
+    """An OCI image layout as one tar file (what `docker buildx build --output type=oci` writes). The layout
+    is made in a temporary directory beside the file and tarred, under a temporary name, by finish()."""
+
+    def __init__(self, path: str, tag: str):
+        self.path = path
+        self.work = tempfile.mkdtemp(prefix=".lazybuild-oci-", dir=os.path.dirname(os.path.abspath(path)))
+        super().__init__(self.work, tag)
+
+    def finish(self, images):
+        digest = super().finish(images)
+        fd, tmp = tempfile.mkstemp(prefix=".lazybuild-", suffix=".partial", dir=os.path.dirname(os.path.abspath(self.path)))
+        try:
+            with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
+                for name in sorted(os.listdir(self.work)):
+                    tf.add(os.path.join(self.work, name), name)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return digest
+
+    def close(self):
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 class ArchiveDest(Dest):
     """A `docker save`-style tarball (what `docker load` reads). It holds one image and no annotations;
     layers are stored as they are (docker load and skopeo accept compressed ones)."""
@@ -282,6 +345,7 @@ class ArchiveDest(Dest):
 
     def put_blob(self, desc, path):
         os.replace(path, os.path.join(self.blobs, digest_hex(desc.digest)))
+        return "stored"
 
     def put_manifest(self, manifest):
         pass  # the archive's manifest.json is written by finish()
@@ -347,11 +411,12 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                 if not is_layer(layer.media_type):
                     raise TransferError(f"layer {i} of {manifest.digest} has media type {layer.media_type!r}")
                 label = f"layer {i + 1}/{len(manifest.layers)}"
-                # A temporary name until the source has verified every byte; the destination names it.
-                fd, path = tempfile.mkstemp(prefix=".fetch-", dir=tmp)
-                with os.fdopen(fd, "w+b") as f:
-                    src.fetch(layer, f, _counting(layer_progress(f"{label} fetch") if layer_progress else None, layer.size))
+                fetch_progress = _counting(layer_progress(f"{label} fetch") if layer_progress else None, layer.size)
                 if convert is not None and (convert.force or estargz.TOC_DIGEST_ANNOTATION not in layer.annotations):
+                    # A temporary name until the source has verified every byte; the destination names it.
+                    fd, path = tempfile.mkstemp(prefix=".fetch-", dir=tmp)
+                    with os.fdopen(fd, "w+b") as f:
+                        src.fetch(layer, f, fetch_progress)
                     out = path + ".esgz"
                     blob = estargz.convert_file(path, out, compression=convert.compression, chunk_size=convert.chunk_size,
                                                 prioritized_files=convert.prioritized_files or [],
@@ -363,11 +428,12 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                     diff_ids.append(blob.diff_id)
                     changed = True
                     log(f"layer {i + 1}/{len(manifest.layers)}: {blob.digest} ({blob.size} bytes, TOC {blob.toc_digest})")
-                else:
+                    dst.put_blob(layer, path)
+                    if os.path.exists(path):
+                        os.unlink(path)
+                else:  # as it is: the destination fetches it only if it has no cheaper way (exists, mount)
                     diff_ids.append(None)
-                dst.put_blob(layer, path)
-                if os.path.exists(path):
-                    os.unlink(path)
+                    dst.put_blob_from(layer, src, fetch_progress)
                 layers.append(layer)
             if changed:
                 config = json.loads(config_raw)
@@ -376,7 +442,7 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                     raise TransferError(f"config of {manifest.digest} lists {len(old)} diff_ids for {len(diff_ids)} layers")
                 config["rootfs"]["diff_ids"] = [new or prev for new, prev in zip(diff_ids, old)]
                 config_raw = canonical_json(config)
-                layers = [_oci_layer(d) for d in layers]
+                layers = [as_oci_layer(d) for d in layers]
                 config_desc = Descriptor(OCI_CONFIG, sha256_digest(config_raw), len(config_raw))
                 manifest = Manifest.build(config_desc, layers, manifest.annotations or None, OCI_MANIFEST)
             cfg_path = os.path.join(tmp, "config")
@@ -404,8 +470,8 @@ def _counting(update: Callable[[int, int], None] | None, total: int) -> Callable
     return add
 
 
-def _oci_layer(d: Descriptor) -> Descriptor:
-    """Docker media types become OCI ones (layer annotations need an OCI manifest)."""
+def as_oci_layer(d: Descriptor) -> Descriptor:
+    """Docker media types become OCI ones (layer annotations need an OCI manifest); the bytes are the same."""
     mt = {
         "application/vnd.docker.image.rootfs.diff.tar.gzip": OCI_LAYER_GZIP,
         "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
@@ -415,5 +481,5 @@ def _oci_layer(d: Descriptor) -> Descriptor:
     return Descriptor(mt, d.digest, d.size, d.annotations, d.platform, d.urls)
 
 
-__all__ = ["ConvertOptions", "Location", "TransferError", "copy_image", "open_dest", "open_source",
-           "RegistryError", "LayoutError"]
+__all__ = ["ConvertOptions", "Dest", "Location", "OCIArchiveDest", "OCIDest", "RegistryDest", "Source",
+           "TransferError", "as_oci_layer", "copy_image", "open_dest", "open_source", "RegistryError", "LayoutError"]

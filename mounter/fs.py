@@ -1,4 +1,5 @@
-"""The pyfuse3 filesystem: a thin, read-only translation of FUSE calls onto a MergedTree.
+"""The only module that knows FUSE: a thin, read-only pyfuse3 translation of FUSE calls onto a tree of
+rootfs.py (MergedTree, LayersTree or LayerDirs), and FuseMount, which mounts one in this process.
 
 Reads run on worker threads (they may wait on the network), so lookups and getattrs keep being
 answered while chunks arrive. Any failure to produce verified bytes is EIO, never data.
@@ -10,13 +11,12 @@ import errno
 import json
 import logging
 import os
-import stat
 import threading
 
 import pyfuse3
 import trio
 
-from .rootfs import ROOT_INODE, Inode, MergedTree
+from .rootfs import Inode, MergedTree
 
 log = logging.getLogger("lazybuild.mount")
 ATTR_TIMEOUT_S = 3600.0  # the tree never changes under a mount
@@ -52,8 +52,7 @@ class LazyFS(pyfuse3.Operations):
     async def _ready(self, ino: int) -> None:
         """The snapshotter's tree builds a layer's directory after publishing it: wait for it (EIO if
         its build failed)."""
-        ready = getattr(self.tree, "ready", None)
-        if ready is not None and not ready(ino):
+        if not self.tree.ready(ino):
             started = trio.current_time()
             ok = await trio.to_thread.run_sync(self.tree.wait_ready, ino)
             log.debug("waited %.1f ms for layer directory %d", (trio.current_time() - started) * 1000, ino)
@@ -172,10 +171,33 @@ class LazyFS(pyfuse3.Operations):
         return s
 
 
-def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+class FuseMount:
+    """`tree` served read-only at `mountpoint` by this process (pyfuse3 serves one mount per process).
 
+    Run `await serve()` inside trio; `stop()` (from a signal handler) makes it return; `close()`
+    unmounts. With `record`, first accesses are appended to that file (see Recorder)."""
 
-__all__ = ["LazyFS", "Recorder", "ROOT_INODE", "is_mounted", "stat"]
+    def __init__(self, tree: MergedTree, mountpoint: str, fsname: str = "lazybuild", record: str | None = None):
+        self.recorder = Recorder(record) if record else None
+        # The kernel checks permissions from the modes we report (default_permissions); allow_other lets
+        # containers running as other users read the tree.
+        options = set(pyfuse3.default_options) | {f"fsname={fsname}", "ro", "allow_other", "default_permissions"}
+        try:
+            pyfuse3.init(LazyFS(tree, self.recorder), mountpoint, options)
+        except BaseException:
+            if self.recorder:
+                self.recorder.close()
+            raise
+
+    async def serve(self) -> None:
+        await pyfuse3.main()
+
+    def stop(self) -> None:
+        pyfuse3.terminate()
+
+    def close(self) -> None:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            if self.recorder:
+                self.recorder.close()

@@ -1,9 +1,10 @@
-"""`lazybuild mount` / `umount` / `mount --status`: open an image's layers lazily and serve them with FUSE.
+"""Mounting an image: `lazybuild mount` / `umount` / `mount --status`, and mount_image() for the
+builder and the optimizer (the mount served by a forked child).
 
-At mount: resolve the image, read every layer's footer+TOC in parallel (TOC digests checked against
-the manifest annotations), prefetch each layer's `[0, .prefetch.landmark)`, then serve. The rest is
-fetched in the background when no reads are waiting. SIGTERM/SIGINT or `lazybuild umount` unmount
-cleanly. Per-layer byte counts are written to a status file while mounted.
+At mount: resolve the image, open every layer in parallel (footer+TOC, TOC digests checked against
+the manifest annotations), plan each layer's prefetch of `[0, .prefetch.landmark)`, then serve while
+it streams. The rest is fetched in the background when no reads are waiting. SIGTERM/SIGINT or
+`lazybuild umount` unmount cleanly. Per-layer byte counts are written to a status file while mounted.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lazybuild.errors import require_extra
 from lazybuild.image import Platform
 from lazybuild.registry import Reference, Registry
 
 from .cache import DEFAULT_LIMIT_BYTES, ChunkCache
-from .layer import LazyLayer
+from .fetch import open_layer
+from .prefetch import Prefetch, background_fetch
 from .rootfs import LayersTree, MergedTree
 
 log = logging.getLogger("lazybuild.mount")
@@ -34,6 +37,7 @@ STATUS_DIR = os.environ.get("LAZYBUILD_RUN", "/run/lazybuild") + "/mounts"
 
 @dataclass
 class MountOptions:
+    """How to mount an image (the flags of `lazybuild mount`)."""
     platform: Platform | None = None
     cache_dir: str = DEFAULT_CACHE
     cache_limit_bytes: int = DEFAULT_LIMIT_BYTES
@@ -47,18 +51,25 @@ class MountOptions:
 
 
 def status_path(mountpoint: str) -> str:
+    """Where the mount at `mountpoint` keeps its status (and, beside it, the log of a forked mount)."""
     return os.path.join(STATUS_DIR, hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16] + ".json")
 
 
 def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry, dict]:
+    """The image's tree (merged, or one directory per layer), the registry client its reads use (the
+    caller closes it), and what the status reports about the image."""
     ref = Reference.parse(ref_text)
     registry = Registry(ref.host, insecure=opts.insecure, timeout_s=opts.timeout_s)
-    resolved = registry.resolve(ref, opts.platform)
-    cache = ChunkCache(opts.cache_dir, opts.cache_limit_bytes)
-    layers_desc = resolved.manifest.layers
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
-        layers = list(pool.map(lambda a: LazyLayer.open(a[0], registry, ref.repository, a[1], cache, opts.cache_dir,
+    try:
+        resolved = registry.resolve(ref, opts.platform)
+        cache = ChunkCache(opts.cache_dir, opts.cache_limit_bytes)
+        layers_desc = resolved.manifest.layers
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
+            layers = list(pool.map(lambda a: open_layer(registry, ref.repository, a[1], cache, opts.cache_dir, a[0],
                                                         opts.verify), enumerate(layers_desc)))
+    except BaseException:
+        registry.close()
+        raise
     info = {"reference": str(resolved.reference), "manifest": resolved.manifest.digest}
     return (LayersTree(layers) if opts.layers else MergedTree(layers)), registry, info
 
@@ -76,45 +87,33 @@ def write_status(mountpoint: str, tree: MergedTree, info: dict) -> None:
 
 def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     """Mount in this process and serve until unmounted or signalled."""
-    import pyfuse3
     import trio
 
-    from .fs import LazyFS, Recorder
+    from .fs import FuseMount
 
     tree, registry, info = open_image(ref_text, opts)
-    recorder = Recorder(opts.record) if opts.record else None
-    fs = LazyFS(tree, recorder)
-    # The kernel checks permissions from the modes we report (default_permissions); allow_other lets
-    # containers running as other users read the tree.
-    options = set(pyfuse3.default_options) | {"fsname=lazybuild", "ro", "allow_other", "default_permissions"}
-    # Prefetch streams while the mount already serves: its chunks are locked first, so a read of a
-    # prefetched file waits for the stream to reach it rather than racing it with a request of its own.
-    prefetching = []
-    if opts.prefetch:
-        for layer in tree.layers:
-            chunks = layer.prefetch_chunks()
-            layer.lock_chunks(chunks)
-            prefetching.append((layer, chunks))
+    # Prefetch streams while the mount already serves: its chunks are locked first (Prefetch), so a read
+    # of a prefetched file waits for the stream to reach it rather than racing it with a request of its own.
+    prefetches = [Prefetch(layer) for layer in tree.layers] if opts.prefetch else []
     try:
-        pyfuse3.init(fs, mountpoint, options)
+        fuse = FuseMount(tree, mountpoint, "lazybuild", opts.record)
     except BaseException:  # no prefetch will run to release them
-        for layer, chunks in prefetching:
-            layer.unlock_chunks(chunks)
+        for p in prefetches:
+            p.cancel()
+        registry.close()
         raise
     stop = threading.Event()
     workers = []
-    for layer, chunks in prefetching:
-        t = threading.Thread(target=layer.prefetch, args=(chunks, True), daemon=True, name=f"prefetch-{layer.index}")
+    for p in prefetches:
+        t = threading.Thread(target=p.run, daemon=True, name=f"prefetch-{p.layer.index}")
         t.start()
         workers.append(t)
     if opts.background_fetch:
-        prefetch_threads = list(workers)
-
         def background():  # the rest of each layer, once the prefetch no longer needs the link
-            for t in prefetch_threads:
+            for t in workers:
                 t.join()
             for layer in tree.layers:
-                threading.Thread(target=layer.background_fetch, args=(stop,), daemon=True,
+                threading.Thread(target=background_fetch, args=(layer, stop), daemon=True,
                                  name=f"bg-{layer.index}").start()
 
         threading.Thread(target=background, daemon=True, name="bg-start").start()
@@ -124,7 +123,7 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
             async def on_signal():
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
-                        pyfuse3.terminate()
+                        fuse.stop()
                         return
 
             async def status_loop():
@@ -134,19 +133,24 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
 
             nursery.start_soon(on_signal)
             nursery.start_soon(status_loop)
-            await pyfuse3.main()
+            await fuse.serve()
             nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
     finally:
         stop.set()
-        pyfuse3.close(unmount=True)
+        fuse.close()
         write_status(mountpoint, tree, info)
-        if recorder:
-            recorder.close()
         registry.close()
     return 0
+
+
+def is_mounted(path: str) -> bool:
+    """Whether something is mounted at `path` (per this process's mount table)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
 
 
 def umount(mountpoint: str) -> None:
@@ -165,22 +169,84 @@ def status(mountpoint: str) -> dict:
         raise OSError(f"{mountpoint} is not a lazybuild mount (no status at {status_path(mountpoint)})") from None
 
 
-def daemonize(argv: list[str], mountpoint: str, timeout_s: float = 120.0) -> int:
-    """Start `lazybuild mount` without --daemon in the background; return once the mount is up."""
-    from .fs import is_mounted
+class MountedImage:
+    """An image mounted by a child of this process (see mount_image); closing it unmounts."""
 
+    def __init__(self, mountpoint: str, pid: int, log_path: str):
+        self.mountpoint = mountpoint
+        self.pid = pid
+        self.log_path = log_path
+
+    def status(self) -> dict:
+        """Per layer: size, bytes fetched, served from cache, prefetched (as `mount --status`)."""
+        return status(self.mountpoint)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Unmount and reap the child (it flushes its status and exits once the kernel lets go)."""
+        if self.pid == 0:
+            return
+        if is_mounted(self.mountpoint):
+            try:
+                umount(self.mountpoint)
+            except OSError:
+                os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self.pid = 0
+
+
+def mount_image(ref_text: str, mountpoint: str, opts: MountOptions, timeout_s: float = 120.0,
+                detach: bool = False) -> MountedImage:
+    """Mount REF at MOUNTPOINT from a forked child of this process and return once it serves.
+
+    pyfuse3 serves one mount per process, so each mount is a child; forking (rather than starting
+    `python -m ...`) costs no interpreter start or imports and does not depend on the current
+    directory's sys.path. DETACH puts the child in its own session (`lazybuild mount --daemon`, which
+    outlives us); otherwise it stays ours, and `close()` unmounts it and reaps it.
+    """
+    require_extra("pyfuse3", f"mounting {ref_text}")  # here, not in the child, whose errors only reach a log
     log_path = status_path(mountpoint).replace(".json", ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "lazybuild.cli"] + argv, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: serve until unmounted, never return into the caller's code
+        code = 1
+        try:
+            if detach:
+                os.setsid()
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if detach else signal.SIG_IGN)  # the parent unmounts us
+            logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr,
+                                force=True)
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+            code = serve(ref_text, mountpoint, opts)
+        except BaseException as e:  # noqa: BLE001 - reported in the log the parent reads
+            print(f"lazybuild: error: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    handle = MountedImage(mountpoint, pid, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if is_mounted(mountpoint):
-            return 0
-        if proc.poll() is not None:
+            if detach:
+                handle.pid = 0  # not ours to reap: init adopts it when we exit
+            return handle
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
             with open(log_path) as f:
                 raise OSError(f"mount failed: {f.read().strip()}")
-        time.sleep(0.05)
-    proc.terminate()
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
     raise OSError(f"mount of {mountpoint} did not come up in {timeout_s:.0f} s (log: {log_path})")

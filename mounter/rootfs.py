@@ -1,12 +1,16 @@
-"""The merged root filesystem of an image's layers, with inode numbers, as overlayfs would show it.
+"""The trees a mount shows, as inode tables over layers: pure data, no FUSE here (fs.py serves them).
 
-Layers apply bottom to top: `.wh.NAME` hides NAME (and all below it) in lower layers, `.wh..wh..opq`
-hides every lower entry of its directory, a directory over a directory merges, anything else replaces.
-Names in one layer that are hardlinks of each other share one inode. Pure data: no FUSE here.
+MergedTree: an image's root filesystem as overlayfs would show it. Layers apply bottom to top:
+`.wh.NAME` hides NAME (and all below it) in lower layers, `.wh..wh..opq` hides every lower entry of
+its directory, a directory over a directory merges, anything else replaces.
+LayersTree (`--layers`): one directory per layer, each as overlayfs wants a lower dir.
+LayerDirs (the snapshotter): layer directories that come and go while mounted.
+In all of them, names in one layer that are hardlinks of each other share one inode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import stat
 import threading
@@ -48,6 +52,8 @@ class Inode:
 
 
 class MergedTree:
+    """The merged tree of `layers` (bottom first): `inodes` by number, reads by inode."""
+
     def __init__(self, layers: list[LazyLayer]):
         self.layers = layers
         entries: dict[str, tuple[int, Node]] = {}  # path -> (layer, node)
@@ -100,14 +106,15 @@ class MergedTree:
                 by_entry[key] = ino
             else:
                 self.inodes[ino].nlink += 1
-            parent = self._by_path(posixpath.dirname(path), entries)
+            parent = self.ino_at(posixpath.dirname(path))
             self.inodes[parent].children[posixpath.basename(path)] = ino
         for inode in self.inodes.values():
             if inode.is_dir:
                 inode.nlink = 2 + sum(1 for c in inode.children.values() if self.inodes[c].is_dir)
         self.total_size = sum(i.entry.size for i in self.inodes.values() if i.entry.type == "reg")
 
-    def _by_path(self, path: str, entries) -> int:
+    def ino_at(self, path: str) -> int:
+        """The inode number of an existing path ("" is the root)."""
         if path == "":
             return ROOT_INODE
         node = self.inodes[ROOT_INODE]
@@ -119,6 +126,14 @@ class MergedTree:
         p = self.inodes.get(parent)
         ino = p.children.get(name) if p else None
         return self.inodes[ino] if ino else None
+
+    def ready(self, ino: int) -> bool:
+        """Whether the inode can be served now (always: this tree is built whole; see LayerDirs)."""
+        return True
+
+    def wait_ready(self, ino: int) -> bool:
+        """Block until the inode can be served; False if it never will (see LayerDirs)."""
+        return True
 
     def read_if_in_memory(self, ino: int, offset: int, size: int) -> bytes | None:
         inode = self.inodes[ino]
@@ -301,6 +316,4 @@ class LayerDirs(LayersTree):
 
 
 def _with_xattr(entry: TOCEntry, key: str, value: bytes) -> TOCEntry:
-    import dataclasses
-
     return dataclasses.replace(entry, xattrs={**entry.xattrs, key: value})

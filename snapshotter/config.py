@@ -25,7 +25,8 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from lazybuild.mounter.cache import DEFAULT_LIMIT_BYTES
+from lazybuild.mounter import DEFAULT_CACHE_LIMIT_BYTES
+from lazybuild.errors import InputError
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Host:
 @dataclass
 class Config:
     cache_dir: str = ""
-    cache_limit_bytes: int = DEFAULT_LIMIT_BYTES
+    cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES
     prefetch: bool = True
     background_fetch: bool = True
     background_idle_seconds: float = 5.0
@@ -52,7 +53,7 @@ class Config:
         return self.mirrors.get(host, []) + [Host(host, host in self.insecure_hosts)]
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     pass
 
 

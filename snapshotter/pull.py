@@ -26,6 +26,7 @@ import grpc
 
 from lazybuild.image import Descriptor, Platform
 from lazybuild.registry import Reference, Registry
+from lazybuild.errors import RemoteError
 from lazybuild.snapshotter.proto import (content_pb2, content_pb2_grpc, descriptor_pb2, diff_pb2, diff_pb2_grpc,
                                          images_pb2, images_pb2_grpc, leases_pb2, leases_pb2_grpc, snapshots_pb2,
                                          snapshots_pb2_grpc)
@@ -39,7 +40,7 @@ WRITE_PIECE = 1 << 20  # content Write messages stay far below containerd's 16 M
 LABEL_VALUE_MAX = 4096  # containerd refuses longer labels; the layers label is cut to fit, as ctr-remote does
 
 
-class PullError(Exception):
+class PullError(RemoteError):
     pass
 
 

@@ -28,11 +28,11 @@ import httpx
 
 from lazybuild import estargz
 from lazybuild.digest import check_digest, digest_hex, is_digest
+from lazybuild.errors import InputError
 from lazybuild.estargz.reader import TAIL_READ_BYTES
 from lazybuild.image import Descriptor
-from lazybuild.mounter.cache import ChunkCache
-from lazybuild.mounter.layer import FetchedLayer, LayerError, LazyLayer, NotEStargz
-from lazybuild.mounter.rootfs import LayerDirs
+from lazybuild.mounter import (ChunkCache, FetchedLayer, LayerDirs, LayerError, LazyLayer, NotEStargz, Prefetch,
+                               background_fetch, fetch_layer)
 from lazybuild.registry import Reference, Registry, RegistryError
 from lazybuild.registry.client import system_tls_context
 
@@ -58,7 +58,7 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0
 _KEPT_RE = re.compile(r"sha256-[0-9a-f]{64}")  # the names _toc_dir makes, the only ones cleanup touches
 
 
-class LabelError(ValueError):
+class LabelError(InputError):
     """A Prepare label that cannot be used: the message names the label and what was wrong."""
 
 
@@ -247,7 +247,7 @@ class LazyLayers:
                     if size is None:
                         raise LayerError(f"{reg.blob_url(ref.repository, source.digest)} answered 404: no such blob")
                 desc = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", source.digest, size)
-                return LazyLayer.fetch(0, reg, ref.repository, desc, toc_dir=self._toc_dir(source.digest), tail=tail)
+                return fetch_layer(reg, ref.repository, desc, toc_dir=self._toc_dir(source.digest), tail=tail)
             except NotEStargz:
                 raise  # no mirror will make it one
             except FALLBACK_ERRORS as e:
@@ -308,33 +308,30 @@ class LazyLayers:
 
         def build() -> None:
             try:
-                layer = LazyLayer.build(fetched, self.cache)
+                layer = fetched.build(self.cache)
             except Exception as e:  # a TOC whose digest matched but does not parse: EIO, never an empty dir
-                self.unavailable[sid] = f"layer {fetched.stats.digest}: {e}"
+                self.unavailable[sid] = f"layer {fetched.digest}: {e}"
                 log.error("snapshot %d: %s", sid, self.unavailable[sid])
                 self.tree.fail(name)
                 return
             # An optimized layer already brings what its workload reads in the prefetch; its later misses
             # are scattered, so reading around them would only add bytes.
-            optimized = layer.reader.lookup(estargz.PREFETCH_LANDMARK) is not None
-            layer.read_around = 0 if optimized else self.cfg.read_around_bytes
-            chunks = layer.prefetch_chunks() if self.cfg.prefetch else []
+            layer.read_around = 0 if layer.has_prefetch_landmark else self.cfg.read_around_bytes
             layer.last_read = time.monotonic()  # the background fetch waits for a first quiet period
-            layer.lock_chunks(chunks)  # reads of prefetched chunks wait for the stream instead of racing it
+            prefetch = Prefetch(layer, self.cfg.prefetch)  # reads of its chunks wait for the stream
             try:
                 filled = self.tree.fill(name, layer)
             except BaseException:
-                layer.unlock_chunks(chunks)
+                prefetch.cancel()
                 raise
             if not filled:  # removed while it was being built
-                layer.unlock_chunks(chunks)
+                prefetch.cancel()
                 return
             stop = self._stops[sid] = threading.Event()
-            if chunks:
-                layer.prefetch(chunks, locked=True)
+            prefetch.run()
             self._write_chunk_list(layer)
             if self.cfg.background_fetch:
-                layer.background_fetch(stop, idle_s=self.cfg.background_idle_seconds)
+                background_fetch(layer, stop, idle_s=self.cfg.background_idle_seconds)
 
         if wait:
             build()
@@ -368,10 +365,7 @@ class LazyLayers:
     def usage(self, sid: int) -> tuple[int, int]:
         """(bytes, inodes) of a lazy layer's files, as if unpacked (0, 0 while it is being built)."""
         layer = self.tree.built().get(str(sid))
-        if layer is None:
-            return 0, 0
-        entries = [e for e in layer.reader.entries if e.type != "chunk"]
-        return sum(e.size for e in entries if e.type == "reg"), len(entries)
+        return layer.unpacked_usage() if layer is not None else (0, 0)
 
     def _write_chunk_list(self, layer: LazyLayer) -> None:
         path = os.path.join(self._toc_dir(layer.stats.digest), "chunks")
@@ -381,7 +375,7 @@ class LazyLayers:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "w") as f:
-                f.write("\n".join(sorted({layer.key(c) for c in layer.payload_chunks()})))
+                f.write("\n".join(sorted(layer.chunk_keys())))
             os.replace(tmp, path)
         except OSError as e:  # a full disk: the layer still serves; Cleanup then leaves its chunks to the LRU
             log.warning("cannot keep the chunk list of layer %s (%s); its chunks are freed by the cache's LRU "

@@ -19,6 +19,8 @@ import threading
 import time
 from concurrent import futures
 
+from lazybuild import mounter
+
 from .config import Config
 from .remote import LazyLayers
 from .snapshots import Snapshotter
@@ -28,9 +30,7 @@ log = logging.getLogger("lazybuild.snapshotter")
 
 def _unmount_stale(path: str) -> None:
     """A previous run that died leaves its FUSE mount behind (ENOTCONN): detach it before mounting anew."""
-    from lazybuild.mounter.fs import is_mounted
-
-    if is_mounted(path):
+    if mounter.is_mounted(path):
         subprocess.run(["umount", "-l", path], capture_output=True)
 
 
@@ -46,10 +46,8 @@ def write_status(root: str, lazy: LazyLayers | None) -> None:
 
 def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int:
     import grpc
-    import pyfuse3
     import trio
 
-    from lazybuild.mounter.fs import LazyFS
     from lazybuild.snapshotter.proto import snapshots_pb2_grpc
 
     from .service import SnapshotsService
@@ -61,13 +59,12 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
     os.makedirs(root, mode=0o700, exist_ok=True)
     lazy = LazyLayers(root, cfg) if lazy_layers else None
     sn = Snapshotter(root, lazy)
+    fuse = None
     if lazy is not None:
         lazy.warm_up()
         _unmount_stale(lazy.mountpoint)
         os.makedirs(lazy.mountpoint, exist_ok=True)
-        options = set(pyfuse3.default_options) | {"fsname=lazybuild-snapshotter", "ro", "allow_other",
-                                                   "default_permissions"}
-        pyfuse3.init(LazyFS(lazy.tree), lazy.mountpoint, options)
+        fuse = mounter.fuse_mount(lazy.tree, lazy.mountpoint, "lazybuild-snapshotter")
         restored, unavailable = sn.restore()
         if restored or unavailable:
             log.info("restored %d lazy layers, %d unavailable", restored, unavailable)
@@ -89,8 +86,8 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         stopping.set()
-                        if lazy is not None:
-                            pyfuse3.terminate()
+                        if fuse is not None:
+                            fuse.stop()
                         nursery.cancel_scope.cancel()
                         return
 
@@ -101,8 +98,8 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
 
             nursery.start_soon(on_signal)
             nursery.start_soon(status_loop)
-            if lazy is not None:
-                await pyfuse3.main()
+            if fuse is not None:
+                await fuse.serve()
                 nursery.cancel_scope.cancel()
 
     try:
@@ -112,7 +109,8 @@ def serve(address: str, root: str, cfg: Config, lazy_layers: bool = True) -> int
         if lazy is not None:
             write_status(root, lazy)
             lazy.close()
-            pyfuse3.close(unmount=True)
+        if fuse is not None:
+            fuse.close()
         sn.close()
         try:
             os.unlink(address)

@@ -14,11 +14,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from lazybuild.errors import SnapshotterError
+
 VIEW, ACTIVE, COMMITTED = 1, 2, 3  # containerd's Kind enum values
 KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
 
 
-class SnapshotError(Exception):
+class SnapshotError(SnapshotterError):
     """An error containerd understands: `code` is one of its errdefs classes (mapped to gRPC codes)."""
 
     def __init__(self, code: str, message: str):

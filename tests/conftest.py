@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference checker and the input tars, made once per session."""
+"""Shared fixtures: the reference checker, the input tars and the local services, made once per session;
+and the `integration` mark, given by folder (tests/integration/ has it, tests/unit/ must not)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,23 @@ import os
 import shutil
 import tarfile
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+from lazybuild.testing.images import docker_archive
+from lazybuild.testing.registry import RegistryProcess
+from support import SHARED, TESTS, tarcases
 
-import tarcases  # noqa: E402
-from images import docker_archive  # noqa: E402
-from registry_harness import RegistryProcess  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("LAZYBUILD_SHARED", os.path.join(REPO, "..", "shared"))
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = os.path.relpath(str(item.path), TESTS).split(os.sep)[0]
+        if folder == "integration":
+            item.add_marker(pytest.mark.integration)
+        elif folder == "unit" and item.get_closest_marker("integration"):
+            raise pytest.UsageError(f"{item.nodeid} is marked integration: tests that need services go in "
+                                    "tests/integration/")
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +70,7 @@ def archive(tmp_path_factory, tars) -> str:
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory):
     """A Docker 20.10 daemon of our own (BuildKit v0.8 inside) with the test base image imported."""
-    from dockerd_harness import start_with_base
+    from lazybuild.testing.dockerd import start_with_base
 
     d = start_with_base(str(tmp_path_factory.mktemp("dockerd")))
     yield d
@@ -73,16 +79,16 @@ def dockerd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def frontend_image(dockerd, registry) -> str:
-    """The frontend image, pushed to the local registry (see dockerd_harness.push_frontend_image)."""
-    from dockerd_harness import push_frontend_image
+    """The frontend image, pushed to the local registry (see lazybuild.testing.dockerd.push_frontend_image)."""
+    from lazybuild.testing.dockerd import push_frontend_image
 
     return push_frontend_image(dockerd, f"{registry.host}/lazybuild:test")
 
 
 @pytest.fixture
 def canary():
-    """A host tree outside the test's roots (see canary.py); checked untouched after the test."""
-    from canary import Canary
+    """A host tree outside the test's roots (see support/canary.py); checked untouched after the test."""
+    from support.canary import Canary
 
     c = Canary()
     yield c

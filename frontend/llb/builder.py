@@ -1,149 +1,132 @@
-"""The LLB op graph: vertices, their inputs, and the Definition BuildKit solves.
+"""The LLB builder, in the spirit of BuildKit's client/llb: source constructors, immutable states and
+one `definition()` that marshals a graph.
 
-A `Vertex` is one op (source, exec, file, merge) whose inputs are other vertices' outputs. Its digest
-is sha256 of the exact bytes placed in the Definition (deterministic serialization, so the same graph
-always gives the same digests and BuildKit's cache can recognise it). `definition(out)` writes every
-vertex reachable from `out`, inputs first, then the terminal op that names the result.
+    base = image("docker.io/library/alpine:latest", platform=amd64)
+    built = base.run(["sh", "-c", "make"], mounts=[Cache("/root/.cache", id="/root/.cache")]).root()
+    done = built.file(Mkdir("/out", make_parents=True), Copy(context, "/a", "/out/"))
+    definition(done)  # every op reachable from `done`, inputs first, then the terminal op
+
+States never change: `run`, `file`, `merge` and `diff` return new ones, so a state can be shared by
+any number of later steps. Ops declare their caps themselves (see state.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from typing import Sequence
 
+from .files import Chown, Copy, FileAction, Mkdir, Mkfile, Rm
+from .mounts import ROOT, SSH, Bind, Cache, Mount, Secret, Tmpfs
 from .proto import ops_pb2 as pb
+from .state import (COMMAND, CUSTOM_NAME, Exec, ExecState, Info, Marshalled, Op, Platform, ProxyEnv, Source,
+                    State, diff, merge, scratch)
+
+__all__ = [
+    "COMMAND", "CUSTOM_NAME", "Bind", "Cache", "Chown", "Copy", "Exec", "ExecState", "FileAction", "Info",
+    "Mkdir", "Mkfile", "Mount", "Platform", "ProxyEnv", "ROOT", "Rm", "SSH", "Secret", "State", "Tmpfs",
+    "definition", "diff", "from_definition", "git", "http", "image", "local", "merge", "scratch", "source",
+]
 
 
-@dataclass(frozen=True)
-class Output:
-    """One filesystem result: output `index` of `vertex`."""
-
-    vertex: "Vertex"
-    index: int = 0
-
-
-@dataclass(eq=False)
-class Vertex:
-    op: pb.Op  # without `inputs`: they are filled from `inputs` when marshalled
-    inputs: list[Output] = field(default_factory=list)
-    description: dict[str, str] = field(default_factory=dict)
-    caps: set[str] = field(default_factory=set)
-    ignore_cache: bool = False
-    progress_group: tuple[str, str] | None = None
-    _marshalled: tuple[str, bytes] | None = None
-
-    def marshal(self) -> tuple[str, bytes]:
-        """(digest, bytes) of this op with its inputs' digests."""
-        if self._marshalled is None:
-            op = pb.Op()
-            op.CopyFrom(self.op)
-            del op.inputs[:]
-            for out in self.inputs:
-                op.inputs.add(digest=out.vertex.marshal()[0], index=out.index)
-            data = op.SerializeToString(deterministic=True)
-            self._marshalled = ("sha256:" + hashlib.sha256(data).hexdigest(), data)
-        return self._marshalled
-
-    def metadata(self) -> pb.OpMetadata:
-        md = pb.OpMetadata(ignore_cache=self.ignore_cache)
-        for k, v in self.description.items():
-            md.description[k] = v
-        for cap in self.caps:
-            md.caps[cap] = True
-        if self.progress_group:
-            md.progress_group.id, md.progress_group.name = self.progress_group
-        return md
+# ---- sources
+def source(identifier: str, attrs: dict[str, str] | None = None, *, platform: Platform | pb.Platform | None = None,
+           info: Info = Info()) -> State:
+    """Any source op; the constructors below name the attributes of each kind."""
+    return State(Source(info=info, identifier=identifier, attrs=tuple(sorted((attrs or {}).items())),
+                        platform=Platform.of(platform)))
 
 
-def definition(out: Output | None) -> pb.Definition:
-    """Everything `out` needs, inputs first, then the terminal op. None (scratch) gives an empty
-    Definition, which BuildKit solves to an empty result."""
+def image(name: str, *, platform: Platform | pb.Platform | None = None, resolve_mode: str = "default",
+          info: Info = Info()) -> State:
+    """A registry image, by its full name (`docker.io/library/alpine:latest`)."""
+    attrs = {} if resolve_mode == "default" else {"image.resolvemode": resolve_mode}
+    return source("docker-image://" + name, attrs, platform=platform, info=info)
+
+
+def local(name: str, *, session_id: str, shared_key_hint: str, follow_paths: Sequence[str] | None = None,
+          exclude_patterns: Sequence[str] = (), info: Info = Info()) -> State:
+    """Files of the client's local directory `name`; `follow_paths` limits what is sent (None: all)."""
+    attrs = {"local.session": session_id, "local.sharedkeyhint": shared_key_hint}
+    if exclude_patterns:
+        attrs["local.excludepatterns"] = json.dumps(list(exclude_patterns))
+    if follow_paths is not None:
+        attrs["local.followpaths"] = json.dumps(list(follow_paths))
+    return source("local://" + name, attrs, info=info)
+
+
+def git(remote: str, ref: str = "", *, full_url: str, keep_git_dir: bool = False, info: Info = Info()) -> State:
+    """A git repository: `remote` is the identifier's host/path, `ref` the `#ref[:subdir]` fragment,
+    `full_url` what is actually fetched."""
+    attrs = {"git.fullurl": full_url}
+    if keep_git_dir:
+        attrs["git.keepgitdir"] = "true"
+    return source("git://" + remote + (f"#{ref}" if ref else ""), attrs, info=info)
+
+
+def http(url: str, *, filename: str, checksum: str = "", info: Info = Info()) -> State:
+    """One file downloaded from `url`, named `filename` in the state."""
+    attrs = {"http.filename": filename}
+    if checksum:
+        attrs["http.checksum"] = checksum
+    return source(url, attrs, info=info)
+
+
+# ---- the Definition
+# Caps of the Definition as a whole, declared on the terminal op (as BuildKit's Marshal does).
+TERMINAL_CAPS = ("constraints", "platform")
+
+
+def definition(state: State) -> pb.Definition:
+    """Everything `state` needs, inputs first, then the terminal op naming the result. Scratch gives an
+    empty Definition, which BuildKit solves to an empty result. Ops with identical bytes are one vertex;
+    their metadata is merged (caps and descriptions together, ignore_cache if any asked)."""
     d = pb.Definition()
-    if out is None:
+    if state.is_scratch:
         return d
-    seen: dict[str, Vertex] = {}
-    order: list[Vertex] = []
+    visited: set[int] = set()
+    order: list[Op] = []
 
-    def visit(v: Vertex) -> None:
-        digest = v.marshal()[0]
-        if digest in seen:
+    def visit(op: Op) -> None:
+        if id(op) in visited:
             return
-        seen[digest] = v
-        for i in v.inputs:
-            visit(i.vertex)
-        order.append(v)
+        visited.add(id(op))
+        for inp in op.inputs:
+            visit(inp.op)
+        if op.digest not in d.metadata:
+            order.append(op)
+            d.metadata[op.digest].CopyFrom(op.metadata())
+        else:
+            d.metadata[op.digest].MergeFrom(op.metadata())
 
-    visit(out.vertex)
-    caps: set[str] = {"constraints", "platform"}
-    for v in order:
-        digest, data = v.marshal()
-        getattr(d, "def").append(data)
-        md = v.metadata()
-        # Two ops with identical bytes are one vertex: merge what each asked for.
-        if digest in d.metadata:
-            md.MergeFrom(d.metadata[digest])
-        d.metadata[digest].CopyFrom(md)
-        caps |= v.caps
-        if v.description:
-            caps.add("meta.description")
-        if v.ignore_cache:
-            caps.add("meta.ignorecache")
+    visit(state.op)
+    getattr(d, "def").extend(op.data for op in order)
     terminal = pb.Op()
-    terminal.inputs.add(digest=out.vertex.marshal()[0], index=out.index)
+    terminal.inputs.add(digest=state.op.digest, index=state.index)
     data = terminal.SerializeToString(deterministic=True)
     getattr(d, "def").append(data)
+    caps = set(TERMINAL_CAPS)
+    if any(md.description for md in d.metadata.values()):
+        caps.add("meta.description")
+    if any(md.ignore_cache for md in d.metadata.values()):
+        caps.add("meta.ignorecache")
     tmd = d.metadata["sha256:" + hashlib.sha256(data).hexdigest()]
-    for cap in sorted(caps & {"constraints", "platform", "meta.description", "meta.ignorecache"}):
+    for cap in sorted(caps):
         tmd.caps[cap] = True
     return d
 
 
-def platform(os_: str, arch: str, variant: str = "") -> pb.Platform:
-    return pb.Platform(OS=os_, Architecture=arch, Variant=variant)
-
-
-def source(identifier: str, attrs: dict[str, str] | None = None, *, plat: pb.Platform | None = None,
-           caps: set[str] = frozenset(), description: dict[str, str] | None = None) -> Output:
-    op = pb.Op(source=pb.SourceOp(identifier=identifier, attrs=attrs or {}))
-    if plat is not None:
-        op.platform.CopyFrom(plat)
-    op.constraints.SetInParent()  # Go always writes an empty WorkerConstraints; same bytes, same vertex
-    return Output(Vertex(op, [], dict(description or {}), set(caps)))
-
-
-class InputList:
-    """The inputs of one op being built: each distinct output once, addressed by its index."""
-
-    def __init__(self):
-        self.outputs: list[Output] = []
-
-    def index(self, out: Output | None) -> int:
-        if out is None:
-            return -1
-        key = (out.vertex.marshal()[0], out.index)
-        for i, o in enumerate(self.outputs):
-            if (o.vertex.marshal()[0], o.index) == key:
-                return i
-        self.outputs.append(out)
-        return len(self.outputs) - 1
-
-
-def from_definition(d: pb.Definition) -> Output | None:
-    """A Definition someone else marshalled (a frontend input) as an output we can build on. Its ops
-    keep their exact bytes and metadata, so their digests stay theirs."""
+def from_definition(d: pb.Definition) -> State:
+    """A Definition someone else marshalled (a frontend input) as a state to build on. Its ops keep
+    their exact bytes and metadata, so their digests stay theirs."""
     ops = list(getattr(d, "def"))
     if not ops:
-        return None
-    vertices: dict[str, Vertex] = {}
+        return scratch()
+    marshalled: dict[str, Marshalled] = {}
     for data in ops[:-1]:
-        op = pb.Op.FromString(data)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        inputs = [Output(vertices[i.digest], i.index) for i in op.inputs]
-        v = Vertex(op, inputs)
-        v._marshalled = (digest, data)
-        if digest in d.metadata:
-            md = d.metadata[digest]
-            v.description, v.caps, v.ignore_cache = dict(md.description), {k for k, on in md.caps.items() if on}, md.ignore_cache
-        vertices[digest] = v
+        inputs = tuple(State(marshalled[i.digest], i.index) for i in pb.Op.FromString(data).inputs)
+        md = d.metadata[digest].SerializeToString(deterministic=True) if digest in d.metadata else b""
+        marshalled[digest] = Marshalled(raw=data, raw_inputs=inputs, raw_metadata=md)
     head = pb.Op.FromString(ops[-1]).inputs[0]
-    return Output(vertices[head.digest], head.index)
+    return State(marshalled[head.digest], head.index)

@@ -15,6 +15,7 @@ import threading
 import zstandard
 from zlib_ng import zlib_ng
 
+from ..errors import InputError
 from .errors import FooterError, FormatError, LimitExceeded
 from .toc import (
     MEDIA_TYPE_GZIP,
@@ -112,7 +113,7 @@ class Gzip:
     def __init__(self, level: int | None = None):
         self.level = self.default_level if level is None else level
         if not 0 <= self.level <= 9:
-            raise ValueError(f"gzip compression level {self.level} is not in 0..9")
+            raise InputError(f"gzip compression level {self.level} is not in 0..9")
 
     def compress_member(self, data: bytes) -> bytes:
         """One complete gzip member. Thread-safe: zlib-ng releases the GIL while it deflates."""
@@ -144,7 +145,7 @@ class Zstd:
     def __init__(self, level: int | None = None):
         self.level = self.default_level if level is None else level
         if not 1 <= self.level <= 22:
-            raise ValueError(f"zstd compression level {self.level} is not in 1..22")
+            raise InputError(f"zstd compression level {self.level} is not in 1..22")
         self._local = threading.local()  # a ZstdCompressor must not be shared between threads
 
     def compress_member(self, data: bytes) -> bytes:
@@ -173,7 +174,7 @@ def compression_for(name: str, level: int | None = None):
         return Gzip(level)
     if name == "zstd":
         return Zstd(level)
-    raise ValueError(f"unknown layer compression {name!r} (want gzip or zstd)")
+    raise InputError(f"unknown layer compression {name!r} (want gzip or zstd)")
 
 
 # --- reading ---------------------------------------------------------------------------------------

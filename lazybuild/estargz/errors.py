@@ -1,7 +1,9 @@
 """Exceptions of the layer format. Each names the layer and, where there is one, the entry."""
 
+from ..errors import DataError
 
-class EStargzError(Exception):
+
+class EStargzError(DataError):
     """Base of every error raised by lazybuild.estargz."""
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
+from ..errors import InputError
 from .compression import compression_for, tar_padding
 from .errors import PrioritizedFileNotFound, UnsafeEntryError, UnsupportedEntryError
 from .order import sort_members
@@ -138,9 +139,9 @@ def build(
     `progress(done_bytes, total_bytes)` is called as the uncompressed stream is written.
     """
     if chunk_size <= 0:
-        raise ValueError("chunk size must be positive")
+        raise InputError("chunk size must be positive")
     if chunk_size > MAX_CHUNK_SIZE:  # readers (ours included) refuse larger chunks: they are inflated whole
-        raise ValueError(f"chunk size {chunk_size} is past the {MAX_CHUNK_SIZE >> 20} MiB a reader accepts")
+        raise InputError(f"chunk size {chunk_size} is past the {MAX_CHUNK_SIZE >> 20} MiB a reader accepts")
     comp = compression_for(compression, level)
     with SpooledTar(source, tmpdir) as tar:
         members = tar.members()

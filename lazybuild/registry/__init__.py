@@ -6,8 +6,9 @@ does not pull in httpx: the frontend starts on every build, and its image carrie
 
 import importlib
 
+# Each name from the module that defines it; `client` is the public Registry, which re-exports the others.
 _EXPORTS = {"Credentials": "auth", "RegistryAuthError": "auth", "load_credentials": "auth",
-            "Registry": "client", "RegistryError": "client", "Resolved": "client", "Reference": "reference"}
+            "Registry": "client", "RegistryError": "errors", "Resolved": "manifests", "Reference": "reference"}
 
 
 def __getattr__(name: str):

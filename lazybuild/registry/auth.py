@@ -1,6 +1,6 @@
 """Registry authentication: credentials from Docker's config, and the challenge flow (Basic, Bearer tokens).
 
-`RegistryAuth` holds one registry's challenge and tokens; the client (`client.py`) asks it for the
+`RegistryAuth` holds one registry's challenge and tokens; the session (`session.py`) asks it for the
 Authorization header of each request to the registry's own origin, and hands it the registry's 401
 challenges, which we meet (basic credentials, or a token from the realm) before retrying once. Tokens
 are cached per (realm, service, scope). Credentials never reach a log, an error message, or a host
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from ..errors import RemoteError
 from .bodies import MAX_TOKEN_BYTES, BodyError, discard, printable, read_capped
 from .reference import DOCKER_HUB, DOCKER_HUB_API
 
 
-class RegistryAuthError(Exception):
+class RegistryAuthError(RemoteError):
     pass
 
 

@@ -13,6 +13,7 @@ import zlib
 
 import httpx
 
+from ..errors import RemoteError
 from ..image import size_text
 
 # A token answer is a JSON object with a JWT or an opaque token: a few KiB even with many scopes.
@@ -21,7 +22,7 @@ MAX_TOKEN_BYTES = 1 << 20
 MAX_ERROR_BODY_BYTES = 64 << 10
 
 
-class BodyError(ValueError):
+class BodyError(RemoteError, ValueError):
     """A body we refuse to read (over its cap, or in an encoding we did not ask for)."""
 
 

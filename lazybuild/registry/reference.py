@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..digest import check_digest
+from ..errors import InputError
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -47,13 +48,13 @@ class Reference:
         if ":" in last:
             rest, tag = rest.rsplit(":", 1)
             if not _TAG_RE.fullmatch(tag):
-                raise ValueError(f"reference {original!r}: {tag!r} is not a valid tag")
+                raise InputError(f"reference {original!r}: {tag!r} is not a valid tag")
         if not _HOST_RE.fullmatch(host):
-            raise ValueError(f"reference {original!r}: {host!r} is not a registry host (host[:port])")
+            raise InputError(f"reference {original!r}: {host!r} is not a registry host (host[:port])")
         if host == DOCKER_HUB and "/" not in rest:
             rest = "library/" + rest
         if not _REPO_RE.fullmatch(rest):
-            raise ValueError(f"reference {original!r}: repository {rest!r} must be lowercase letters, digits, . _ - and /")
+            raise InputError(f"reference {original!r}: repository {rest!r} must be lowercase letters, digits, . _ - and /")
         if not tag and not digest:
             tag = "latest"
         return cls(host, rest, tag, digest)

@@ -1,0 +1,130 @@
+"""`lazybuild build`: flags as `docker buildx build` has them; the build, then its export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from lazybuild.exporter.assemble import ExportError
+from lazybuild.exporter.daemonless import Optimize, export_build
+from lazybuild.exporter.output import OutputSpec
+from lazybuild.exporter.rootfs import write_rootfs
+
+from lazybuild.builder.executor import STATE_DIR, Builder, BuildOptions
+from lazybuild.errors import UsageError
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("build", help="build a Dockerfile without a daemon: RUN steps on lazily mounted base images, "
+                                     "output as optimized eStargz")
+    b.add_argument("context", metavar="CONTEXT")
+    b.add_argument("-f", "--file", dest="dockerfile", default="", help="Dockerfile (default CONTEXT/Dockerfile)")
+    b.add_argument("-t", "--tag", action="append", default=[], help="name the image (with push=true: where to push)")
+    b.add_argument("--target", default="", help="the stage to build (default: the last)")
+    b.add_argument("--build-arg", action="append", default=[], metavar="K=V")
+    b.add_argument("--platform", default="", help="os/arch (this machine's; no emulation)")
+    b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--secret", action="append", default=[], metavar="id=X,src=FILE")
+    b.add_argument("-o", "--output", default="", metavar="SPEC",
+                   help="type=stargz|oci|tar|local[,compression=gzip|zstd][,dest=PATH][,push=true]")
+    b.add_argument("--progress", choices=("auto", "plain", "quiet"), default="auto")
+    b.add_argument("--source-date-epoch", type=int, default=None,
+                   help="clamp file times in new layers (default: $SOURCE_DATE_EPOCH)")
+    b.add_argument("--insecure", action="store_true", help="skip TLS verification of registries")
+    b.add_argument("--state-dir", default=STATE_DIR, help="step cache and cache mounts (default %(default)s)")
+    b.add_argument("--cache", default="/var/cache/lazybuild", help="chunk cache of the lazy mounts")
+    b.add_argument("--metadata-file", default="", help="write the image digest, config and layers as JSON")
+    b.add_argument("--optimize", action="store_true",
+                   help="run the built image's workload (ENTRYPOINT/CMD, or the command after --) lazily mounted "
+                        "and put the files it reads first in each new layer (needs type=stargz,push=true)")
+    b.add_argument("--optimize-period", type=float, default=10.0, metavar="S", help="how long the workload runs")
+    b.add_argument("--record-base", default="", metavar="FILE",
+                   help="append the base image files RUN steps read (NDJSON {path, layer}) to FILE")
+    b.set_defaults(workload=[])  # `-- CMD ARGS` after everything else: split off by lazybuild.cli.main
+    b.set_defaults(func=run)
+
+
+def _kv(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq and what == "build-arg":
+            v = os.environ.get(k, "")
+        elif not eq:
+            raise UsageError(f"--{what} {item!r}: want KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _secrets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        fields = dict(f.partition("=")[::2] for f in item.split(","))
+        sid, src = fields.get("id"), fields.get("src") or fields.get("source")
+        if not sid or not src:
+            raise UsageError(f"--secret {item!r}: want id=NAME,src=FILE")
+        if not os.path.isfile(src):
+            raise UsageError(f"--secret {item!r}: {src} is not a file")
+        out[sid] = src
+    return out
+
+
+def run(args) -> int:
+    quiet = args.progress == "quiet"
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        spec = OutputSpec.parse(args.output) if args.output else None
+        if spec and spec.push and not args.tag:
+            raise UsageError("--output push=true needs -t REGISTRY/NAME:TAG")
+        workload = args.workload
+        if workload and not args.optimize:
+            raise UsageError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")
+        if args.optimize and not (spec and spec.type == "stargz" and spec.push):
+            raise UsageError("--optimize needs --output type=stargz,push=true: the pushed image is mounted lazily "
+                             "to record what its workload reads")
+        opts = BuildOptions(context=args.context, dockerfile=args.dockerfile, target=args.target,
+                            build_args=_kv(args.build_arg, "build-arg"), platform=args.platform,
+                            no_cache=args.no_cache, secrets=_secrets(args.secret), insecure=args.insecure,
+                            state_dir=args.state_dir, chunk_cache=args.cache,
+                            record_base=os.path.abspath(args.record_base) if args.record_base else "")
+    except ExportError as e:  # an --output spec that does not parse: a flag, not a failed export
+        raise UsageError(str(e)) from None
+    epoch = args.source_date_epoch if args.source_date_epoch is not None else (
+        int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit() else None)
+    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no mount or container is left behind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    start = time.monotonic()
+    builder = Builder(opts, log)
+    image = None
+    try:
+        result = builder.run()
+        log(f"build done in {time.monotonic() - start:.1f} s")
+        fetched = result.bytes_fetched()
+        for ref, f in fetched.items():
+            log(f"  {ref}: {f['fetched'] / 1e6:.1f} MB fetched lazily of {f['size'] / 1e6:.1f} MB")
+        if spec is None:
+            log("no --output: the result stays in the step cache")
+        elif not spec.is_image:
+            write_rootfs(builder.view(result.target.layers, "output"), spec.dest, spec.type == "tar", log)
+        else:
+            log("exporting layers")
+            optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
+            image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
+                                 optimize=optimize, log=log)
+        if args.metadata_file and image is not None:
+            tmp = args.metadata_file + ".partial"
+            with open(tmp, "w") as f:
+                json.dump({**image.summary(), "bytesFetched": fetched}, f, indent=1)
+            os.replace(tmp, args.metadata_file)
+        if image is not None:
+            print(image.digest)
+        return 0
+    finally:
+        builder.close()
+        if image is not None:
+            image.close()

@@ -1,0 +1,114 @@
+"""`lazybuild layer convert|verify|ls|extract`: single eStargz layers as files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+from .. import estargz
+from .options import parse_size, read_prioritized_files
+from .progress import progress_bar
+
+
+def add_parser(sub) -> None:
+    layer = sub.add_parser("layer", help="convert, verify, list and extract single eStargz layers")
+    lsub = layer.add_subparsers(dest="layer_command", required=True)
+
+    c = lsub.add_parser("convert", help="tar (plain, gzip or zstd) -> eStargz; prints the blob's digests as JSON")
+    c.add_argument("input", metavar="IN.tar", help="input tar, plain/gzip/zstd, or - for stdin")
+    c.add_argument("output", metavar="OUT", help="output blob (written under a temporary name, then renamed)")
+    c.add_argument("--zstd", action="store_true", help="eStargz with zstd (application/vnd.oci.image.layer.v1.tar+zstd)")
+    c.add_argument("--chunk-size", type=parse_size, default=estargz.DEFAULT_CHUNK_SIZE, metavar="N",
+                   help="payload chunk size (default 4MiB)")
+    c.add_argument("--level", type=int, default=None, metavar="L", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
+    c.add_argument("--prioritized-files", metavar="FILE",
+                   help="paths to put first, before .prefetch.landmark: one per line, or NDJSON {\"path\": ...}")
+    c.add_argument("--allow-missing-prioritized", action="store_true",
+                   help="warn instead of failing when a prioritized path is not in the layer")
+    c.set_defaults(func=convert)
+
+    v = lsub.add_parser("verify", help="check the TOC digest and every chunk digest; exit 0 only if all verify")
+    v.add_argument("blob", metavar="BLOB")
+    v.add_argument("--toc-digest", metavar="D", help="expected TOC digest (the containerd.io/snapshot/stargz/toc.digest annotation)")
+    v.set_defaults(func=verify)
+
+    ls = lsub.add_parser("ls", help="list TOC entries")
+    ls.add_argument("blob", metavar="BLOB")
+    ls.add_argument("--json", action="store_true", help="one JSON object per entry, with its compressed byte range")
+    ls.add_argument("--chunks", action="store_true", help="also list chunk entries")
+    ls.set_defaults(func=list_entries)
+
+    x = lsub.add_parser("extract", help="unpack a layer into a directory (every byte verified)")
+    x.add_argument("blob", metavar="BLOB")
+    x.add_argument("dir", metavar="DIR")
+    x.add_argument("--toc-digest", metavar="D", help="refuse the layer unless its TOC has this digest")
+    x.set_defaults(func=extract)
+
+
+def convert(args) -> int:
+    prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else []
+    update, close = progress_bar(os.path.basename(args.input))
+    try:
+        blob = estargz.convert_file(
+            args.input,
+            args.output,
+            compression="zstd" if args.zstd else "gzip",
+            level=args.level,
+            chunk_size=args.chunk_size,
+            prioritized_files=prioritized,
+            allow_prioritized_not_found=args.allow_missing_prioritized,
+            progress=update,
+        )
+    finally:
+        close()
+    for path in blob.missed_prioritized:
+        print(f"lazybuild: warning: prioritized file {path!r} is not in the layer", file=sys.stderr)
+    print(json.dumps(blob.to_json(), indent=None))
+    return 0
+
+
+def verify(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        files = r.verify(args.toc_digest)
+        print(f"ok: {args.blob}: {r.kind} eStargz, {len(r.entries)} TOC entries, {files} files verified, TOC {r.toc_digest}")
+    if not args.toc_digest:
+        print("lazybuild: note: no --toc-digest given: chunks were checked against the TOC, the TOC against nothing", file=sys.stderr)
+    return 0
+
+
+def _mode_string(e: estargz.TOCEntry) -> str:
+    kind = {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p", "hardlink": "h"}.get(e.type, "-")
+    return kind + stat.filemode(e.mode & 0o7777)[1:]
+
+
+def list_entries(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        for e in r.entries:
+            if e.type == "chunk" and not args.chunks:
+                continue
+            if args.json:
+                d = e.to_go_dict()
+                d["path"] = e.path
+                if e.is_payload():
+                    d["compressedRange"] = list(r.compressed_range(e))
+                print(json.dumps(d, ensure_ascii=False))
+                continue
+            owner = f"{e.user_name or e.uid}:{e.group_name or e.gid}"
+            size = f"{e.dev_major},{e.dev_minor}" if e.type in ("char", "block") else str(e.chunk_size if e.type == "chunk" else e.size)
+            name = e.path + ("/" if e.type == "dir" and e.path else "")
+            link = f" -> {e.link_name}" if e.type == "symlink" else f" link to {e.link_name}" if e.type == "hardlink" else ""
+            extra = f" @{e.chunk_offset}" if e.type == "chunk" else ""
+            print(f"{_mode_string(e)} {owner:>15} {size:>10} {name or '.'}{link}{extra}")
+    return 0
+
+
+def extract(args) -> int:
+    with estargz.LayerReader.open_file(args.blob) as r:
+        if args.toc_digest:
+            r.verify_toc(args.toc_digest)
+        warnings = estargz.extract(r, args.dir)
+    for w in warnings:
+        print(f"lazybuild: warning: {w}", file=sys.stderr)
+    return 0

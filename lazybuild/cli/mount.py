@@ -1,0 +1,64 @@
+"""`lazybuild mount|umount`: an image's root filesystem, mounted lazily with FUSE."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from ..errors import UsageError, require_extra
+from .options import parse_size, platform_of
+
+
+def add_parser(sub) -> None:
+    mnt = sub.add_parser("mount", help="mount an image's root filesystem lazily (FUSE, read-only)")
+    mnt.add_argument("ref_or_dir", metavar="REF", help="image reference (with --status: the mount point)")
+    mnt.add_argument("dir", metavar="DIR", nargs="?")
+    mnt.add_argument("--platform", metavar="P")
+    mnt.add_argument("--cache", metavar="DIR", default=os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild"),
+                     help="chunk cache shared by all mounts (default /var/cache/lazybuild)")
+    mnt.add_argument("--cache-limit", type=parse_size, default=10 << 30, metavar="N", help="evict past this size (default 10GiB)")
+    mnt.add_argument("--no-prefetch", action="store_true", help="do not fetch [0, .prefetch.landmark) at mount")
+    mnt.add_argument("--no-background-fetch", action="store_true", help="fetch only what is read")
+    mnt.add_argument("--insecure-skip-verify", action="store_true", help="mount layers whose TOC digest is not in the manifest")
+    mnt.add_argument("--record", metavar="FILE", help="append first accesses as NDJSON {\"path\", \"layer\"}")
+    mnt.add_argument("--layers", action="store_true",
+                     help="one directory per layer (0 = bottom) with overlayfs whiteouts, ready to be lowerdirs")
+    mnt.add_argument("--daemon", action="store_true", help="return once mounted; serve in the background")
+    mnt.add_argument("--status", action="store_true", help="print per-layer bytes fetched/cached for mount point REF")
+    mnt.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
+    mnt.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-request timeout (default 30 s)")
+    mnt.set_defaults(func=mount)
+
+    um = sub.add_parser("umount", help="unmount a lazybuild mount")
+    um.add_argument("dir", metavar="DIR")
+    um.set_defaults(func=umount)
+
+
+def mount(args) -> int:
+    from .. import mounter
+
+    if args.status:
+        print(json.dumps(mounter.status(args.ref_or_dir), indent=2))
+        return 0
+    if not args.dir:
+        raise UsageError("mount needs REF and DIR (or --status DIR)")
+    require_extra("pyfuse3", "lazybuild mount")
+    logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    opts = mounter.MountOptions(platform=platform_of(args), cache_dir=args.cache, cache_limit_bytes=args.cache_limit,
+                                prefetch=not args.no_prefetch, background_fetch=not args.no_background_fetch,
+                                verify=not args.insecure_skip_verify, record=args.record, insecure=args.insecure,
+                                timeout_s=args.timeout, layers=args.layers)
+    if args.daemon:  # a child in its own session serves; we return once it does
+        mounter.mount_image(args.ref_or_dir, args.dir, opts, detach=True)
+        return 0
+    return mounter.serve(args.ref_or_dir, args.dir, opts)
+
+
+def umount(args) -> int:
+    from .. import mounter
+
+    mounter.umount(args.dir)
+    return 0

@@ -1,0 +1,63 @@
+"""`lazybuild snapshotter|rpull`: containerd's snapshots API over lazy layers, and pulls that use it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..errors import RemoteError, require_extra
+from .options import platform_of
+
+
+def add_parser(sub) -> None:
+    sn = sub.add_parser("snapshotter", help="serve containerd's snapshots API: eStargz layers mounted lazily "
+                        "(proxy plugin `[proxy_plugins.lazybuild] type = \"snapshot\"`)")
+    sn.add_argument("--address", metavar="SOCK", default="/run/lazybuild/snapshotter.sock",
+                    help="unix socket to serve on (default /run/lazybuild/snapshotter.sock)")
+    sn.add_argument("--root", metavar="DIR", default="/var/lib/lazybuild-snapshotter",
+                    help="snapshots, metadata, kept TOCs, chunk cache, FUSE mount (default /var/lib/lazybuild-snapshotter)")
+    sn.add_argument("--config", metavar="FILE", help="TOML: cache, prefetch, registry mirrors and plain-HTTP hosts")
+    sn.add_argument("--no-lazy", action="store_true", help="no remote snapshots: a plain overlayfs snapshotter")
+    sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sn.set_defaults(func=snapshotter)
+
+    rp = sub.add_parser("rpull", help="pull an image into containerd with remote-snapshot labels, so a lazy "
+                        "snapshotter (lazybuild snapshotter, stargz) serves its layers without downloading them")
+    rp.add_argument("ref", metavar="REF")
+    rp.add_argument("--address", "-a", metavar="SOCK", default="/run/containerd/containerd.sock",
+                    help="containerd's socket (default /run/containerd/containerd.sock)")
+    rp.add_argument("--namespace", "-n", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
+    rp.add_argument("--snapshotter", default="lazybuild", help="containerd snapshotter to unpack into (default lazybuild)")
+    rp.add_argument("--name", metavar="NAME", help="image name in containerd (default: REF)")
+    rp.add_argument("--platform", metavar="P")
+    rp.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
+    rp.set_defaults(func=rpull)
+
+
+def snapshotter(args) -> int:
+    from ..snapshotter import config, server
+
+    cfg = config.load(args.config)  # before anything starts: a bad config is an InputError naming the file
+    if not args.no_lazy:  # lazy layers are served by one FUSE mount
+        require_extra("pyfuse3", "lazybuild snapshotter (without --no-lazy)")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return server.serve(args.address, args.root, cfg, lazy_layers=not args.no_lazy)
+
+
+def rpull(args) -> int:
+    import grpc
+
+    from ..snapshotter import pull
+
+    try:
+        report = pull.rpull(args.ref, args.address, args.namespace, args.snapshotter, platform_of(args), args.insecure,
+                            args.name)
+    except grpc.RpcError as e:  # a status from containerd, not a bug of ours
+        raise RemoteError(f"containerd at {args.address} answered {e.code().name}: {e.details()}",
+                          hint="is containerd running, with the snapshotter named by --snapshotter in its config "
+                               "(a proxy plugin)?") from None
+    pull.main_report(report)
+    return 0

@@ -1,0 +1,66 @@
+"""The snapshotter without containerd, FUSE or a registry: the snapshot store's list filters as containerd
+writes them, and the configuration file. (The snapshotter under containerd: integration/test_snapshotter.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_list_filters_as_containerd_writes_them(tmp_path):
+    """The filter strings containerd's metadata store and ctr send, on a snapshotter without lazy layers."""
+    from lazybuild.snapshotter.snapshots import Snapshotter as Core
+    from lazybuild.snapshotter.store import SnapshotError
+
+    core = Core(str(tmp_path), None)
+    core.prepare("a", "", {"containerd.io/snapshot.ref": "sha256:aaa", "team": "x"})
+    core.commit("A", "a", {"containerd.io/snapshot.ref": "sha256:aaa", "team": "x"})
+    core.prepare("b", "A", {})
+    core.view("v", "A", {"team": "y"})
+
+    def names(*filters):
+        return sorted(s.key for s in core.list(list(filters)))
+
+    assert names() == ["A", "b", "v"]
+    assert names('labels."containerd.io/snapshot.ref"==sha256:aaa,parent==""') == ["A"]
+    assert names('parent=="A"') == ["b", "v"]
+    assert names("kind==view", "name==b") == ["b", "v"]  # several filters: any
+    assert names("labels.team") == ["A", "v"]  # presence
+    assert names('labels.team!=x,parent==A') == ["b", "v"]
+    assert names("name~=^[AB]$") == ["A"]
+    with pytest.raises(SnapshotError) as e:
+        core.commit("A", "b", {})
+    assert e.value.code == "already_exists"
+    with pytest.raises(SnapshotError) as e:
+        core.commit("V", "v", {})
+    assert e.value.code == "failed_precondition"
+    with pytest.raises(SnapshotError) as e:
+        core.remove("A")
+    assert e.value.code == "failed_precondition"
+    assert core.update("A", {"team": "z"}, ["labels.team"]).labels == {"containerd.io/snapshot.ref": "sha256:aaa",
+                                                                       "team": "z"}
+    with pytest.raises(SnapshotError):
+        core.update("A", {}, ["parent"])
+    core.close()
+
+
+def test_config_file(tmp_path):
+    from lazybuild.snapshotter import config
+
+    good = tmp_path / "good.toml"
+    good.write_text('prefetch = false\nbackground_idle_seconds = 2\n'
+                    '[resolver.host."10.0.0.5:5000"]\n  insecure = true\n'
+                    '[[resolver.host."registry.example.com".mirrors]]\n  host = "mirror:5000"\n  insecure = true\n')
+    cfg = config.load(str(good))
+    assert cfg.prefetch is False and cfg.background_idle_seconds == 2.0
+    assert [(h.host, h.insecure) for h in cfg.candidates("registry.example.com")] == \
+        [("mirror:5000", True), ("registry.example.com", False)]
+    assert [(h.host, h.insecure) for h in cfg.candidates("10.0.0.5:5000")] == [("10.0.0.5:5000", True)]
+    for text, needle in (("prefetch = 1\n", "prefetch must be a bool"),
+                         ("cache_limit = 5\n", "unknown setting(s) cache_limit"),
+                         ('[resolver.host."h:1"]\ninsecure = true\nprefetch = false\n', "top-level settings go before"),
+                         ("prefetch = \n", "bad.toml")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(config.ConfigError) as e:
+            config.load(str(bad))
+        assert needle in str(e.value), str(e.value)

@@ -13,6 +13,8 @@ meets them, empty WorkerConstraints as Go writes them), so existing caches keep 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -136,13 +138,14 @@ class Inputs:
 
 
 @dataclass(frozen=True, eq=False)
-class Op:
+class Op(ABC):
     """One vertex. Subclasses write their content in `build` and declare the caps it uses there."""
 
     info: Info = Info()
 
+    @abstractmethod
     def build(self, inputs: Inputs, caps: set[str]) -> pb.Op:
-        raise NotImplementedError
+        """Write this op's fields into a pb.Op, its inputs into INPUTS, and the caps it uses into CAPS."""
 
     @cached_property
     def _marshalled(self) -> tuple[str, bytes, tuple[State, ...], frozenset[str]]:
@@ -311,6 +314,16 @@ class Marshalled(Op):
     raw: bytes = b""
     raw_inputs: tuple[State, ...] = ()
     raw_metadata: bytes = b""
+
+    def build(self, inputs: Inputs, caps: set[str]) -> pb.Op:
+        """The op as its author wrote it, its inputs and caps declared as any op's (for a reader of the
+        graph; the digest comes from the raw bytes, see _marshalled)."""
+        for state in self.raw_inputs:
+            inputs.index(state)
+        caps.update(k for k, on in pb.OpMetadata.FromString(self.raw_metadata).caps.items() if on)
+        op = pb.Op.FromString(self.raw)
+        del op.inputs[:]
+        return op
 
     @cached_property
     def _marshalled(self) -> tuple[str, bytes, tuple[State, ...], frozenset[str]]:

@@ -1,18 +1,36 @@
 #!/usr/bin/env python3
-"""The dev-image build (examples/dev-image: compile in a ~400 MB Debian toolchain image, ship one static
-binary), cold, side by side in one run:
+"""The dev-image build (examples/dev-image: WORKDIR /src, COPY src/ ., RUN make in a ~400 MB Debian
+toolchain image, then the static binary alone in a scratch image), side by side in one run:
 
-- `lazybuild build`: the toolchain (eStargz in the registry) is mounted lazily; only what the compile
-  reads is fetched;
-- `DOCKER_BUILDKIT=1 docker build` on Docker 20.10 (BuildKit v0.8): the toolchain is pulled whole.
+- `lazybuild build --output type=oci,dest=DIR`: the toolchain (eStargz in the registry) is mounted lazily;
+  only what the compile reads is fetched;
+- the reference, the engine BuildKit's stargz mode runs on: containerd 1.6 + the stargz snapshotter
+  (../shared/tools/stargz-anchor/anchor-bench.sh builds and starts both; bench/stargz_reference.py):
+  `ctr-remote images rpull --snapshotter stargz` of the toolchain, then `ctr run --snapshotter stargz`
+  of `make` in /src with the context's src/ bind-mounted there (the same RUN on the same toolchain);
+- `DOCKER_BUILDKIT=1 docker build` on Docker 20.10 (BuildKit v0.8), which pulls the toolchain whole
+  (cold only, on the plain eStargz toolchain; --no-docker leaves it out).
 
-The lazy builds run on the toolchain as converted (eStargz) and as re-optimized for builds (the files
-one build's RUN steps read, recorded with --record-base, put first behind the prefetch landmark).
-Over loopback and over an emulated slow link (router namespace, 20 ms each way by nfqdelay, 200 Mbit/s
-by tbf, as ../shared/tools/stargz-anchor does). Prints median wall time and bytes fetched, and the
-ratios (goal on the slow link: >= 3x faster with <= 20% of the bytes).
+Each repetition runs, for each builder in turn:
+- cold: lazybuild with a fresh state dir and chunk cache; the reference's daemons restarted on wiped
+  state (anchor-bench.sh's `daemons` phase); docker's image and build cache removed; then for all
+  three the page cache dropped and the toolchain's blobs re-read into it (a warm registry server, as
+  anchor-bench.sh does). Timed: the whole `lazybuild build`, rpull + `ctr run`, the whole `docker build`;
+- warm, nothing changed: `lazybuild build` again on the same state dir and cache, against the same
+  `ctr run` again with the snapshotter's state warm (image pulled, chunks cached);
+- warm, one file changed: src/app.c edited in the run's copy of the context, then the same again.
+The reference writes /out to a fresh host directory each run, so each of its runs compiles (it has no
+step cache; BuildKit's would make its no-change rerun a cache hit).
 
-    python3 bench/dev_build.py [--repeat 3] [--no-wan]
+Toolchains: as converted (eStargz) and re-optimized for builds (the files one build's RUN steps read,
+recorded with --record-base, put first behind the prefetch landmark). Links: loopback, and an emulated
+slow link (router namespace, 20 ms each way by nfqdelay, 200 Mbit/s by tbf, as anchor-bench.sh does;
+every builder reaches it through one loopback forwarder). Bytes are the toolchain repository's bytes in
+the registry's access log (manifests, config, blobs). Prints, per link and toolchain, the median wall
+time and bytes of each builder and the ratios lazybuild / reference (goal: time <= 1.0x with bytes
+<= the reference's; stretch: <= 0.8x), progress on stderr.
+
+    python3 bench/dev_build.py [--repeat N] [--no-wan] [--only lo|wan] [--no-docker]
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -29,7 +48,8 @@ import tempfile
 import threading
 import time
 
-from lazy_pull import WAN_HOST, Wan  # bench/lazy_pull.py (python puts the script's folder on sys.path)
+from lazy_pull import Wan, drop_caches  # bench/ is on sys.path: python puts the script's folder there
+from stargz_reference import StargzReference
 
 from lazybuild.testing.dockerd import Dockerd
 from lazybuild.testing.images import debootstrap_rootfs, docker_archive
@@ -38,6 +58,11 @@ from lazybuild.testing.registry import RegistryProcess
 here = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(here, "..", "examples", "dev-image")
 PACKAGES = ("python3", "gcc", "libc6-dev", "make")
+PATHS = ("cold", "warm, nothing changed", "warm, 1 file changed")
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class Forwarder:
@@ -80,38 +105,119 @@ class Forwarder:
         self.sock.close()
 
 
-def lazy_build(toolchain: str, work: str, record: str = "") -> tuple[float, int]:
-    run = tempfile.mkdtemp(dir=work)
-    meta = os.path.join(run, "meta.json")
-    cmd = ["lazybuild", "build", EXAMPLE, "--build-arg", f"TOOLCHAIN={toolchain}", "--output",
-           f"type=oci,dest={run}/out.tar", "--state-dir", f"{run}/state", "--cache", f"{run}/cache",
-           "--metadata-file", meta, "--progress", "quiet"] + (["--record-base", record] if record else [])
+class AccessLog:
+    """Bytes the registry sent for the toolchain repository, from its access log (combined format)."""
+
+    LINE = re.compile(rb'"(?:GET|HEAD) /v2/toolchain/\S* HTTP/[0-9.]+" \d{3} (\d+)')
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = 0
+
+    def mark(self) -> None:
+        self.offset = os.path.getsize(self.path)
+
+    def since_mark(self) -> int:
+        time.sleep(0.3)  # a request's line is written when its handler returns
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return sum(int(m.group(1)) for m in self.LINE.finditer(f.read()))
+
+
+class Toolchain:
+    """The toolchain images in the registry's storage: re-read into the page cache before a cold run."""
+
+    def __init__(self, storage: str, registry_host: str):
+        self.storage = storage
+        self.blobs: dict[str, list[str]] = {}
+        self.registry_host = registry_host
+
+    def add(self, tag: str) -> int:
+        info = json.loads(subprocess.run(["lazybuild", "inspect", f"{self.registry_host}/toolchain:{tag}"], check=True,
+                                         capture_output=True, text=True).stdout)
+        m = info["manifest"]
+        self.blobs[tag] = [d["digest"] for d in [m["config"], *m["layers"]]]
+        return sum(layer["size"] for layer in m["layers"])
+
+    def cold(self, tag: str) -> None:
+        drop_caches()
+        for digest in self.blobs[tag]:
+            h = digest.split(":")[1]
+            with open(os.path.join(self.storage, "docker", "registry", "v2", "blobs", "sha256", h[:2], h, "data"), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def context_copy(work: str) -> str:
+    d = tempfile.mkdtemp(dir=work)
+    shutil.copytree(EXAMPLE, os.path.join(d, "ctx"))
+    return os.path.join(d, "ctx")
+
+
+def edit_source(ctx: str) -> None:
+    with open(os.path.join(ctx, "src", "app.c"), "a") as f:
+        f.write(f"/* bench edit {time.time_ns()} */\n")
+
+
+def lazy_build(toolchain: str, ctx: str, run: str, record: str = "") -> float:
+    """One `lazybuild build` with run's state dir and chunk cache, to a fresh OCI layout directory."""
+    out = tempfile.mkdtemp(dir=run)
+    cmd = ["lazybuild", "build", ctx, "--build-arg", f"TOOLCHAIN={toolchain}", "--output", f"type=oci,dest={out}/layout",
+           "--state-dir", f"{run}/state", "--cache", f"{run}/cache", "--progress", "quiet"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd + (["--record-base", record] if record else []), check=True, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
-    with open(meta) as f:
-        fetched = sum(v["fetched"] for v in json.load(f)["bytesFetched"].values())
-    shutil.rmtree(run, ignore_errors=True)
-    return elapsed, fetched
+    if not os.path.exists(os.path.join(out, "layout", "index.json")):
+        raise SystemExit(f"lazybuild build wrote no OCI layout at {out}/layout")
+    shutil.rmtree(out)
+    return elapsed
+
+
+def reference_build(ref: StargzReference, toolchain: str, ctx: str, run: str, pull: bool) -> float:
+    out = tempfile.mkdtemp(dir=run)
+    elapsed = ref.run(toolchain, os.path.join(ctx, "src"), "/src", ["make"], out, pull)
+    if not os.path.exists(os.path.join(out, "app")):
+        raise SystemExit(f"the reference's make wrote no /out/app ({out})")
+    shutil.rmtree(out)
+    return elapsed
 
 
 def docker_build(dockerd: Dockerd, toolchain: str) -> float:
-    dockerd.docker("rmi", "-f", toolchain, "dev-image-bench", check=False)
-    dockerd.docker("builder", "prune", "-af", check=False)
     start = time.perf_counter()
     dockerd.build(EXAMPLE, "--build-arg", f"TOOLCHAIN={toolchain}", "-t", "dev-image-bench")
     return time.perf_counter() - start
 
 
+def docker_forget(dockerd: Dockerd, toolchain: str) -> None:
+    dockerd.docker("rmi", "-f", toolchain, "dev-image-bench", check=False)
+    dockerd.docker("builder", "prune", "-af", check=False)
+
+
+def series(name: str, cold, warm, edit, log: AccessLog, results: dict, label: str) -> None:
+    """cold, rerun, edit + rerun: each timed with its registry bytes, into results[(builder, path)]."""
+    for path, step in zip(PATHS, (cold, warm, lambda: (edit(), warm())[1])):
+        log.mark()
+        sec = step()
+        fetched = log.since_mark()
+        results.setdefault((name, path), []).append((sec, fetched))
+        progress(f"{label} {name:9} {path:22} {sec:6.2f} s {fetched / 1e6:7.1f} MB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-wan", action="store_true", help="loopback only")
+    ap.add_argument("--no-wan", action="store_true", help="loopback only (same as --only lo)")
+    ap.add_argument("--only", choices=("lo", "wan"), help="one link")
+    ap.add_argument("--no-docker", action="store_true", help="leave out the full-pull docker build")
     args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (mounts, runc, containerd, network namespaces)")
+    nets = [args.only] if args.only else ["lo"] if args.no_wan else ["lo", "wan"]
     work = tempfile.mkdtemp(prefix="lazybuild-bench-dev-")
     registry = RegistryProcess(os.path.join(work, "registry"))
-    dockerd = wan = forwarder = None
+    dockerd = wan = forwarder = ref = None
     try:
+        progress("toolchain: debootstrap rootfs, push, convert")
         rootfs = debootstrap_rootfs(PACKAGES)
         archive = docker_archive([rootfs], os.path.join(work, "toolchain.tar"), cmd=["/bin/bash"])
         subprocess.run(["lazybuild", "push", f"docker-archive:{archive}", f"{registry.host}/toolchain:plain"],
@@ -119,45 +225,74 @@ def main() -> int:
         subprocess.run(["lazybuild", "convert", f"{registry.host}/toolchain:plain", f"{registry.host}/toolchain:esgz"],
                        check=True, capture_output=True)
         os.unlink(archive)
-        info = json.loads(subprocess.run(["lazybuild", "inspect", f"{registry.host}/toolchain:esgz"], check=True,
-                                         capture_output=True, text=True).stdout)
-        image_bytes = sum(layer["size"] for layer in info["manifest"]["layers"])
+        storage = os.path.join(work, "registry", "data")
+        toolchains = Toolchain(storage, registry.host)
+        image_bytes = toolchains.add("esgz")
         # The toolchain optimized for builds: what one build's RUN steps read goes first, behind the
         # prefetch landmark (lazybuild build --record-base, then lazybuild convert --prioritized-files).
         record = os.path.join(work, "base-reads.ndjson")
-        lazy_build(f"{registry.host}/toolchain:esgz", work, record)
+        rec_run = tempfile.mkdtemp(dir=work)
+        lazy_build(f"{registry.host}/toolchain:esgz", context_copy(work), rec_run, record)
+        shutil.rmtree(rec_run)
         subprocess.run(["lazybuild", "convert", f"{registry.host}/toolchain:plain", f"{registry.host}/toolchain:opt",
                         "--prioritized-files", record], check=True, capture_output=True)
-        links = [("loopback", registry.host)]
-        if not args.no_wan:
-            wan = Wan(os.path.join(work, "registry", "data"), work)
-            host, port = WAN_HOST.split(":")
+        toolchains.add("opt")
+        links = []
+        if "lo" in nets:
+            links.append(("loopback", registry.host, AccessLog(registry.log.name)))
+        if "wan" in nets:
+            progress("slow link: namespaces, nfqdelay, tbf")
+            # own namespace names and subnet: anchor-bench.sh's link (10.99, anc-*) may be up for another bench
+            wan_log = os.path.join(work, "registry-wan.log")
+            wan = Wan(storage, work, name="lzbd", net="10.98", access_log=wan_log)
+            host, port = wan.host.split(":")
+            # Docker 20.10's BuildKit speaks plain HTTP only to loopback registries (and the stargz
+            # snapshotter does so by default): every builder goes through this forwarder, over the same link
             forwarder = Forwarder((host, int(port)))
-            links.append(("20ms+200mbit", forwarder.host))
-        dockerd = Dockerd(os.path.join(work, "dockerd"))
-        rows = []
-        for link, host in links:
-            times: dict[str, list[float]] = {"esgz": [], "opt": [], "docker": []}
-            fetched: dict[str, list[int]] = {"esgz": [], "opt": []}
-            for _ in range(args.repeat):
+            links.append(("20 ms + 200 Mbit", forwarder.host, AccessLog(wan_log)))
+        progress("reference: containerd + stargz snapshotter (anchor-bench.sh)")
+        ref = StargzReference(os.path.join(work, "anchor"))
+        if not args.no_docker:
+            dockerd = Dockerd(os.path.join(work, "dockerd"))
+        results: dict[tuple, dict] = {}
+        for link, host, log in links:
+            for rep in range(1, args.repeat + 1):
                 for variant in ("esgz", "opt"):
-                    t, b = lazy_build(f"{host}/toolchain:{variant}", work)
-                    times[variant].append(t)
-                    fetched[variant].append(b)
-                times["docker"].append(docker_build(dockerd, f"{host}/toolchain:esgz"))
-            rows.append((link, times, fetched))
-        print(f"dev-image build, cold, median of {args.repeat}; toolchain {image_bytes / 1e6:.1f} MB compressed "
-              "(docker build pulls it whole):")
-        print(f"{'link':14} {'toolchain':22} {'lazybuild build':>16} {'docker build':>13} {'speed-up':>9} "
-              f"{'bytes fetched':>14} {'share':>6}")
-        for link, times, fetched in rows:
-            d = statistics.median(times["docker"])
-            for variant, label in (("esgz", "eStargz"), ("opt", "eStargz, build-optimized")):
-                o, b = statistics.median(times[variant]), statistics.median(fetched[variant])
-                print(f"{link:14} {label:22} {o:14.2f} s {d:11.2f} s {d / o:8.2f}x {b / 1e6:11.1f} MB "
-                      f"{100 * b / image_bytes:5.1f}%")
-            print(f"{'':14} runs: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in times.items()))
+                    cell = results.setdefault((link, variant), {})
+                    label = f"{link} {variant} {rep}/{args.repeat}"
+                    toolchain = f"{host}/toolchain:{variant}"
+
+                    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
+                    series("lazybuild", lambda: (toolchains.cold(variant), lazy_build(toolchain, ctx, run))[1],
+                           lambda: lazy_build(toolchain, ctx, run), lambda: edit_source(ctx), log, cell, label)
+                    shutil.rmtree(run)
+
+                    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
+
+                    def ref_cold():
+                        ref.restart_empty()
+                        toolchains.cold(variant)
+                        return reference_build(ref, toolchain, ctx, run, pull=True)
+
+                    try:
+                        series("reference", ref_cold, lambda: reference_build(ref, toolchain, ctx, run, pull=False),
+                               lambda: edit_source(ctx), log, cell, label)
+                    finally:
+                        # its background fetch must not run into the next builder's time and bytes
+                        ref.close()
+                    shutil.rmtree(run)
+                if dockerd:
+                    docker_forget(dockerd, f"{host}/toolchain:esgz")
+                    toolchains.cold("esgz")
+                    log.mark()
+                    sec = docker_build(dockerd, f"{host}/toolchain:esgz")
+                    fetched = log.since_mark()
+                    results[(link, "esgz")].setdefault(("docker", "cold"), []).append((sec, fetched))
+                    progress(f"{link} esgz {rep}/{args.repeat} docker    cold {sec:6.2f} s {fetched / 1e6:7.1f} MB")
+        report(results, args.repeat, image_bytes, bool(dockerd))
     finally:
+        if ref:
+            ref.close()
         if dockerd:
             dockerd.stop()
         if forwarder:
@@ -167,6 +302,37 @@ def main() -> int:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def report(results: dict, repeat: int, image_bytes: int, docker: bool) -> None:
+    def med(runs):
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if b else ("1.00x" if a == b else "-")
+
+    print(f"dev-image build, median of {repeat}; toolchain {image_bytes / 1e6:.1f} MB compressed; "
+          "bytes: the toolchain's, from the registry's access log")
+    print("| link | toolchain | build | lazybuild build | reference: containerd + stargz | time lazybuild/ref "
+          "| bytes lazybuild/ref |" + (" docker build (whole pull) |" if docker else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if docker else ""))
+    verdicts = []
+    for (link, variant), cell in results.items():
+        for path in PATHS:
+            (lt, lb), (rt, rb) = med(cell[("lazybuild", path)]), med(cell[("reference", path)])
+            row = (f"| {link} | {'eStargz' if variant == 'esgz' else 'eStargz, build-optimized'} | {path} "
+                   f"| {lt:.2f} s, {lb / 1e6:.1f} MB | {rt:.2f} s, {rb / 1e6:.1f} MB | {lt / rt:.2f}x | {ratio(lb, rb)} |")
+            if docker:
+                d = results[(link, "esgz")].get(("docker", path))
+                row += f" {med(d)[0]:.2f} s, {med(d)[1] / 1e6:.1f} MB |" if d else " - |"
+            print(row)
+            verdicts.append((lt / rt <= 1.0 and lb <= rb, lt / rt <= 0.8))
+    print(f"goal (time <= 1.0x with bytes <= the reference's): {sum(v[0] for v in verdicts)} of {len(verdicts)} rows; "
+          f"stretch (<= 0.8x): {sum(v[1] for v in verdicts)} of {len(verdicts)}")
+    print("runs (s / MB):")
+    for (link, variant), cell in results.items():
+        for (name, path), runs in cell.items():
+            print(f"  {link} {variant} {name} {path}: " + ", ".join(f"{t:.2f}/{b / 1e6:.1f}" for t, b in runs))
 
 
 if __name__ == "__main__":

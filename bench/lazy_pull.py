@@ -118,10 +118,15 @@ def cold_lazy(ref: str, workload: str, work: str, record: str | None = None) -> 
 
 
 class Wan:
-    """Router + registry namespaces, veth pairs, delay by nfqdelay and rate by tbf."""
+    """Router + registry namespaces, veth pairs, delay by nfqdelay and rate by tbf. The registry answers on
+    `self.host` (NET.1.2:5000). `name` and `net` keep two benches' links apart (namespace and link names are
+    global, and anchor-bench.sh's link takes 10.99 too); `access_log` keeps the registry's access log."""
 
-    def __init__(self, storage: str, work: str, delay: str = "20ms", rate: str = "200mbit"):
+    def __init__(self, storage: str, work: str, delay: str = "20ms", rate: str = "200mbit", name: str = "lzb",
+                 net: str = "10.99", access_log: str | None = None):
         self.procs = []
+        self.name = name
+        self.host = f"{net}.1.2:5000"
         go = shutil.which("go") or sys.exit("--wan needs Go to build nfqdelay (bash scripts/setup.sh installs it)")
         nfq = os.path.join(work, "nfqdelay")
         src = os.path.join(SHARED, "tools", "stargz-anchor", "snapshotter", "nfqdelay")
@@ -134,38 +139,50 @@ class Wan:
                             "GOCACHE": os.path.join(work, "gocache")})
         if not shutil.which("iptables-legacy"):
             subprocess.run(["apt-get", "install", "-y", "-qq", "iptables"], check=True, capture_output=True)
-        R, G = ["ip", "netns", "exec", "lzb-rtr"], ["ip", "netns", "exec", "lzb-reg"]
-        for cmd in (["ip", "netns", "add", "lzb-rtr"], ["ip", "netns", "add", "lzb-reg"],
-                    ["ip", "link", "add", "veth-lzb-h", "type", "veth", "peer", "name", "veth-lzb-r0"],
-                    ["ip", "link", "set", "veth-lzb-r0", "netns", "lzb-rtr"],
-                    ["ip", "link", "add", "veth-lzb-r1", "type", "veth", "peer", "name", "veth-lzb-reg"],
-                    ["ip", "link", "set", "veth-lzb-r1", "netns", "lzb-rtr"],
-                    ["ip", "link", "set", "veth-lzb-reg", "netns", "lzb-reg"],
-                    ["ip", "addr", "add", "10.99.0.1/24", "dev", "veth-lzb-h"], ["ip", "link", "set", "veth-lzb-h", "up"],
-                    ["ip", "route", "add", "10.99.1.0/24", "via", "10.99.0.2", "dev", "veth-lzb-h"],
+        try:
+            self._up(nfq, storage, work, delay, rate, net, access_log)
+        except BaseException:
+            self.close()  # a half-made link must not outlive the bench
+            raise
+
+    def _up(self, nfq: str, storage: str, work: str, delay: str, rate: str, net: str, access_log: str | None) -> None:
+        n = self.name
+        R, G = ["ip", "netns", "exec", f"{n}-rtr"], ["ip", "netns", "exec", f"{n}-reg"]
+        for cmd in (["ip", "netns", "add", f"{n}-rtr"], ["ip", "netns", "add", f"{n}-reg"],
+                    ["ip", "link", "add", f"veth-{n}-h", "type", "veth", "peer", "name", f"veth-{n}-r0"],
+                    ["ip", "link", "set", f"veth-{n}-r0", "netns", f"{n}-rtr"],
+                    ["ip", "link", "add", f"veth-{n}-r1", "type", "veth", "peer", "name", f"veth-{n}-reg"],
+                    ["ip", "link", "set", f"veth-{n}-r1", "netns", f"{n}-rtr"],
+                    ["ip", "link", "set", f"veth-{n}-reg", "netns", f"{n}-reg"],
+                    ["ip", "addr", "add", f"{net}.0.1/24", "dev", f"veth-{n}-h"], ["ip", "link", "set", f"veth-{n}-h", "up"],
+                    ["ip", "route", "add", f"{net}.1.0/24", "via", f"{net}.0.2", "dev", f"veth-{n}-h"],
                     R + ["ip", "link", "set", "lo", "up"],
-                    R + ["ip", "addr", "add", "10.99.0.2/24", "dev", "veth-lzb-r0"], R + ["ip", "link", "set", "veth-lzb-r0", "up"],
-                    R + ["ip", "addr", "add", "10.99.1.1/24", "dev", "veth-lzb-r1"], R + ["ip", "link", "set", "veth-lzb-r1", "up"],
+                    R + ["ip", "addr", "add", f"{net}.0.2/24", "dev", f"veth-{n}-r0"], R + ["ip", "link", "set", f"veth-{n}-r0", "up"],
+                    R + ["ip", "addr", "add", f"{net}.1.1/24", "dev", f"veth-{n}-r1"], R + ["ip", "link", "set", f"veth-{n}-r1", "up"],
                     R + ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
                     G + ["ip", "link", "set", "lo", "up"],
-                    G + ["ip", "addr", "add", "10.99.1.2/24", "dev", "veth-lzb-reg"], G + ["ip", "link", "set", "veth-lzb-reg", "up"],
-                    G + ["ip", "route", "add", "default", "via", "10.99.1.1"]):
+                    G + ["ip", "addr", "add", f"{net}.1.2/24", "dev", f"veth-{n}-reg"], G + ["ip", "link", "set", f"veth-{n}-reg", "up"],
+                    G + ["ip", "route", "add", "default", "via", f"{net}.1.1"]):
             subprocess.run(cmd, check=True)
         self.procs.append(subprocess.Popen(R + [nfq, "-delay", delay, "-queues", "0,1"], stderr=subprocess.DEVNULL))
         time.sleep(0.5)
-        for i, dev in ((0, "veth-lzb-r0"), (1, "veth-lzb-r1")):
+        for i, dev in ((0, f"veth-{n}-r0"), (1, f"veth-{n}-r1")):
             subprocess.run(R + ["iptables-legacy", "-t", "mangle", "-A", "PREROUTING", "-i", dev, "-j", "NFQUEUE",
                                 "--queue-num", str(i)], check=True)
             subprocess.run(R + ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
                                 "latency", "100ms"], check=True)
-        config = os.path.join(work, "reg-wan.yml")
+        config = os.path.join(work, f"reg-{n}.yml")
         with open(config, "w") as f:
             f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n"
-                    f"http:\n  addr: {WAN_HOST}\n")
-        self.procs.append(subprocess.Popen(G + ["docker-registry", "serve", config], stdout=subprocess.DEVNULL,
+                    f"http:\n  addr: {self.host}\n")
+        # the registry prints its access log (one line per request, with the bytes sent) on stdout
+        log = open(access_log, "ab") if access_log else subprocess.DEVNULL
+        self.procs.append(subprocess.Popen(G + ["docker-registry", "serve", config], stdout=log,
                                            stderr=subprocess.DEVNULL))
+        if access_log:
+            log.close()
         deadline = time.time() + 20
-        while subprocess.run(["curl", "-fs", f"http://{WAN_HOST}/v2/"], capture_output=True).returncode != 0:
+        while subprocess.run(["curl", "-fs", f"http://{self.host}/v2/"], capture_output=True).returncode != 0:
             if time.time() > deadline:
                 raise SystemExit("the WAN registry did not come up")
             time.sleep(0.2)
@@ -173,9 +190,15 @@ class Wan:
     def close(self) -> None:
         for p in self.procs:
             p.terminate()
-        subprocess.run(["ip", "link", "del", "veth-lzb-h"], capture_output=True)
-        subprocess.run(["ip", "netns", "del", "lzb-reg"], capture_output=True)
-        subprocess.run(["ip", "netns", "del", "lzb-rtr"], capture_output=True)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        subprocess.run(["ip", "link", "del", f"veth-{self.name}-h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", f"{self.name}-reg"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", f"{self.name}-rtr"], capture_output=True)
 
 
 def drop_caches() -> None:

@@ -137,7 +137,12 @@ class ChunkCache:
             return hit
 
     def has(self, digest: str) -> bool:
-        return os.path.exists(self.path(digest))
+        """Whether a get() would likely hit (in memory or on disk): planning asks, reads verify."""
+        path = self.path(digest)
+        with self._lock:
+            if digest in self._memory:
+                return True
+        return os.path.exists(path)
 
     def put(self, digest: str, data: bytes) -> bool:
         """Keep a verified chunk. Never raises for the disk: a chunk that cannot be written is still in

@@ -23,7 +23,7 @@ from lazybuild.image import Descriptor
 from lazybuild.registry import Registry
 
 from .cache import ChunkCache
-from .layer import LayerError, LayerStats, LazyLayer, NotEStargz
+from .layer import WINDOW_BYTES, LayerError, LayerStats, LazyLayer, NotEStargz
 
 log = logging.getLogger("lazybuild.mount")
 
@@ -36,6 +36,7 @@ class RemoteBlob:
         self.registry, self.repository, self.digest, self.size, self.stats = registry, repository, desc.digest, desc.size, stats
 
     def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each range (one request where the registry allows; see registry/ranges.py)."""
         parts = self.registry.read_ranges(self.repository, self.digest, ranges)
         self.stats.fetched_bytes += sum(len(p) for p in parts)
         return parts
@@ -157,7 +158,9 @@ def open_layer(registry: Registry, repository: str, desc: Descriptor, cache: Chu
         raise LayerError(f"layer {index} ({desc.digest}) has no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its "
                          "TOC cannot be verified; convert the image with `lazybuild convert` or mount with "
                          "--insecure-skip-verify")
-    return fetched.build(cache)
+    layer = fetched.build(cache)
+    layer.read_around = WINDOW_BYTES  # a miss brings its window (see layer.py); the snapshotter sets its own
+    return layer
 
 
 def _download_whole(index: int, registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache,

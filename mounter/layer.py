@@ -1,9 +1,22 @@
 """One image layer's TOC and its verified reads: (file, offset) -> chunks -> cached or fetched bytes.
 
-A read maps its range onto the file's chunks, serves the cached ones, and fetches the missing ones
-in one request (neighbours merged, multi-range where the registry allows), decoding and verifying
-each against its chunkDigest before it is cached or returned. Concurrent readers of one chunk
-fetch it once: each chunk digest has a lock, which prefetch.py also takes.
+A read maps its range onto the file's chunks and serves the cached ones. The missing ones go through
+the layer's one read engine (mount, build and the snapshotter all read this way):
+
+- a miss brings its window: the uncached chunks lying whole inside the `read_around`-aligned region
+  of the blob around it (stargz-snapshotter fetches aligned regions too), never more than that
+  region, in as few ranges as the gaps allow (plan_window, merge_spans);
+- one fetch per chunk: each chunk digest has a lock (prefetch.py takes them too); a reader of a chunk
+  being fetched waits for that fetch and takes its result from the cache; neighbours whose lock is
+  taken are left to whoever holds it;
+- misses that arrive together go out together: up to MAX_FETCHES_IN_FLIGHT requests per layer are
+  in flight, and the misses that arrive meanwhile are sent as one request when one returns
+  (FetchQueue), so many concurrent small reads do not cost a round trip each;
+- every chunk is decoded and verified against its chunkDigest before it is cached or returned; a
+  neighbour that fails is dropped (its own read fetches it again and fails alone).
+
+Retries of faulty answers and the fallback for registries that refuse multi-range requests are the
+registry client's (lazybuild/registry/session.py, ranges.py).
 
 Where the bytes come from is fetch.py's business (a registry blob, or a whole layer converted
 locally); what to fetch before anyone asks is prefetch.py's.
@@ -16,7 +29,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from lazybuild import estargz
 from lazybuild.digest import InvalidDigest, check_digest
@@ -29,7 +42,108 @@ if TYPE_CHECKING:
     from .fetch import RemoteBlob
 
 log = logging.getLogger("lazybuild.mount")
-MERGE_GAP_BYTES = 64 << 10  # misses closer than this are fetched as one range
+# The window `lazybuild mount` and the builder read around a miss (fetch.open_layer sets it): about 20 ms
+# at 200 Mbit/s, so on a slow link a window costs about one round trip more than a single chunk, and a
+# tree of small files costs a request per window rather than per file.
+WINDOW_BYTES = 512 << 10
+# Two spans in one window closer than this are fetched as one range (the gap is a tar header or a cached
+# file, cheaper to fetch again than to ask for one range more).
+MERGE_GAP_BYTES = 16 << 10
+# Requests per layer in flight at once; misses that arrive while that many are out wait and go together.
+MAX_FETCHES_IN_FLIGHT = 4
+
+
+def window_of(start: int, end: int, window: int) -> tuple[int, int]:
+    """The `window`-aligned region of the blob that holds [start, end)."""
+    return start // window * window, -(-end // window) * window
+
+
+def plan_window(missed: list[TOCEntry], by_offset: list[TOCEntry], offsets: list[int], window: int,
+                wanted: Callable[[TOCEntry], bool]) -> list[TOCEntry]:
+    """The chunks to fetch along with `missed`: those lying whole inside the aligned windows of the missed
+    chunks for which `wanted` says yes (uncached, not being fetched by someone else), each once, in blob
+    order. `by_offset` is every chunk sorted by offset, `offsets` their offsets (for bisect)."""
+    if window <= 0:
+        return []
+    regions = sorted({window_of(c.offset, c.compressed_end, window) for c in missed})
+    merged: list[list[int]] = []
+    for lo, hi in regions:  # overlapping windows (a missed chunk wider than one) are walked once
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    out = []
+    for lo, hi in merged:
+        for n in by_offset[bisect.bisect_left(offsets, lo):bisect.bisect_left(offsets, hi)]:
+            if n.compressed_end <= hi and wanted(n):
+                out.append(n)
+    return out
+
+
+def merge_spans(spans: list[tuple[int, int]], window: int, gap: int = MERGE_GAP_BYTES) -> list[tuple[int, int]]:
+    """[start, end) spans sorted, joined where they touch, or where the gap between them is at most `gap`
+    and inside one `window`-aligned region (so the bytes fetched stay inside the windows planned)."""
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged:
+            last = merged[-1]
+            between = a - last[1]
+            same_window = window > 0 and (last[1] - 1) // window == a // window
+            if between <= 0 or (between <= gap and same_window):
+                last[1] = max(last[1], b)
+                continue
+        merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+@dataclass
+class FetchJob:
+    """One reader's chunks to fetch, and what came of it (filled in by whoever sent the request)."""
+    chunks: list[TOCEntry]
+    done: bool = False
+    data: dict[int, bytes] = field(default_factory=dict)  # verified bytes by id(chunk)
+    errors: dict[int, Exception] = field(default_factory=dict)  # chunks that failed verification
+    failure: BaseException | None = None  # the request itself failed
+
+
+class FetchQueue:
+    """Group commit for one layer's fetches: up to `limit` requests in flight; jobs that arrive while
+    that many are out wait, and the first of them to get a turn sends every waiting job's chunks in
+    one request. A reader alone is never delayed (its request goes out at once)."""
+
+    def __init__(self, fetch: Callable[[list[TOCEntry]], tuple[dict[int, bytes], dict[int, Exception]]],
+                 limit: int = MAX_FETCHES_IN_FLIGHT):
+        self.fetch, self.limit = fetch, limit
+        self._cond = threading.Condition()
+        self._waiting: list[FetchJob] = []
+        self._in_flight = 0
+        self.requests = 0  # batches sent (each one read_many call)
+        self.jobs = 0
+
+    def run(self, job: FetchJob) -> None:
+        with self._cond:
+            self._waiting.append(job)
+            self.jobs += 1
+            while not job.done and (self._in_flight >= self.limit or not any(j is job for j in self._waiting)):
+                self._cond.wait()
+            if job.done:  # another job's turn took ours along
+                return
+            batch, self._waiting = self._waiting, []
+            self._in_flight += 1
+            self.requests += 1
+        try:
+            data, errors = self.fetch([c for j in batch for c in j.chunks])
+            for j in batch:
+                j.data, j.errors = data, errors
+        except BaseException as e:  # every job of the batch learns it (and raises it to its reader)
+            for j in batch:
+                j.failure = e
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                for j in batch:
+                    j.done = True
+                self._cond.notify_all()
 
 
 class LayerError(MountError):
@@ -68,8 +182,10 @@ class LazyLayer:
     last_read: float = 0.0  # time.monotonic() of the last read: the background fetch waits for quiet
     _by_offset: tuple | None = None  # payload chunks sorted by offset, and their offsets (for bisect)
     read_around: int = 0  # > 0: a miss also brings the uncached chunks of its aligned window of this size
+    queue: FetchQueue | None = None  # the remote layer's fetches (made in __post_init__)
 
     def __post_init__(self) -> None:
+        self.queue = FetchQueue(self._fetch_remote)
         # Every chunk key becomes a cache file name and a lock: a TOC written by a stranger could say
         # `sha256:../../etc/shadow`. The layer is refused here, whole, rather than at some later read
         # (a FormatError: `lazybuild mount` prints it; the snapshotter reports the layer unavailable, EIO).
@@ -175,7 +291,7 @@ class LazyLayer:
         return out[start:start + size]
 
     def load(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
-        """The verified bytes of each chunk (by id()), from the cache or fetched together in one request."""
+        """The verified bytes of each chunk (by id()), from the cache or fetched together with their window."""
         out: dict[int, bytes] = {}
         missing = []
         for c in chunks:
@@ -189,75 +305,87 @@ class LazyLayer:
             return out
         held = []
         try:
-            for lk in self._locks_for(missing):  # concurrent readers of one chunk fetch it once
+            for lk in self._locks_for(missing):  # one fetch per chunk: a second reader waits for the first
                 lk.acquire()
                 held.append(lk)
             still = []
             for c in missing:
-                hit = self.cache.get(self.cache_key(c))
+                hit = self.cache.get(self.cache_key(c))  # what the fetch we waited for brought
                 if hit is not None:
                     out[id(c)] = hit
                 else:
                     still.append(c)
             if still:
-                out.update(self._fetch(still))
+                out.update(self._fetch(still, held))
         finally:  # every lock taken is given back, whatever failed: a held lock hangs every later reader
             for lk in held:
                 lk.release()
         return out
 
-    def _fetch(self, chunks: list[TOCEntry]) -> dict[int, bytes]:
+    def _fetch(self, chunks: list[TOCEntry], held: list[threading.Lock]) -> dict[int, bytes]:
+        """Fetch `chunks` (their locks held) and their window; the window's locks are added to `held`."""
         if self.remote is None:  # a layer converted locally: its reader reads the local file
             return {id(c): self.store(c, self.reader.read_chunk(c)) for c in chunks}
-        wanted = {id(c) for c in chunks}
-        every = chunks + (self._read_around(chunks) if self.read_around else [])
-        spans = sorted({self.reader.compressed_range(c) for c in every})
-        merged: list[list[int]] = []
-        for a, b in spans:
-            if merged and a - merged[-1][1] <= MERGE_GAP_BYTES:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        started = time.monotonic()
-        parts = self.remote.read_many([(a, b) for a, b in merged])
-        log.debug("layer %d: %d chunks (%d read around) in %d ranges, %d bytes, %.1f ms", self.index, len(every),
-                  len(every) - len(chunks), len(merged), sum(len(p) for p in parts), (time.monotonic() - started) * 1000)
+        job = FetchJob(chunks + self._window(chunks, held))
+        self.queue.run(job)
+        if job.failure is not None:
+            raise job.failure
+        for c in job.chunks[len(chunks):]:
+            if id(c) in job.errors:
+                log.warning("layer %d: a chunk read around a miss failed verification: %s", self.index, job.errors[id(c)])
         out = {}
-        for c in every:
-            a, b = self.reader.compressed_range(c)
-            for (ma, mb), part in zip(merged, parts):
-                if ma <= a and b <= mb:
-                    try:
-                        data = self.reader.decode_chunk(c, part[a - ma:b - ma])
-                    except estargz.EStargzError as e:
-                        if id(c) in wanted:
-                            raise
-                        log.warning("layer %d: a chunk read around a miss failed verification: %s", self.index, e)
-                        break  # never cached; a read of it fetches it again
-                    self.store(c, data)
-                    if id(c) in wanted:
-                        out[id(c)] = data
-                    break
+        for c in chunks:
+            if id(c) in job.errors:
+                raise job.errors[id(c)]
+            out[id(c)] = job.data[id(c)]
         return out
 
-    def _read_around(self, chunks: list[TOCEntry]) -> list[TOCEntry]:
-        """The uncached chunks that lie whole inside the `read_around`-aligned windows of the missing
-        ones: the files next to a file read are usually read next (a package's modules, a compiler's
-        parts), and bringing them in the same request saves a round trip each."""
-        by_offset, offsets = self._chunk_index()
+    def _window(self, chunks: list[TOCEntry], held: list[threading.Lock]) -> list[TOCEntry]:
+        """The uncached chunks of the `read_around`-aligned windows of `chunks` whose lock is free (taken
+        here, added to `held`): the files next to a file read are usually read next (a package's modules,
+        a tree that is diffed or copied), and bringing them in the same request saves a round trip each.
+        A neighbour whose lock is taken is being fetched (a reader, the prefetch): it is not waited for."""
+        if not self.read_around:
+            return []
         keys = {self.cache_key(c) for c in chunks}
-        extra = []
+
+        def wanted(n: TOCEntry) -> bool:
+            k = self.cache_key(n)
+            if k in keys or self.cache.has(k):
+                return False
+            lk = self.chunk_lock(k)
+            if not lk.acquire(blocking=False):
+                return False
+            if self.cache.has(k):  # stored between the look and the lock
+                lk.release()
+                return False
+            held.append(lk)
+            keys.add(k)
+            return True
+
+        by_offset, offsets = self._chunk_index()
+        return plan_window(chunks, by_offset, offsets, self.read_around, wanted)
+
+    def _fetch_remote(self, chunks: list[TOCEntry]) -> tuple[dict[int, bytes], dict[int, Exception]]:
+        """One request (multi-range) for `chunks`: each decoded and verified, then cached. Returns the
+        verified bytes and the verification errors, both by id(chunk)."""
+        spans = merge_spans([self.reader.compressed_range(c) for c in chunks], self.read_around)
+        starts = [a for a, _ in spans]
+        started = time.monotonic()
+        parts = self.remote.read_many(spans)
+        log.debug("layer %d: %d chunks in %d ranges, %d bytes, %.1f ms", self.index, len(chunks), len(spans),
+                  sum(len(p) for p in parts), (time.monotonic() - started) * 1000)
+        data: dict[int, bytes] = {}
+        errors: dict[int, Exception] = {}
         for c in chunks:
             a, b = self.reader.compressed_range(c)
-            lo = a // self.read_around * self.read_around
-            hi = -(-b // self.read_around) * self.read_around
-            for n in by_offset[bisect.bisect_left(offsets, lo):bisect.bisect_left(offsets, hi)]:
-                k = self.cache_key(n)
-                if k in keys or n.compressed_end > hi or self.cache.has(k):
-                    continue
-                keys.add(k)
-                extra.append(n)
-        return extra
+            i = bisect.bisect_right(starts, a) - 1  # the span that holds it
+            ma = starts[i]
+            try:
+                data[id(c)] = self.store(c, self.reader.decode_chunk(c, parts[i][a - ma:b - ma]))
+            except estargz.EStargzError as e:  # never cached; whoever reads it gets the error
+                errors[id(c)] = e
+        return data, errors
 
     def _chunk_index(self) -> tuple[list[TOCEntry], list[int]]:
         if self._by_offset is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import time
 from typing import BinaryIO, Callable
 
 import httpx
@@ -105,7 +104,7 @@ def fetch_blob(session: Session, repository: str, digest: str, out: BinaryIO,
             if attempt + 1 == MAX_ATTEMPTS:
                 raise RegistryError(f"{what}: {url} kept dropping the connection after {got} bytes; "
                                     "try again later", None, url) from None
-            time.sleep(session.backoff_s * 2**attempt)
+            session.pause(attempt)  # the first resume at once (a new connection), then backoff
         finally:
             r.close()
     if "sha256:" + h.hexdigest() != digest:

@@ -1,14 +1,17 @@
 """Byte ranges of a blob, whatever the registry does with a Range request.
 
 The mounter and the snapshotter read a layer a chunk at a time: the footer and TOC at open
-(read_tail, read_ranges), each missed chunk (read_ranges), the prefetch span (stream_range). Ranges
-are asked for in one request where the registry allows (multipart/byteranges answers are parsed; a
-400 to a multi-range request falls back to one request per range). A registry that answers with 200
-and the whole blob would otherwise make every chunk cost the whole blob: the first such answer is
-read only as far as the ranges need; from then on this client asks that registry for no more ranges:
-each blob is downloaded once, verified against its digest, and its ranges are read from that
-temporary file. A range cannot be checked against the blob digest: callers verify content (chunk
-digests).
+(read_tail, read_ranges), each missed window of chunks (read_ranges), the prefetch span (stream_range).
+Ranges are asked for in one request where the registry allows (multipart/byteranges answers are
+parsed). A registry that refuses a multi-range request (400, 416, 501) or answers it with the whole
+blob is remembered (the session's `multirange_refused`): from then on its ranges are asked for one
+per request, up to SINGLE_RANGE_WORKERS at a time, so a window of a dozen ranges still costs about
+one round trip. A body cut off mid-way is asked for again at once (a new connection), then after a
+short backoff. A registry that answers a single range with 200 and the whole blob would otherwise
+make every chunk cost the whole blob: the first such answer is read only as far as the ranges need;
+from then on this client asks that registry for no more ranges: each blob is downloaded once,
+verified against its digest, and its ranges are read from that temporary file. A range cannot be
+checked against the blob digest: callers verify content (chunk digests).
 """
 
 from __future__ import annotations
@@ -18,18 +21,26 @@ import os
 import re
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterator
 
 import httpx
 
 from .blobs import blob_url, content_range_start, fetch_blob
-from .bodies import discard, printable
+from .bodies import printable
 from .errors import RegistryError, read_body, status_error
-from .session import Session
+from .session import MAX_ATTEMPTS, Session
 
 # A 206 answer carries the span asked for, plus part headers when it is multipart/byteranges.
 MULTIPART_SLACK_BYTES = 4096
 PART_HEADER_BYTES = 1024
+# Ranges per request: a Range header past about 8 KB is refused by common front ends (nginx's
+# default header buffer), and 64 ranges is about 1.5 KB.
+MAX_RANGES_PER_REQUEST = 64
+# Single-range requests in flight at once for a registry that refuses multi-range requests.
+SINGLE_RANGE_WORKERS = 8
+# Answers to a multi-range request that mean "ask for one range at a time".
+MULTIRANGE_REFUSALS = (400, 416, 501)
 
 
 class _KeptBlob:
@@ -51,8 +62,11 @@ class RangeReader:
         self._kept: dict[str, _KeptBlob] = {}
         self._kept_locks: dict[str, threading.Lock] = {}
         self._kept_guard = threading.Lock()
+        self._singles: ThreadPoolExecutor | None = None  # made when a registry refuses multi-range requests
 
     def close(self) -> None:
+        if self._singles is not None:
+            self._singles.shutdown(wait=False)
         with self._kept_guard:
             for kept in self._kept.values():
                 kept.f.close()
@@ -156,39 +170,75 @@ class RangeReader:
     def read_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of each [start, end) range of a blob, in one request where the registry allows.
 
-        Multi-range answers (multipart/byteranges) are parsed; a 400 to a multi-range request falls back
-        to one request per range; a 200 (Range ignored) is read only up to the last byte needed. The
-        caller verifies content (chunk digests): a range cannot be checked against the blob digest.
+        Multi-range answers (multipart/byteranges) are parsed; a registry that refuses them is asked for
+        each range on its own, in parallel; a 200 (Range ignored) is read only up to the last byte
+        needed. The caller verifies content (chunk digests): a range cannot be checked against the blob
+        digest.
         """
         if not ranges:
             return []
         if any(a < 0 or b <= a for a, b in ranges):
             raise ValueError(f"ranges {ranges[:4]!r} of blob {digest}: each must be [start, end) with start < end")
+        out: list[bytes] = []
+        for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
+            out += self._read_group(repository, digest, ranges[i:i + MAX_RANGES_PER_REQUEST])
+        return out
+
+    def _read_group(self, repository: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         kept = self._kept_blob(repository, digest)
         if kept is not None:
-            out = [kept.read(a, b) for a, b in ranges]
-            if any(len(p) != b - a for p, (a, b) in zip(out, ranges)):
-                raise RegistryError(f"ranges of blob {digest}: the blob is {kept.size} bytes, shorter than the "
-                                    f"ranges asked for (up to byte {max(b for _, b in ranges)})")
-            return out
+            return _from_kept(kept, digest, ranges)
+        if len(ranges) > 1 and not self.session.multirange_refused:
+            got = self._ask(repository, digest, ranges)
+            if got is not None:
+                return got
+        if len(ranges) == 1:
+            return [self._read_one(repository, digest, ranges[0])]
+        with self._kept_guard:
+            if self._singles is None:
+                self._singles = ThreadPoolExecutor(SINGLE_RANGE_WORKERS, thread_name_prefix="lazybuild-range")
+            pool = self._singles
+        return list(pool.map(lambda rg: self._read_one(repository, digest, rg), ranges))
+
+    def _read_one(self, repository: str, digest: str, rg: tuple[int, int]) -> bytes:
+        kept = self._kept_blob(repository, digest)  # another range of this blob may have found Range ignored
+        if kept is not None:
+            return _from_kept(kept, digest, [rg])[0]
+        got = self._ask(repository, digest, [rg])
+        assert got is not None  # only a multi-range request can be refused
+        return got[0]
+
+    def _ask(self, repository: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        """One Range request for `ranges` (asked again when its body is cut off); None when the registry
+        refuses a multi-range request (it is remembered)."""
         url = blob_url(self.session, repository, digest)
         what = f"ranges of blob {digest}"
         spec = ",".join(f"{a}-{b - 1}" for a, b in ranges)
-        r = self.session.send("GET", url, scope=f"repository:{repository}:pull", what=what,
-                              headers={"Range": f"bytes={spec}", "Accept-Encoding": "identity"})
-        try:
-            if r.status_code == 400 and len(ranges) > 1:
-                discard(r)
-                return [self.read_ranges(repository, digest, [rg])[0] for rg in ranges]
-            if r.status_code == 200:
-                self.session.note_ranges_ignored()
-                return _slice_stream(r, ranges, what)
-            if r.status_code != 206:
-                raise status_error(r, what)
-            span = max(b for _, b in ranges) - min(a for a, _ in ranges)
-            body = read_body(r, span + PART_HEADER_BYTES * len(ranges) + MULTIPART_SLACK_BYTES, what, "range answers")
-        finally:
-            r.close()
+        for attempt in range(MAX_ATTEMPTS):
+            r = self.session.send("GET", url, scope=f"repository:{repository}:pull", what=what,
+                                  headers={"Range": f"bytes={spec}", "Accept-Encoding": "identity"})
+            try:
+                if len(ranges) > 1 and (r.status_code in MULTIRANGE_REFUSALS or r.status_code == 200):
+                    # A 200 here may be a server that serves single ranges only (as object stores do):
+                    # the whole blob is not read; single ranges tell whether Range works at all.
+                    self.session.note_multirange_refused(r.status_code)
+                    return None
+                if r.status_code == 200:
+                    self.session.note_ranges_ignored()
+                    return _slice_stream(r, ranges, what)
+                if r.status_code != 206:
+                    raise status_error(r, what)
+                span = max(b for _, b in ranges) - min(a for a, _ in ranges)
+                body = read_body(r, span + PART_HEADER_BYTES * len(ranges) + MULTIPART_SLACK_BYTES, what,
+                                 "range answers")
+                break
+            except httpx.TransportError as e:  # the connection dropped mid-body: ask again
+                if attempt + 1 == MAX_ATTEMPTS:
+                    raise RegistryError(f"{what}: {url} kept dropping the connection ({e}); check the registry "
+                                        "and the network, or try again later", None, url) from None
+                self.session.pause(attempt)
+            finally:
+                r.close()
         ctype = r.headers.get("Content-Type", "")
         if ctype.startswith("multipart/byteranges"):
             parts = _parse_byteranges(body, ctype)
@@ -226,6 +276,14 @@ class RangeReader:
             kept = self._keep_answer(r, repository, digest, what)
             return kept.size, kept.read(max(0, kept.size - length), kept.size)
         raise status_error(r, what)
+
+
+def _from_kept(kept: _KeptBlob, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    out = [kept.read(a, b) for a, b in ranges]
+    if any(len(p) != b - a for p, (a, b) in zip(out, ranges)):
+        raise RegistryError(f"ranges of blob {digest}: the blob is {kept.size} bytes, shorter than the "
+                            f"ranges asked for (up to byte {max(b for _, b in ranges)})")
+    return out
 
 
 def _slice_stream(r: httpx.Response, ranges: list[tuple[int, int]], what: str) -> list[bytes]:

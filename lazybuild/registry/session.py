@@ -4,8 +4,11 @@ Everything a registry answers is input from a stranger, and the client runs as r
 credentials. So `Session.send` follows redirects itself (a few hops, http(s) only, never from HTTPS
 down to plain HTTP), puts the Authorization header only on requests to the registry's own origin,
 answers 401 challenges only from that origin (a challenge from a host a redirect led to is an error
-naming that host), and retries connection faults, 429 and 5xx with backoff. What a request means
-(a manifest, a blob, an upload) is for the modules that call it.
+naming that host), and retries connection faults, 429 and 5xx. A dropped connection or a 502/503/504
+(a proxy or load balancer whose backend failed) is retried at once on another connection, the next
+tries after a short backoff: a lazy mount asks for many small ranges, and a fixed pause per fault
+would add up to more than the reads themselves. What a request means (a manifest, a blob, an
+upload) is for the modules that call it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ MAX_ATTEMPTS = 5
 # Docker) stops at 10. Past 5 it is a loop or a server making us wander.
 MAX_REDIRECTS = 5
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+# Answers that usually mean "this connection's backend failed", not "the registry is overloaded":
+# retried at once on another connection before any backoff.
+RETRY_AT_ONCE_CODES = (502, 503, 504)
 
 
 class Session:
@@ -57,10 +63,23 @@ class Session:
         # Learned about the server, like its challenge: every reader of this host must stop asking for
         # ranges once it has answered one with the whole blob (see ranges.py).
         self.ranges_ignored = False  # set on the first 200 answer to a Range request
+        self.multirange_refused = False  # set when a multi-range request is refused or answered whole
+
+    def pause(self, attempt: int) -> None:
+        """The wait before retry number `attempt + 1`: none before the first (it goes out at once, on
+        another connection), then backoff_s doubling."""
+        if attempt > 0:
+            time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def close(self) -> None:
         self.client.close()
         self._token_client.close()
+
+    def note_multirange_refused(self, status: int) -> None:
+        if not self.multirange_refused:
+            self.multirange_refused = True
+            log.info("%s answered a multi-range request with HTTP %d: ranges are asked for one per request "
+                     "(in parallel) from now on", self.host, status)
 
     def note_ranges_ignored(self) -> None:
         if not self.ranges_ignored:
@@ -86,13 +105,19 @@ class Session:
                         f"/etc/docker/certs.d/{self.host}/ca.crt (or $LAZYBUILD_CERTS_DIR), or use --insecure",
                         None, url) from None
                 last = e
-                time.sleep(self.backoff_s * 2**attempt)
+                self.pause(attempt)
                 continue
-            except httpx.TransportError as e:
+            except httpx.TransportError as e:  # the connection dropped: httpx does not pool it again
                 last = e
                 if method not in ("GET", "HEAD") and "content" in kw and not isinstance(kw["content"], bytes):
                     break  # a streamed body cannot be sent again
-                time.sleep(self.backoff_s * 2**attempt)
+                self.pause(attempt)
+                continue
+            if r.status_code in RETRY_AT_ONCE_CODES and attempt + 1 < MAX_ATTEMPTS:
+                # Closed unread, the connection is dropped rather than pooled: the retry goes out on another.
+                r.close()
+                last = RegistryError(f"HTTP {r.status_code}", r.status_code, url)
+                self.pause(attempt)
                 continue
             if r.status_code == 429 or (r.status_code >= 500 and r.status_code != 501):
                 if attempt + 1 < MAX_ATTEMPTS:

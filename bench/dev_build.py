@@ -11,7 +11,7 @@ toolchain image, then the static binary alone in a scratch image), side by side 
 - `DOCKER_BUILDKIT=1 docker build` on Docker 20.10 (BuildKit v0.8), which pulls the toolchain whole
   (cold only, on the plain eStargz toolchain; --no-docker leaves it out).
 
-Each repetition runs, for each builder in turn:
+Each repetition runs, for each builder in turn (lazybuild and the reference alternate going first):
 - cold: lazybuild with a fresh state dir and chunk cache; the reference's daemons restarted on wiped
   state (anchor-bench.sh's `daemons` phase); docker's image and build cache removed; then for all
   three the page cache dropped and the toolchain's blobs re-read into it (a warm registry server, as
@@ -28,7 +28,7 @@ slow link (router namespace, 20 ms each way by nfqdelay, 200 Mbit/s by tbf, as a
 every builder reaches it through one loopback forwarder). Bytes are the toolchain repository's bytes in
 the registry's access log (manifests, config, blobs). Prints, per link and toolchain, the median wall
 time and bytes of each builder and the ratios lazybuild / reference (goal: time <= 1.0x with bytes
-<= the reference's; stretch: <= 0.8x), progress on stderr.
+<= the reference's; stretch: <= 0.8x) and the load average the runs saw; progress on stderr.
 
     python3 bench/dev_build.py [--repeat N] [--no-wan] [--only lo|wan] [--no-docker]
 """
@@ -61,8 +61,16 @@ PACKAGES = ("python3", "gcc", "libc6-dev", "make")
 PATHS = ("cold", "warm, nothing changed", "warm, 1 file changed")
 
 
+LOADS: list[float] = []  # the 1-minute load average after each timed run: other work on the machine skews times
+
+
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def note_load() -> str:
+    LOADS.append(os.getloadavg()[0])
+    return f"load {LOADS[-1]:.1f}"
 
 
 class Forwarder:
@@ -200,7 +208,32 @@ def series(name: str, cold, warm, edit, log: AccessLog, results: dict, label: st
         sec = step()
         fetched = log.since_mark()
         results.setdefault((name, path), []).append((sec, fetched))
-        progress(f"{label} {name:9} {path:22} {sec:6.2f} s {fetched / 1e6:7.1f} MB")
+        progress(f"{label} {name:9} {path:22} {sec:6.2f} s {fetched / 1e6:7.1f} MB  {note_load()}")
+
+
+def lazy_series(toolchains: Toolchain, variant: str, toolchain: str, work: str, log: AccessLog, cell: dict,
+                label: str) -> None:
+    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
+    series("lazybuild", lambda: (toolchains.cold(variant), lazy_build(toolchain, ctx, run))[1],
+           lambda: lazy_build(toolchain, ctx, run), lambda: edit_source(ctx), log, cell, label)
+    shutil.rmtree(run)
+
+
+def reference_series(ref: StargzReference, toolchains: Toolchain, variant: str, toolchain: str, work: str,
+                     log: AccessLog, cell: dict, label: str) -> None:
+    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
+
+    def cold():
+        ref.restart_empty()
+        toolchains.cold(variant)
+        return reference_build(ref, toolchain, ctx, run, pull=True)
+
+    try:
+        series("reference", cold, lambda: reference_build(ref, toolchain, ctx, run, pull=False),
+               lambda: edit_source(ctx), log, cell, label)
+    finally:
+        ref.close()  # its background fetch must not run into the next builder's time and bytes
+    shutil.rmtree(run)
 
 
 def main() -> int:
@@ -261,26 +294,10 @@ def main() -> int:
                     cell = results.setdefault((link, variant), {})
                     label = f"{link} {variant} {rep}/{args.repeat}"
                     toolchain = f"{host}/toolchain:{variant}"
-
-                    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
-                    series("lazybuild", lambda: (toolchains.cold(variant), lazy_build(toolchain, ctx, run))[1],
-                           lambda: lazy_build(toolchain, ctx, run), lambda: edit_source(ctx), log, cell, label)
-                    shutil.rmtree(run)
-
-                    run, ctx = tempfile.mkdtemp(dir=work), context_copy(work)
-
-                    def ref_cold():
-                        ref.restart_empty()
-                        toolchains.cold(variant)
-                        return reference_build(ref, toolchain, ctx, run, pull=True)
-
-                    try:
-                        series("reference", ref_cold, lambda: reference_build(ref, toolchain, ctx, run, pull=False),
-                               lambda: edit_source(ctx), log, cell, label)
-                    finally:
-                        # its background fetch must not run into the next builder's time and bytes
-                        ref.close()
-                    shutil.rmtree(run)
+                    builders = [lambda: lazy_series(toolchains, variant, toolchain, work, log, cell, label),
+                                lambda: reference_series(ref, toolchains, variant, toolchain, work, log, cell, label)]
+                    for builder in builders if rep % 2 else builders[::-1]:  # neither always runs first
+                        builder()
                 if dockerd:
                     docker_forget(dockerd, f"{host}/toolchain:esgz")
                     toolchains.cold("esgz")
@@ -288,7 +305,8 @@ def main() -> int:
                     sec = docker_build(dockerd, f"{host}/toolchain:esgz")
                     fetched = log.since_mark()
                     results[(link, "esgz")].setdefault(("docker", "cold"), []).append((sec, fetched))
-                    progress(f"{link} esgz {rep}/{args.repeat} docker    cold {sec:6.2f} s {fetched / 1e6:7.1f} MB")
+                    progress(f"{link} esgz {rep}/{args.repeat} docker    cold {sec:6.2f} s {fetched / 1e6:7.1f} MB  "
+                             f"{note_load()}")
         report(results, args.repeat, image_bytes, bool(dockerd))
     finally:
         if ref:
@@ -312,7 +330,8 @@ def report(results: dict, repeat: int, image_bytes: int, docker: bool) -> None:
         return f"{a / b:.2f}x" if b else ("1.00x" if a == b else "-")
 
     print(f"dev-image build, median of {repeat}; toolchain {image_bytes / 1e6:.1f} MB compressed; "
-          "bytes: the toolchain's, from the registry's access log")
+          "bytes: the toolchain's, from the registry's access log; "
+          f"1-min load average over the runs {min(LOADS):.1f}-{max(LOADS):.1f} on {os.cpu_count()} CPUs")
     print("| link | toolchain | build | lazybuild build | reference: containerd + stargz | time lazybuild/ref "
           "| bytes lazybuild/ref |" + (" docker build (whole pull) |" if docker else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if docker else ""))

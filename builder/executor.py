@@ -23,12 +23,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from lazybuild import inroot, mounter
+from lazybuild import inroot, mounter, profiles
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
 from lazybuild.dockerfile.steps import (PIPES_DIR, BindMount, CacheMount, CopyStep, RunStep, SecretMount, SshMount,
                                         Step, TmpfsMount, WorkdirStep)
-from lazybuild.errors import BuildFailure, InputError
+from lazybuild.errors import BuildFailure, InputError, LazybuildError
 from lazybuild.image import Manifest, Platform
 from lazybuild.registry import Reference, Registry
 from lazybuild.runtime import runc
@@ -59,6 +59,7 @@ class BuildOptions:
     chunk_cache: str = "/var/cache/lazybuild"
     network: str = "host"
     record_base: str = ""  # append the base files RUN steps read here (NDJSON {path, layer})
+    profile: str = "auto"  # build profiles: auto (use one found, save what was read), push (and push it), off
 
 
 @dataclass
@@ -80,6 +81,7 @@ class BaseImage:
     config: dict
     mountpoint: str = ""
     mounted: "mounter.MountedImage | None" = None
+    profile: "profiles.Profile | None" = None  # the build profile found for it (prefetched at mount)
 
     @property
     def diff_ids(self) -> list[str]:
@@ -248,8 +250,13 @@ class Builder:
             os.makedirs(mp, exist_ok=True)
             # No background fetch: a build reads what it reads; the rest of the image is never downloaded.
             pinned = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"  # the manifest we resolved
+            img.profile = self.find_profile(img)
+            record = self.opts.record_base or None  # with profiles: its own file, copied there after the build
+            if self.opts.profile != "off":
+                record = self.record_path(img)
             opts = mounter.MountOptions(cache_dir=self.opts.chunk_cache, background_fetch=False, layers=True,
-                                        insecure=self.opts.insecure, record=self.opts.record_base or None)
+                                        insecure=self.opts.insecure, record=record,
+                                        prefetch_files=img.profile.layers if img.profile else None)
             try:
                 img.mounted = mounter.mount_image(pinned, mp, opts)
             except OSError as e:
@@ -257,6 +264,77 @@ class Builder:
                                  "(its layers must be eStargz: `lazybuild convert` it)") from None
             img.mountpoint = mp
         return [os.path.join(img.mountpoint, str(i)) for i in range(len(img.manifest.layers))]
+
+    # ---- build profiles (lazybuild/profiles.py)
+    def record_path(self, img: BaseImage) -> str:
+        return os.path.join(self.run_dir, f"record-{img.manifest.digest.split(':')[-1]}.ndjson")
+
+    def find_profile(self, img: BaseImage) -> "profiles.Profile | None":
+        """The profile of IMG's manifest: the state dir's, else the registry's; a bad one is reported and
+        not used (the build goes on without it)."""
+        if self.opts.profile == "off":
+            return None
+        where = "the state dir"
+        try:
+            found = profiles.ProfileStore(self.opts.state_dir).load(img.manifest.digest)
+            if found is None:
+                where = f"{img.ref.host}/{img.ref.repository}"
+                hit = profiles.find_profile(img.registry, img.ref.repository, img.manifest.digest)
+                found = hit[0] if hit else None
+                if found is not None:  # kept: the next build here needs no registry for it
+                    profiles.ProfileStore(self.opts.state_dir).save(found)
+        except (LazybuildError, OSError) as e:
+            self.log(f"warning: the build profile of {img.ref} in {where} is not used: {e}")
+            return None
+        if found is not None:
+            self.log(f"  profile of {img.ref} ({where}): {found.file_count} files, prefetched as it mounts")
+        return found
+
+    def save_profiles(self, push: bool = False) -> None:
+        """After the build: what each base's mount recorded is merged into its profile, saved in the state
+        dir (and pushed beside the base when PUSH), and appended to --record-base. Never fails the build:
+        a profile is an optimisation."""
+        if self.opts.profile == "off":
+            return
+        done = set()
+        for img in [i for i in self.images.values() if i.mountpoint and i.manifest.digest not in done]:
+            done.add(img.manifest.digest)
+            try:
+                self._save_profile(img, push)
+            except (LazybuildError, OSError) as e:
+                self.log(f"warning: the build profile of {img.ref} was not saved: {e}")
+
+    def _save_profile(self, img: BaseImage, push: bool) -> None:
+        reads, lines = [], []
+        try:
+            with open(self.record_path(img), encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            pass
+        layers = img.manifest.layers
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                index = rec["layer"]
+                if type(index) is int and 0 <= index < len(layers) and isinstance(rec["path"], str):
+                    reads.append((layers[index].digest, rec["path"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interrupted mount
+        if self.opts.record_base and lines:
+            with open(self.opts.record_base, "a", encoding="utf-8", errors="surrogateescape") as f:
+                f.writelines(lines)
+        old = img.profile or profiles.Profile(img.manifest.digest)
+        new = old.merged(reads)
+        store = profiles.ProfileStore(self.opts.state_dir)
+        if new.file_count > old.file_count or (new.file_count and img.profile is None):
+            path = store.save(new)
+            self.log(f"profile of {img.ref}: {new.file_count} files ({new.file_count - old.file_count} new), "
+                     f"saved in {path}")
+        if push and new.file_count:
+            subject = profiles.Subject(img.manifest.media_type, img.manifest.digest, len(img.manifest.raw))
+            digest = profiles.push_profile(img.registry, img.ref.repository, new, subject)
+            self.log(f"profile of {img.ref} pushed to {img.ref.host}/{img.ref.repository}:"
+                     f"{profiles.profile_tag(new.base)} ({digest})")
 
     def view(self, layers: list[Layer], name: str) -> str:
         """A read-only merged view of LAYERS (for COPY --from and bind mounts)."""

@@ -15,7 +15,8 @@ The public API is what this module exports; other components import nothing else
 
 Mounting an image (the builder, the optimizer, `lazybuild mount`):
   mount_image(ref, mountpoint, MountOptions(...)) -> MountedImage (.status(), .close()): served by a
-      forked child, returns once the mount is up
+      forked child, returns once the mount is up; MountOptions.prefetch_files ({layer digest: [paths]},
+      a build profile) fetches those files at once, and the status reports it as `filePrefetch`
   serve(ref, mountpoint, MountOptions) (in this process, until unmounted), umount(mountpoint),
   status(mountpoint) (per layer: size, bytes fetched, served from cache, prefetched), is_mounted(path)
 
@@ -28,6 +29,8 @@ Serving lazy layers yourself (the snapshotter):
   LazyLayer                               .stats (LayerStats, .to_json()), .read_around,
                                           .has_prefetch_landmark, .chunk_keys(), .unpacked_usage()
   Prefetch(layer, enabled)                locks what it will stream; .run() or .cancel()
+  FilePrefetch(layer, paths, exclude)     a list of files (a build profile's): locks their chunks, .run()
+                                          fetches them in a few merged Range requests, or .cancel()
   background_fetch(layer, stop, idle_s)   the rest of the layer while no read waits
   LayerDirs()                             a tree of layer directories: reserve, fill | fail, remove
   fuse_mount(tree, mountpoint, fsname) -> FuseMount
@@ -42,7 +45,7 @@ from .cache import ChunkCache
 from .fetch import FetchedLayer, fetch_layer
 from .layer import LayerError, LayerStats, LazyLayer, NotEStargz
 from .mount import MountedImage, MountOptions, is_mounted, mount_image, serve, status, umount
-from .prefetch import Prefetch, background_fetch
+from .prefetch import FilePrefetch, Prefetch, background_fetch
 from .rootfs import LayerDirs
 
 
@@ -53,6 +56,6 @@ def fuse_mount(tree, mountpoint: str, fsname: str = "lazybuild", record: str | N
     return FuseMount(tree, mountpoint, fsname, record)
 
 
-__all__ = ["DEFAULT_CACHE_LIMIT_BYTES", "ChunkCache", "FetchedLayer", "LayerDirs", "LayerError", "LayerStats",
-           "LazyLayer", "MountOptions", "MountedImage", "NotEStargz", "Prefetch", "background_fetch", "fetch_layer",
-           "fuse_mount", "is_mounted", "mount_image", "serve", "status", "umount"]
+__all__ = ["DEFAULT_CACHE_LIMIT_BYTES", "ChunkCache", "FetchedLayer", "FilePrefetch", "LayerDirs", "LayerError",
+           "LayerStats", "LazyLayer", "MountOptions", "MountedImage", "NotEStargz", "Prefetch", "background_fetch",
+           "fetch_layer", "fuse_mount", "is_mounted", "mount_image", "serve", "status", "umount"]

@@ -27,7 +27,7 @@ from lazybuild.registry import Reference, Registry
 
 from .cache import DEFAULT_LIMIT_BYTES, ChunkCache
 from .fetch import open_layer
-from .prefetch import Prefetch, background_fetch
+from .prefetch import FilePrefetch, Prefetch, background_fetch
 from .rootfs import LayersTree, MergedTree
 
 log = logging.getLogger("lazybuild.mount")
@@ -48,6 +48,9 @@ class MountOptions:
     insecure: bool = False
     timeout_s: float = 30.0
     layers: bool = False  # one directory per layer instead of the merged tree
+    # layer digest -> file names in it to fetch at once, before reads ask (a build profile): their chunks in a
+    # few merged Range requests; reads of them wait for those rather than fetch them again
+    prefetch_files: dict[str, list[str]] | None = None
 
 
 def status_path(mountpoint: str) -> str:
@@ -95,10 +98,22 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     # Prefetch streams while the mount already serves: its chunks are locked first (Prefetch), so a read
     # of a prefetched file waits for the stream to reach it rather than racing it with a request of its own.
     prefetches = [Prefetch(layer) for layer in tree.layers] if opts.prefetch else []
+    try:  # a profile's files: locked the same way, past the chunks the landmark prefetch holds
+        wanted = opts.prefetch_files or {}
+        landmark = {p.layer.index: {p.layer.cache_key(c) for c in p.chunks} for p in prefetches}
+        files = [FilePrefetch(layer, wanted[layer.stats.digest], landmark.get(layer.index, set()))
+                 for layer in tree.layers if wanted.get(layer.stats.digest)]
+    except BaseException:
+        for p in prefetches:
+            p.cancel()
+        registry.close()
+        raise
+    if wanted:
+        info["filePrefetch"] = _file_prefetch_status(files, False)
     try:
         fuse = FuseMount(tree, mountpoint, "lazybuild", opts.record)
     except BaseException:  # no prefetch will run to release them
-        for p in prefetches:
+        for p in prefetches + files:
             p.cancel()
         registry.close()
         raise
@@ -106,6 +121,17 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
     workers = []
     for p in prefetches:
         t = threading.Thread(target=p.run, daemon=True, name=f"prefetch-{p.layer.index}")
+        t.start()
+        workers.append(t)
+    if files:
+        def run_files():
+            for f in files:  # layers one after another: each already has FILES_PARALLEL requests in flight
+                f.run()
+            info["filePrefetch"] = _file_prefetch_status(files, True)
+            log.info("file prefetch: %d files, %d chunks in %d requests, %d bytes", info["filePrefetch"]["files"],
+                     info["filePrefetch"]["chunks"], info["filePrefetch"]["requests"], info["filePrefetch"]["bytes"])
+
+        t = threading.Thread(target=run_files, daemon=True, name="prefetch-files")
         t.start()
         workers.append(t)
     if opts.background_fetch:
@@ -144,6 +170,13 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
         write_status(mountpoint, tree, info)
         registry.close()
     return 0
+
+
+def _file_prefetch_status(files: list[FilePrefetch], done: bool) -> dict:
+    """What the status reports of the file prefetch (`filePrefetch`)."""
+    return {"files": sum(f.files for f in files), "chunks": sum(f.planned for f in files),
+            "requests": sum(f.requests for f in files),
+            "bytes": sum(f.fetched_bytes for f in files), "failedChunks": sum(f.failed for f in files), "done": done}
 
 
 def is_mounted(path: str) -> bool:

@@ -15,7 +15,7 @@ import traceback
 
 from .. import __version__
 from ..errors import LazybuildError, missing_extra
-from . import build, dockerfile, image, layer, mount, snapshotter
+from . import build, dockerfile, image, layer, mount, profiles, snapshotter
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error, never a user's
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshotter.add_parser(sub)  # snapshotter, rpull
     image.add_inspect_parser(sub)
     build.add_parser(sub)
+    profiles.add_parser(sub)  # profile ls, show, push, rm
     return p
 
 

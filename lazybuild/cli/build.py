@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     b.add_argument("--optimize-period", type=float, default=10.0, metavar="S", help="how long the workload runs")
     b.add_argument("--record-base", default="", metavar="FILE",
                    help="append the base image files RUN steps read (NDJSON {path, layer}) to FILE")
+    b.add_argument("--profile", choices=("auto", "off", "push"), default="auto",
+                   help="build profiles of base images (the files a build reads, prefetched by the next build): "
+                        "auto uses one found (state dir, then registry) and saves what was read; push also "
+                        "pushes it beside the base image; off neither (default %(default)s)")
     b.set_defaults(workload=[])  # `-- CMD ARGS` after everything else: split off by lazybuild.cli.main
     b.set_defaults(func=run)
 
@@ -89,7 +93,8 @@ def run(args) -> int:
                             build_args=_kv(args.build_arg, "build-arg"), platform=args.platform,
                             no_cache=args.no_cache, secrets=_secrets(args.secret), insecure=args.insecure,
                             state_dir=args.state_dir, chunk_cache=args.cache,
-                            record_base=os.path.abspath(args.record_base) if args.record_base else "")
+                            record_base=os.path.abspath(args.record_base) if args.record_base else "",
+                            profile=args.profile)
     except ExportError as e:  # an --output spec that does not parse: a flag, not a failed export
         raise UsageError(str(e)) from None
     epoch = args.source_date_epoch if args.source_date_epoch is not None else (
@@ -103,6 +108,7 @@ def run(args) -> int:
     image = None
     try:
         result = builder.run()
+        builder.save_profiles(push=args.profile == "push")  # before any export reads the bases
         log(f"build done in {time.monotonic() - start:.1f} s")
         fetched = result.bytes_fetched()
         for ref, f in fetched.items():

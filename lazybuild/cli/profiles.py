@@ -1,0 +1,117 @@
+"""`lazybuild profile ls|show|push|rm`: build profiles (lazybuild/profiles.py), the files builds read from a
+base image, kept in the state dir by base manifest digest and pushed beside the base."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..digest import check_digest, is_digest
+from ..errors import InputError
+from ..image import size_text
+from ..profiles import ProfileStore, Subject, find_profile, profile_tag, push_profile
+from ..registry import Reference, Registry
+from .options import platform_of
+
+STATE_DIR_HELP = "where `lazybuild build` keeps its state, profiles in profiles/ (default %(default)s)"
+
+
+def add_parser(sub) -> None:
+    from ..builder.executor import STATE_DIR  # the CLI is where components meet: the builder's default
+
+    p = sub.add_parser("profile", help="build profiles: the base-image files builds read, prefetched by later builds")
+    psub = p.add_subparsers(dest="profile_command", required=True)
+
+    ls = psub.add_parser("ls", help="list the local profiles: base manifest digest, files, size")
+    ls.add_argument("--json", action="store_true", help="one JSON object per profile")
+    ls.set_defaults(func=list_profiles)
+
+    show = psub.add_parser("show", help="print a profile as JSON: the local one, else the registry's for a reference")
+    show.add_argument("what", metavar="REF|DIGEST", help="an image reference, or a base manifest digest (local only)")
+    show.set_defaults(func=show_profile)
+
+    push = psub.add_parser("push", help="push the local profile of an image beside it in its registry")
+    push.add_argument("ref", metavar="REF")
+    push.set_defaults(func=push_local)
+
+    rm = psub.add_parser("rm", help="delete the local profile of a base manifest digest")
+    rm.add_argument("digest", metavar="DIGEST")
+    rm.set_defaults(func=remove)
+
+    for c in (ls, show, push, rm):
+        c.add_argument("--state-dir", default=STATE_DIR, help=STATE_DIR_HELP)
+    for c in (show, push):
+        c.add_argument("--platform", metavar="P", help="os/arch[/variant] of a multi-platform image (default: this machine's)")
+        c.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
+
+
+def list_profiles(args) -> int:
+    for sp in ProfileStore(args.state_dir).list():
+        files = sp.profile.file_count if sp.profile else None
+        if args.json:
+            print(json.dumps({"base": sp.base, "files": files, "size": sp.size, "path": sp.path,
+                              **({"error": sp.error} if sp.error else {})}))
+        else:
+            print(f"{sp.base}  {files if files is not None else '?':>6} files  {size_text(sp.size):>9}"
+                  + (f"  (unusable: {sp.error})" if sp.error else ""))
+    return 0
+
+
+def _resolve(args, text: str) -> tuple[Reference, Registry, "object"]:
+    ref = Reference.parse(text)
+    registry = Registry(ref.host, insecure=args.insecure)
+    try:
+        return ref, registry, registry.resolve(ref, platform_of(args))
+    except BaseException:
+        registry.close()
+        raise
+
+
+def show_profile(args) -> int:
+    store = ProfileStore(args.state_dir)
+    if is_digest(args.what):
+        profile = store.load(args.what)
+        if profile is None:
+            raise InputError(f"no local profile of {args.what} in {store.dir}",
+                             hint="`lazybuild profile ls` lists them; give an image reference to look in its registry")
+    else:
+        ref, registry, resolved = _resolve(args, args.what)
+        with registry:
+            base = resolved.manifest.digest
+            profile = store.load(base)
+            if profile is None:
+                found = find_profile(registry, ref.repository, base)
+                if found is None:
+                    raise InputError(f"no profile of {ref} ({base}), neither in {store.dir} nor in its registry",
+                                     hint="`lazybuild build` records one for each base image it mounts")
+                profile = found[0]
+                print(f"profile from {found[1]}", file=sys.stderr)
+    json.dump(profile.to_json(), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def push_local(args) -> int:
+    store = ProfileStore(args.state_dir)
+    ref, registry, resolved = _resolve(args, args.ref)
+    with registry:
+        manifest = resolved.manifest
+        profile = store.load(manifest.digest)
+        if profile is None:
+            raise InputError(f"no local profile of {ref} ({manifest.digest}) in {store.dir}",
+                             hint="build on the image first (`lazybuild build` records its profile), or "
+                                  "`lazybuild profile ls`")
+        digest = push_profile(registry, ref.repository, profile,
+                              Subject(manifest.media_type, manifest.digest, len(manifest.raw)))
+    print(json.dumps({"base": manifest.digest, "files": profile.file_count,
+                      "pushed": f"{ref.host}/{ref.repository}:{profile_tag(manifest.digest)}", "digest": digest}))
+    return 0
+
+
+def remove(args) -> int:
+    store = ProfileStore(args.state_dir)
+    digest = check_digest(args.digest, "profile rm DIGEST")
+    if not store.remove(digest):
+        raise InputError(f"no local profile of {digest} in {store.dir}", hint="`lazybuild profile ls` lists them")
+    print(f"removed the profile of {digest}", file=sys.stderr)
+    return 0

@@ -380,6 +380,7 @@ def find_profile(registry: Registry, repository: str, base: str) -> tuple[Profil
         data = registry.read_blob(repository, digest, size=size)
         profile = Profile.parse(data, f"profile {digest} in {registry.host}/{repository}")
         if profile.base != base:
-            raise ProfileError(f"profile {digest} in {registry.host}/{repository} is of base {profile.base}, not {base}")
+            raise ProfileError(f"profile {digest} in {registry.host}/{repository} is of base {profile.base}, "
+                               f"not {base}")
         return profile, str(ref)
     return None

@@ -138,7 +138,8 @@ class FilePrefetch:
         spans: list[list] = []
         for c in sorted(self.chunks, key=lambda c: c.offset):
             a, b = self.layer.reader.compressed_range(c)
-            if spans and a - spans[-1][1] <= FILES_MERGE_GAP_BYTES and max(b, spans[-1][1]) - spans[-1][0] <= FILES_REQUEST_BYTES:
+            last = spans[-1] if spans else None
+            if last and a - last[1] <= FILES_MERGE_GAP_BYTES and max(b, last[1]) - last[0] <= FILES_REQUEST_BYTES:
                 spans[-1][1] = max(spans[-1][1], b)
                 spans[-1][2].append(c)
             else:

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     for c in (ls, show, push, rm):
         c.add_argument("--state-dir", default=STATE_DIR, help=STATE_DIR_HELP)
     for c in (show, push):
-        c.add_argument("--platform", metavar="P", help="os/arch[/variant] of a multi-platform image (default: this machine's)")
+        c.add_argument("--platform", metavar="P",
+                       help="os/arch[/variant] of a multi-platform image (default: this machine's)")
         c.add_argument("--insecure", action="store_true", help="skip TLS verification of the registry")
 
 

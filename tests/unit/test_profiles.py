@@ -74,7 +74,8 @@ def test_hostile_profiles_are_refused_with_a_data_error(bad, says):
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+                    lambda inner: (st.lists(inner, max_size=5)
+                                   | st.dictionaries(st.text(max_size=10), inner, max_size=5)),
                     max_leaves=30)
 
 

@@ -33,6 +33,7 @@ from lazybuild.image import Manifest, Platform
 from lazybuild.registry import Reference, Registry
 from lazybuild.runtime import runc
 from lazybuild.runtime.overlay import mount_overlay, unmount
+from lazybuild.timings import NoTimings, Timings
 
 from . import filecopy
 
@@ -64,7 +65,10 @@ class BuildOptions:
 
 @dataclass
 class Layer:
-    """One layer of a stage: a lower dir for overlay, and where it came from."""
+    """One layer of a stage: a lower dir for overlay, and where it came from.
+
+    A base image's layer has no path until its image is mounted (`Builder.lowers`): a build whose
+    steps are all cached never mounts anything."""
 
     path: str
     key: str  # the chain key of the stage state ending with this layer
@@ -79,8 +83,10 @@ class BaseImage:
     registry: Registry
     manifest: Manifest
     config: dict
-    mountpoint: str = ""
-    mounted: "mounter.MountedImage | None" = None
+    mountpoint: str = ""  # set once the mount serves
+    mounted: "mounter.MountedImage | None" = None  # set when the mount starts
+    mount_dir: str = ""
+    mount_started: float = 0.0
     profile: "profiles.Profile | None" = None  # the build profile found for it (prefetched at mount)
 
     @property
@@ -158,9 +164,10 @@ def tree_digest(root: str, rel_paths: list[str], ignored=None) -> str:
 
 
 class Builder:
-    def __init__(self, opts: BuildOptions, log=None):
+    def __init__(self, opts: BuildOptions, log=None, timings: Timings | None = None):
         self.opts = opts
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.timings = timings or NoTimings()
         self.id = uuid.uuid4().hex[:8]
         self.run_dir = os.path.join(RUN_DIR, self.id)
         self.steps_dir = os.path.join(opts.state_dir, "steps")
@@ -180,6 +187,9 @@ class Builder:
     # ---- lifecycle
     def close(self) -> None:
         """Unmount everything this build mounted (steps, views, lazy images), even after a failure."""
+        for img in self.images.values():
+            if img.mounted:
+                self._mount_timings(img)
         for mp in reversed(self.mounts):
             try:
                 unmount(mp)
@@ -234,9 +244,11 @@ class Builder:
             return self.images[key]
         registry = Registry(ref.host, insecure=self.opts.insecure)
         try:
-            resolved = registry.resolve(ref, platform)
-            cfg_desc = resolved.manifest.config
-            config = json.loads(registry.read_blob(ref.repository, cfg_desc.digest, size=cfg_desc.size))
+            with self.timings.phase(f"resolve {ref}"):
+                resolved = registry.resolve(ref, platform)
+            with self.timings.phase(f"config of {ref}"):
+                cfg_desc = resolved.manifest.config
+                config = json.loads(registry.read_blob(ref.repository, cfg_desc.digest, size=cfg_desc.size))
         except Exception as e:
             raise BuildError(f"base image {ref}: {e}") from None
         img = BaseImage(resolved.reference, registry, resolved.manifest, config)
@@ -246,7 +258,22 @@ class Builder:
     def mount_image(self, img: BaseImage) -> list[str]:
         """Mount the image lazily (once); its layer dirs, bottom first."""
         if not img.mountpoint:
-            mp = os.path.join(self.run_dir, f"i{len([i for i in self.images.values() if i.mountpoint])}")
+            self.start_mount(img)
+            try:
+                img.mounted.wait_until_mounted()
+            except OSError as e:
+                img.mounted = None
+                raise BuildError(f"cannot mount {img.ref} lazily: {e} "
+                                 "(its layers must be eStargz: `lazybuild convert` it)") from None
+            self.timings.add(f"mount {img.ref.repository}", time.monotonic() - img.mount_started, img.mount_started)
+            img.mountpoint = img.mount_dir
+        return [os.path.join(img.mountpoint, str(i)) for i in range(len(img.manifest.layers))]
+
+    def start_mount(self, img: BaseImage) -> None:
+        """Start mounting IMG (once) and return at once: the build goes on (hashing the context for the
+        next steps' keys) while the mount child fetches and indexes the TOCs; mount_image() waits."""
+        if img.mounted is None:
+            mp = os.path.join(self.run_dir, f"i{len([i for i in self.images.values() if i.mounted])}")
             os.makedirs(mp, exist_ok=True)
             # No background fetch: a build reads what it reads; the rest of the image is never downloaded.
             pinned = f"{img.ref.host}/{img.ref.repository}@{img.manifest.digest}"  # the manifest we resolved
@@ -257,13 +284,12 @@ class Builder:
             opts = mounter.MountOptions(cache_dir=self.opts.chunk_cache, background_fetch=False, layers=True,
                                         insecure=self.opts.insecure, record=record,
                                         prefetch_files=img.profile.layers if img.profile else None)
+            img.mount_started = time.monotonic()
             try:
-                img.mounted = mounter.mount_image(pinned, mp, opts)
+                img.mounted = mounter.mount_image(pinned, mp, opts, wait=False)
             except OSError as e:
-                raise BuildError(f"cannot mount {img.ref} lazily: {e} "
-                                 "(its layers must be eStargz: `lazybuild convert` it)") from None
-            img.mountpoint = mp
-        return [os.path.join(img.mountpoint, str(i)) for i in range(len(img.manifest.layers))]
+                raise BuildError(f"cannot mount {img.ref} lazily: {e}") from None
+            img.mount_dir = mp
 
     # ---- build profiles (lazybuild/profiles.py)
     def record_path(self, img: BaseImage) -> str:
@@ -336,13 +362,35 @@ class Builder:
             self.log(f"profile of {img.ref} pushed to {img.ref.host}/{img.ref.repository}:"
                      f"{profiles.profile_tag(new.base)} ({digest})")
 
+    def _mount_timings(self, img: BaseImage) -> None:
+        """The mount child's own phases (it measures them on the same monotonic clock)."""
+        if isinstance(self.timings, NoTimings):
+            return
+        try:
+            phases = img.mounted.status().get("timings", [])
+        except OSError:
+            return
+        for p in phases:
+            self.timings.add(f"mount {img.ref.repository}: {p['name']}", p["duration"], p["start"])
+
+    def lowers(self, layers: list[Layer]) -> list[str]:
+        """The overlay lower dirs of LAYERS, top first; mounts the base images whose layers have no
+        path yet (a base is mounted only when a step that is not cached runs on it)."""
+        for layer in layers:
+            if not layer.path and layer.image is not None:
+                dirs = self.mount_image(layer.image)
+                for other in layers:
+                    if other.image is layer.image:
+                        other.path = dirs[other.index]
+        return [lay.path for lay in reversed(layers)]
+
     def view(self, layers: list[Layer], name: str) -> str:
         """A read-only merged view of LAYERS (for COPY --from and bind mounts)."""
         key = layers[-1].key if layers else "scratch"
         if key not in self.views:
             mp = os.path.join(self.run_dir, f"v{len(self.views)}")
             os.makedirs(mp, exist_ok=True)
-            lowers = [lay.path for lay in reversed(layers)]
+            lowers = self.lowers(layers)
             lowers += [self.empty, self.empty2][:max(0, 2 - len(lowers))]  # read-only overlays need two lowers
             mount_overlay(lowers, None, None, mp)
             self.mounts.append(mp)
@@ -394,28 +442,38 @@ class Builder:
             layers, base, key = [], None, _sha("scratch")
         else:
             base = self.image(st.base, plat)
-            self.log(f"[{label}] FROM {base.ref} (mounted lazily)")
-            dirs = self.mount_image(base)
+            self.log(f"[{label}] FROM {base.ref} (mounted lazily when a step runs on it)")
             key = _sha("image", base.manifest.digest)
             layers = []
-            for i, d in enumerate(dirs):
-                key = _sha(key, base.manifest.layers[i].digest)
-                layers.append(Layer(d, key, base, i))
+            for i, desc in enumerate(base.manifest.layers):
+                key = _sha(key, desc.digest)
+                layers.append(Layer(base.mountpoint and os.path.join(base.mountpoint, str(i)), key, base, i))
         steps = st.steps
+        # Keys first: the base is mounted only if a step misses the cache, and its mount starts at the
+        # first miss, so the context is hashed for the later steps' keys while the mount comes up.
+        keys = []
         for n, step in enumerate(steps, 1):
+            with self.timings.phase(f"[{label} {n}/{len(steps)}] {step.text}: cache key"):
+                key = _sha(key, self.step_identity(step, results))
+            keys.append(key)
+            if base is not None and not self._cached(key):
+                self.start_mount(base)
+        for n, (step, key) in enumerate(zip(steps, keys), 1):
             name = f"[{label} {n}/{len(steps)}] {step.text}"
-            key = _sha(key, self.step_identity(step, results))
             cached = os.path.join(self.steps_dir, key[:32])
-            if not self.opts.no_cache and os.path.isfile(os.path.join(cached, "done")):
+            if self._cached(key):
                 self.log(f"{name}  (cached)")
                 layers.append(Layer(os.path.join(cached, "upper"), key, history=step.text))
                 continue
             self.log(name)
             start = time.monotonic()
-            upper = self.run_step(step, layers, results, key, label)
+            upper = self.run_step(step, layers, results, key, label, name)
             layers.append(Layer(upper, key, history=step.text))
             self.log(f"  done in {time.monotonic() - start:.1f} s")
         return StageResult(st, layers, base, key)
+
+    def _cached(self, key: str) -> bool:
+        return not self.opts.no_cache and os.path.isfile(os.path.join(self.steps_dir, key[:32], "done"))
 
     def step_identity(self, step: Step, results: dict[int, StageResult]) -> dict:
         """What decides a step's result besides its parent: the step and the files it reads."""
@@ -442,27 +500,31 @@ class Builder:
             return tree_digest(self.context, [""], self.ignored)
         return tree_digest(self.context, [p.lstrip("/") for p in paths], self.ignored)
 
-    def run_step(self, step: Step, layers: list[Layer], results, key: str, label: str) -> str:
+    def run_step(self, step: Step, layers: list[Layer], results, key: str, label: str, name: str = "") -> str:
         final = os.path.join(self.steps_dir, key[:32])
         tmp = tempfile.mkdtemp(prefix="tmp-", dir=self.steps_dir)
         upper, work, merged = os.path.join(tmp, "upper"), os.path.join(tmp, "work"), os.path.join(self.run_dir, "m")
         os.makedirs(upper)
         os.makedirs(work)
         os.makedirs(merged, exist_ok=True)
-        lowers = [lay.path for lay in reversed(layers)] or [self.empty]
+        lowers = self.lowers(layers) or [self.empty]
+        phase = self.timings.phase
         try:
-            mount_overlay(lowers, upper, work, merged)
+            with phase(f"{name}: overlay mount"):
+                mount_overlay(lowers, upper, work, merged)
             self.mounts.append(merged)
             try:
-                match step:
-                    case RunStep():
-                        self.do_run(step, merged, results)
-                    case CopyStep():
-                        self.do_copy(step, merged, results)
-                    case WorkdirStep():
-                        self.do_workdir(step, merged)
+                with phase(f"{name}: {type(step).__name__}"):
+                    match step:
+                        case RunStep():
+                            self.do_run(step, merged, results)
+                        case CopyStep():
+                            self.do_copy(step, merged, results)
+                        case WorkdirStep():
+                            self.do_workdir(step, merged)
             finally:
-                unmount(merged)
+                with phase(f"{name}: overlay unmount"):
+                    unmount(merged)
                 self.mounts.remove(merged)
             shutil.rmtree(work, ignore_errors=True)
             with open(os.path.join(tmp, "done"), "w") as f:

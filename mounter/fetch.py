@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,15 +144,25 @@ def fetch_layer(registry: Registry, repository: str, desc: Descriptor, index: in
 
 
 def open_layer(registry: Registry, repository: str, desc: Descriptor, cache: ChunkCache, workdir: str,
-               index: int = 0, verify: bool = True) -> LazyLayer:
+               index: int = 0, verify: bool = True, toc_dir: str | None = None) -> LazyLayer:
     """Layer `index` of an image, ready to serve: its TOC verified against the manifest's annotation
     (a LayerError without one, unless not `verify`). A layer that is not eStargz is downloaded whole
-    and converted under `workdir`."""
-    try:
-        fetched = fetch_layer(registry, repository, desc, index)
-    except NotEStargz:
-        return _download_whole(index, registry, repository, desc, cache, workdir)
+    and converted under `workdir`. With `toc_dir`, the footer and TOC reads are kept there (see
+    KeptReads) and the next open needs no request for them."""
     toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
+    kept = bool(toc_dir) and os.path.isdir(toc_dir) and bool(os.listdir(toc_dir))
+    try:
+        fetched = fetch_layer(registry, repository, desc, index, toc_dir=toc_dir)
+        if kept and toc_digest:
+            fetched.verify_toc(toc_digest)
+    except (NotEStargz, estargz.FormatError, estargz.TOCDigestMismatch) as e:
+        if kept:  # what was kept does not hold (a torn or altered file): drop it, read the registry again
+            log.warning("the kept footer and TOC of %s are not usable (%s); fetching them again", desc.digest, e)
+            shutil.rmtree(toc_dir, ignore_errors=True)
+            return open_layer(registry, repository, desc, cache, workdir, index, verify, toc_dir)
+        if isinstance(e, NotEStargz):
+            return _download_whole(index, registry, repository, desc, cache, workdir)
+        raise
     if toc_digest:
         fetched.verify_toc(toc_digest)
     elif verify:

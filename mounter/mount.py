@@ -21,7 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lazybuild.digest import digest_hex
 from lazybuild.errors import require_extra
+from lazybuild.estargz import TOC_DIGEST_ANNOTATION
 from lazybuild.image import Platform
 from lazybuild.registry import Reference, Registry
 
@@ -63,18 +65,41 @@ def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry,
     caller closes it), and what the status reports about the image."""
     ref = Reference.parse(ref_text)
     registry = Registry(ref.host, insecure=opts.insecure, timeout_s=opts.timeout_s)
+    timings = []  # phases on the system-wide monotonic clock, for the caller's --debug-timings
+
+    def timed(name, fn, *args):
+        start = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            timings.append({"name": name, "start": start, "duration": time.monotonic() - start})
+
     try:
-        resolved = registry.resolve(ref, opts.platform)
+        resolved = timed("resolve", registry.resolve, ref, opts.platform)
         cache = ChunkCache(opts.cache_dir, opts.cache_limit_bytes)
         layers_desc = resolved.manifest.layers
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
-            layers = list(pool.map(lambda a: open_layer(registry, ref.repository, a[1], cache, opts.cache_dir, a[0],
-                                                        opts.verify), enumerate(layers_desc)))
+
+        def open_all():
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(layers_desc)))) as pool:
+                # The TOC reads are kept beside the chunk cache (by layer digest, checked where the manifest
+                # was parsed): a later mount of the same layer reads them from disk, verified against the
+                # manifest's TOC digest like a fetch. Unverifiable layers (no TOC digest) are not kept.
+                def toc_dir(desc):
+                    if not desc.annotations.get(TOC_DIGEST_ANNOTATION):
+                        return None
+                    return os.path.join(opts.cache_dir, "tocs", "sha256-" + digest_hex(desc.digest))
+
+                return list(pool.map(lambda a: open_layer(registry, ref.repository, a[1], cache, opts.cache_dir,
+                                                          a[0], opts.verify, toc_dir(a[1])), enumerate(layers_desc)))
+
+        layers = timed("open layers (footer, TOC fetch and index)", open_all)
     except BaseException:
         registry.close()
         raise
     info = {"reference": str(resolved.reference), "manifest": resolved.manifest.digest}
-    return (LayersTree(layers) if opts.layers else MergedTree(layers)), registry, info
+    tree = timed("tree", LayersTree if opts.layers else MergedTree, layers)
+    info["timings"] = timings
+    return tree, registry, info
 
 
 def write_status(mountpoint: str, tree: MergedTree, info: dict) -> None:
@@ -205,10 +230,33 @@ def status(mountpoint: str) -> dict:
 class MountedImage:
     """An image mounted by a child of this process (see mount_image); closing it unmounts."""
 
-    def __init__(self, mountpoint: str, pid: int, log_path: str):
+    def __init__(self, mountpoint: str, pid: int, log_path: str, detach: bool = False):
         self.mountpoint = mountpoint
         self.pid = pid
         self.log_path = log_path
+        self.detach = detach
+        self.up = False
+
+    def wait_until_mounted(self, timeout_s: float = 120.0) -> None:
+        """Return once the child serves the mount; OSError with the child's log if it failed or timed out."""
+        deadline = time.monotonic() + timeout_s
+        while not self.up and time.monotonic() < deadline:
+            if is_mounted(self.mountpoint):
+                self.up = True
+                if self.detach:
+                    self.pid = 0  # not ours to reap: init adopts it when we exit
+                return
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.pid = 0
+                with open(self.log_path) as f:
+                    raise OSError(f"mount failed: {f.read().strip()}")
+            time.sleep(0.01)
+        if not self.up:
+            os.kill(self.pid, signal.SIGTERM)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+            raise OSError(f"mount of {self.mountpoint} did not come up in {timeout_s:.0f} s (log: {self.log_path})")
 
     def status(self) -> dict:
         """Per layer: size, bytes fetched, served from cache, prefetched (as `mount --status`)."""
@@ -223,6 +271,8 @@ class MountedImage:
                 umount(self.mountpoint)
             except OSError:
                 os.kill(self.pid, signal.SIGTERM)
+        else:  # still coming up (never waited for): stop it before it serves
+            os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
@@ -233,11 +283,17 @@ class MountedImage:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
         self.pid = 0
+        if is_mounted(self.mountpoint):  # a child stopped between its FUSE init and serving leaves the mount
+            try:
+                umount(self.mountpoint)
+            except OSError:
+                pass
 
 
 def mount_image(ref_text: str, mountpoint: str, opts: MountOptions, timeout_s: float = 120.0,
-                detach: bool = False) -> MountedImage:
-    """Mount REF at MOUNTPOINT from a forked child of this process and return once it serves.
+                detach: bool = False, wait: bool = True) -> MountedImage:
+    """Mount REF at MOUNTPOINT from a forked child of this process and return once it serves (without
+    WAIT: at once, and the caller does other work before `wait_until_mounted()`).
 
     pyfuse3 serves one mount per process, so each mount is a child; forking (rather than starting
     `python -m ...`) costs no interpreter start or imports and does not depend on the current
@@ -268,18 +324,7 @@ def mount_image(ref_text: str, mountpoint: str, opts: MountOptions, timeout_s: f
             print(f"lazybuild: error: {e}", file=sys.stderr, flush=True)
         finally:
             os._exit(code)
-    handle = MountedImage(mountpoint, pid, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if is_mounted(mountpoint):
-            if detach:
-                handle.pid = 0  # not ours to reap: init adopts it when we exit
-            return handle
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            with open(log_path) as f:
-                raise OSError(f"mount failed: {f.read().strip()}")
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGTERM)
-    os.waitpid(pid, 0)
-    raise OSError(f"mount of {mountpoint} did not come up in {timeout_s:.0f} s (log: {log_path})")
+    handle = MountedImage(mountpoint, pid, log_path, detach)
+    if wait:
+        handle.wait_until_mounted(timeout_s)
+    return handle

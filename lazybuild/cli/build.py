@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 from lazybuild.exporter.assemble import ExportError
@@ -15,6 +16,7 @@ from lazybuild.exporter.rootfs import write_rootfs
 
 from lazybuild.builder.executor import STATE_DIR, Builder, BuildOptions
 from lazybuild.errors import UsageError
+from lazybuild.timings import NoTimings, Timings
 
 
 def add_parser(sub) -> None:
@@ -31,6 +33,8 @@ def add_parser(sub) -> None:
     b.add_argument("-o", "--output", default="", metavar="SPEC",
                    help="type=stargz|oci|tar|local[,compression=gzip|zstd][,dest=PATH][,push=true]")
     b.add_argument("--progress", choices=("auto", "plain", "quiet"), default="auto")
+    b.add_argument("--debug-timings", action="store_true",
+                   help="print where the time went (resolve, mount, each step, export, teardown) on stderr")
     b.add_argument("--source-date-epoch", type=int, default=None,
                    help="clamp file times in new layers (default: $SOURCE_DATE_EPOCH)")
     b.add_argument("--insecure", action="store_true", help="skip TLS verification of registries")
@@ -104,8 +108,10 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     start = time.monotonic()
-    builder = Builder(opts, log)
+    timings = Timings() if args.debug_timings else NoTimings()
+    builder = Builder(opts, log, timings)
     image = None
+    teardown = None
     try:
         result = builder.run()
         builder.save_profiles(push=args.profile == "push")  # before any export reads the bases
@@ -116,12 +122,18 @@ def run(args) -> int:
         if spec is None:
             log("no --output: the result stays in the step cache")
         elif not spec.is_image:
-            write_rootfs(builder.view(result.target.layers, "output"), spec.dest, spec.type == "tar", log)
+            with timings.phase("export (rootfs)"):
+                write_rootfs(builder.view(result.target.layers, "output"), spec.dest, spec.type == "tar", log)
         else:
+            # An image is exported from the steps' upper dirs and the base's descriptors, not from the
+            # mounts: the lazy mounts are taken down while it is written.
+            teardown = threading.Thread(target=_close, args=(builder, timings), name="teardown")
+            teardown.start()
             log("exporting layers")
             optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
-            image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
-                                 optimize=optimize, log=log)
+            with timings.phase("export"):
+                image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
+                                     optimize=optimize, log=log)
         if args.metadata_file and image is not None:
             tmp = args.metadata_file + ".partial"
             with open(tmp, "w") as f:
@@ -131,6 +143,17 @@ def run(args) -> int:
             print(image.digest)
         return 0
     finally:
-        builder.close()
+        if teardown is not None:
+            teardown.join()
+        else:
+            _close(builder, timings)
         if image is not None:
             image.close()
+        if args.debug_timings:
+            for line in timings.report():
+                print(line, file=sys.stderr, flush=True)
+
+
+def _close(builder: Builder, timings: Timings) -> None:
+    with timings.phase("teardown (unmount)"):
+        builder.close()

@@ -6,6 +6,7 @@ and the flattened final filesystems must be equal."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from support import CORPUS
 from support.cli_runner import lazybuild
 from support.flatten import flatten_docker_save, flatten_oci_tar
+from support.registry import FaultProxy
 from test_frontend import CONFIG_FIELDS
 
 BASE = "lazybuild-test/python:bookworm"
@@ -114,6 +116,47 @@ def test_push_cache_and_lazy_mount_of_the_result(lazy_base, registry, oracle, tm
         assert (mnt / "out" / "copy.c").read_text() == "int main(void) { return 0; }\n"
     finally:
         lazybuild("umount", str(mnt))
+
+
+def test_cached_rebuild_mounts_nothing_and_timings_say_where_time_went(lazy_base, registry, tmp_path):
+    """A rebuild whose steps are all cached answers from the step cache: the base is resolved (its tag
+    may have moved) but never mounted, so no layer byte is read. A changed source mounts it again.
+    --debug-timings splits the build into resolve, mount (and the mount's own phases), steps, export."""
+    proxy = FaultProxy(registry.host)
+    try:
+        base = lazy_base.replace(registry.host, proxy.host)
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "msg").write_text("one\n")
+        (ctx / "Dockerfile").write_text(f"FROM {base}\nCOPY msg /msg\nRUN cat /msg > /copy\n")
+        state = ["--state-dir", str(tmp_path / "state"), "--cache", str(tmp_path / "cache")]
+        out = ["--output", f"type=oci,dest={tmp_path / 'image.tar'}"]
+        first = lazy_build(ctx, *state, *out, "--debug-timings")
+        phases = [line for line in first.stderr.splitlines() if line.startswith("timings: ")]
+        for want in ("resolve ", "mount ", ": open layers", "RUN cat /msg > /copy: RunStep", "export", "teardown"):
+            assert any(want in line for line in phases), f"no {want!r} phase in:\n" + "\n".join(phases)
+
+        layer_digests = {d["digest"] for d in json.loads(lazybuild("inspect", lazy_base).stdout)["manifest"]["layers"]}
+
+        def layer_reads() -> list[str]:  # ranged: the mount's (the OCI output fetches kept layers whole)
+            return [path for _, method, path, headers in proxy.requests if method == "GET" and "Range" in headers
+                    and any(path.endswith("/blobs/" + d) for d in layer_digests)]
+
+        assert layer_reads()  # the first build read the base lazily
+        proxy.requests.clear()
+        second = lazy_build(ctx, *state, *out, "--debug-timings")
+        assert second.stderr.count("(cached)") == 2
+        assert layer_reads() == [] and not any(line.startswith("timings: ") and " mount " in line
+                                               for line in second.stderr.splitlines())
+        assert any("/manifests/" in path for _, _, path, _ in proxy.requests)  # the tag is still resolved
+        assert _leftovers() == ("", "")
+        (ctx / "msg").write_text("two\n")
+        third = lazy_build(ctx, *state, *out)
+        assert third.stderr.count("(cached)") == 0 and "RUN cat /msg" in third.stderr
+        _, fs = flatten_oci_tar(str(tmp_path / "image.tar"))
+        assert fs["copy"][-1] == hashlib.sha256(b"two\n").hexdigest()
+    finally:
+        proxy.stop()
 
 
 def test_failing_run_reports_and_leaves_nothing_behind(lazy_base, tmp_path):

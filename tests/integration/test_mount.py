@@ -363,3 +363,42 @@ def test_identical_files_do_not_stall_background_fetch_or_prefetch(registry, tmp
                 assert f.read().startswith(b"same" if i % 2 else b"%d-unique" % i)
     finally:
         m.close()
+
+
+def test_footer_and_toc_are_kept_beside_the_cache_and_refetched_when_torn(registry, archive, tmp_path):
+    """A second mount of the same layers with the same cache reads footer and TOC from disk (no ranged
+    request before the first file read); a kept file that was altered fails the TOC digest check and is
+    fetched again, and the mount works."""
+    ref = f"{registry.host}/mount/kept-tocs:esgz"
+    lazybuild("convert", f"docker-archive:{archive}", ref)
+    proxy = FaultProxy(registry.host)
+    cache = tmp_path / "cache"
+    try:
+        via = ref.replace(registry.host, proxy.host)
+
+        def ranged() -> int:
+            return sum(1 for _, method, path, headers in proxy.requests
+                       if method == "GET" and "/blobs/" in path and "Range" in headers)
+
+        for round_ in ("first", "kept", "torn"):
+            proxy.requests.clear()
+            m = Mount(via, tmp_path / f"mnt-{round_}", cache, "--no-background-fetch", "--no-prefetch")
+            try:
+                opened = ranged()
+                with open(os.path.join(m.dir, "data", "f8192"), "rb") as f:
+                    assert len(f.read()) == 8192
+            finally:
+                m.close()
+            kept = sorted(str(p) for p in (cache / "tocs").glob("sha256-*/*"))
+            assert kept, "nothing kept under the cache's tocs/"
+            if round_ == "first":
+                assert opened >= 2  # one tail read per layer
+            elif round_ == "kept":
+                assert opened == 0
+                for path in kept:  # alter every kept read (same length): the next mount must not trust them
+                    with open(path, "r+b") as f:
+                        f.write(b"\xa5" * os.path.getsize(path))
+            else:
+                assert opened >= 2  # fetched again, and the mount served
+    finally:
+        proxy.stop()

@@ -12,8 +12,9 @@ the layer's one read engine (mount, build and the snapshotter all read this way)
 - misses that arrive together go out together: up to MAX_FETCHES_IN_FLIGHT requests per layer are
   in flight, and the misses that arrive meanwhile are sent as one request when one returns
   (FetchQueue), so many concurrent small reads do not cost a round trip each;
-- every chunk is decoded and verified against its chunkDigest before it is cached or returned; a
-  neighbour that fails is dropped (its own read fetches it again and fails alone).
+- every chunk is decoded and verified against its chunkDigest before it is cached or returned. An
+  answer in which any chunk fails is not used at all: something on the path corrupts bytes, so each
+  reader asks again for its own chunks only, and a read fails (EIO) only when its own chunks do.
 
 Retries of faulty answers and the fallback for registries that refuse multi-range requests are the
 registry client's (lazybuild/registry/session.py, ranges.py).
@@ -330,15 +331,15 @@ class LazyLayer:
         self.queue.run(job)
         if job.failure is not None:
             raise job.failure
-        for c in job.chunks[len(chunks):]:
-            if id(c) in job.errors:
-                log.warning("layer %d: a chunk read around a miss failed verification: %s", self.index, job.errors[id(c)])
-        out = {}
+        data, errors = job.data, job.errors
+        if errors:  # nothing of that answer was kept: ask for our own chunks alone, once
+            log.warning("layer %d: %d chunk(s) of an answer failed verification (%s); asking for the %d "
+                        "chunk(s) read alone", self.index, len(errors), next(iter(errors.values())), len(chunks))
+            data, errors = self._fetch_remote(chunks)
         for c in chunks:
-            if id(c) in job.errors:
-                raise job.errors[id(c)]
-            out[id(c)] = job.data[id(c)]
-        return out
+            if id(c) in errors:
+                raise errors[id(c)]
+        return {id(c): data[id(c)] for c in chunks}
 
     def _window(self, chunks: list[TOCEntry], held: list[threading.Lock]) -> list[TOCEntry]:
         """The uncached chunks of the `read_around`-aligned windows of `chunks` whose lock is free (taken
@@ -367,8 +368,8 @@ class LazyLayer:
         return plan_window(chunks, by_offset, offsets, self.read_around, wanted)
 
     def _fetch_remote(self, chunks: list[TOCEntry]) -> tuple[dict[int, bytes], dict[int, Exception]]:
-        """One request (multi-range) for `chunks`: each decoded and verified, then cached. Returns the
-        verified bytes and the verification errors, both by id(chunk)."""
+        """One request (multi-range) for `chunks`, each decoded and verified; cached only when every one
+        verifies. Returns the verified bytes and the verification errors, both by id(chunk)."""
         spans = merge_spans([self.reader.compressed_range(c) for c in chunks], self.read_around)
         starts = [a for a, _ in spans]
         started = time.monotonic()
@@ -382,9 +383,12 @@ class LazyLayer:
             i = bisect.bisect_right(starts, a) - 1  # the span that holds it
             ma = starts[i]
             try:
-                data[id(c)] = self.store(c, self.reader.decode_chunk(c, parts[i][a - ma:b - ma]))
+                data[id(c)] = self.reader.decode_chunk(c, parts[i][a - ma:b - ma])
             except estargz.EStargzError as e:  # never cached; whoever reads it gets the error
                 errors[id(c)] = e
+        if not errors:
+            for c in chunks:
+                self.store(c, data[id(c)])
         return data, errors
 
     def _chunk_index(self) -> tuple[list[TOCEntry], list[int]]:

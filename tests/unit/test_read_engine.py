@@ -292,6 +292,9 @@ def test_a_window_never_serves_or_caches_an_unverified_chunk(small_layer):
     registry.corrupt_at = layer.reader.compressed_range(victim)[0] + 30
     assert layer.read("d/f100", 0, len(SMALL["d/f100"])) == SMALL["d/f100"]  # its neighbour is corrupt
     assert not layer.cache.has(layer.cache_key(victim))
+    # That answer was not used: f100 was asked for again, alone, and nothing else was kept.
+    assert registry.requests[1:] == [[layer.reader.compressed_range(_chunk(layer, "d/f100"))]]
+    assert [n for n in SMALL if layer.cache.has(layer.cache_key(_chunk(layer, n)))] == ["d/f100"]
     with pytest.raises(estargz.EStargzError):
         layer.read("d/f101", 0, 10)
     assert not layer.cache.has(layer.cache_key(victim))

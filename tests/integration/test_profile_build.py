@@ -9,22 +9,23 @@ cache; hostile profiles in the registry are refused with a clear error and the b
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
-import os
+import re
 import subprocess
 
 import pytest
 
 from lazybuild.digest import sha256_digest
 from lazybuild.errors import DataError, RemoteError
-from lazybuild.image import OCI_MANIFEST
-from lazybuild.profiles import (EMPTY_JSON, MEDIA_TYPE, Profile, ProfileError, ProfileStore, Subject,
+from lazybuild.image import OCI_INDEX, OCI_MANIFEST
+from lazybuild.profiles import (EMPTY_JSON, MEDIA_TYPE, TAG_SUFFIX, Profile, ProfileError, ProfileStore, Subject,
                                 artifact_manifest, find_profile, profile_tag)
 from lazybuild.registry import Reference, Registry
 from lazybuild.testing.images import debootstrap_rootfs, docker_archive
 from support.cli_runner import lazybuild
-from support.registry import FaultProxy
+from support.registry import EvilServer, FaultProxy
 
 # ~160 files of the base spread over it (one per package directory), read by the RUN step
 READ = "cat /usr/share/doc/*/copyright /usr/lib/python3.11/*/__init__.py | wc -c > /size"
@@ -175,17 +176,20 @@ def hostile_profile(image: dict, **over) -> bytes:
     return json.dumps(d).encode()
 
 
-@pytest.fixture(scope="module")
-def hostile_repo(base, registry) -> str:
-    """The base image again in a repository of its own (blobs mounted, the same manifest digest), where
-    the tests push hostile profiles."""
-    repo = "profile/hostile"
+def copy_base(registry, base: dict, repo: str) -> str:
+    """The base image again in REPO (blobs mounted, the same manifest digest)."""
     with Registry(registry.host) as reg:
         m = base["manifest"]
         for desc in [m.config] + m.layers:
             reg.push_blob(repo, desc.digest, desc.size, lambda: io.BytesIO(b""), mount_from=base["repo"])
         reg.put_manifest(repo, "1", m.raw, m.media_type)
     return repo
+
+
+@pytest.fixture(scope="module")
+def hostile_repo(base, registry) -> str:
+    """The base image in a repository of its own, where the tests push hostile profiles."""
+    return copy_base(registry, base, "profile/hostile")
 
 
 def hostile_cases(base: dict) -> list[tuple[str, bytes, object, str]]:
@@ -236,3 +240,61 @@ def test_a_build_runs_without_a_hostile_profile(base, registry, proxy, hostile_r
     with pytest.raises(ProfileError):
         with Registry(registry.host) as reg:
             find_profile(reg, hostile_repo, base["digest"])
+
+
+def referrers_registry(upstream: str, referrers):
+    """The real registry behind a server that also has the referrers API: REFERRERS(path) answers
+    `GET /v2/NAME/referrers/DIGEST`; everything else is forwarded as it is."""
+    def answer(method, path, headers):
+        if re.match(r"/v2/.+/referrers/sha256:", path):
+            return referrers(path)
+        conn = http.client.HTTPConnection(upstream, timeout=30)
+        conn.request(method, path, headers={k: v for k, v in headers.items()
+                                            if k.lower() not in ("host", "connection")})
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        drop = ("transfer-encoding", "connection") + (("content-length",) if method != "HEAD" else ())
+        return r.status, {k: v for k, v in r.getheaders() if k.lower() not in drop}, body
+    return EvilServer(answer)
+
+
+def test_the_referrers_api_is_asked_first(base, registry, tmp_path):
+    """A registry with the referrers API: the profile is found through it (pushed by digest only, so the
+    tag fallback could not find it), by find_profile and by a build on an empty machine."""
+    repo = copy_base(registry, base, "profile/withrefs")
+    profile = Profile(base["digest"], {base["layers"][0]: ["usr/share/doc/bash/copyright", "etc/os-release"]})
+    subject = Subject(base["manifest"].media_type, base["digest"], len(base["manifest"].raw))
+    raw = artifact_manifest(profile, subject)
+    with Registry(registry.host) as reg:
+        for data in (EMPTY_JSON, profile.to_bytes()):
+            reg.push_blob(repo, sha256_digest(data), len(data), lambda data=data: io.BytesIO(data))
+        reg.put_manifest(repo, sha256_digest(raw), raw, OCI_MANIFEST)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "9" * 64, "size": 10, "artifactType": "application/x-other"},
+        {"mediaType": OCI_MANIFEST, "digest": sha256_digest(raw), "size": len(raw), "artifactType": MEDIA_TYPE}]}
+    answer = {"now": (200, {"Content-Type": OCI_INDEX}, json.dumps(index).encode())}
+    server = referrers_registry(registry.host, lambda path: answer["now"])
+    try:
+        with Registry(server.host) as reg:
+            found, where = find_profile(reg, repo, base["digest"])
+            assert found == profile and where.endswith("@" + sha256_digest(raw))
+            assert not any(p.endswith(TAG_SUFFIX) for _, p, _ in server.requests)  # no tag lookup was needed
+
+            for body, says in ((b"<html>", "not JSON"), (b"[]", "not an index"),
+                               (json.dumps({"manifests": [{"artifactType": MEDIA_TYPE, "digest": "sha256:../x"}]})
+                                .encode(), "not a sha256 digest"),
+                               (b" " * (2 << 20), "cap")):
+                answer["now"] = (200, {"Content-Type": OCI_INDEX}, body)
+                with pytest.raises((DataError, RemoteError), match=says):
+                    find_profile(reg, repo, base["digest"])
+
+        answer["now"] = (200, {"Content-Type": OCI_INDEX}, json.dumps(index).encode())
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(f"FROM {server.host}/{repo}:1\nRUN cat /etc/os-release > /dev/null\n")
+        p = build(str(ctx), tmp_path / "state", tmp_path / "cache")
+        assert f"({server.host}/{repo}): 2 files, prefetched" in p.stderr, p.stderr[-3000:]
+        assert any(f"/referrers/{base['digest']}" in path for _, path, _ in server.requests)
+    finally:
+        server.stop()

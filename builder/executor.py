@@ -282,7 +282,7 @@ class Builder:
             if self.opts.profile != "off":
                 record = self.record_path(img)
             opts = mounter.MountOptions(cache_dir=self.opts.chunk_cache, background_fetch=False, layers=True,
-                                        insecure=self.opts.insecure, record=record,
+                                        insecure=self.opts.insecure, record=record, manifest=img.manifest,
                                         prefetch_files=img.profile.layers if img.profile else None)
             img.mount_started = time.monotonic()
             try:
@@ -349,6 +349,18 @@ class Builder:
         if self.opts.record_base and lines:
             with open(self.opts.record_base, "a", encoding="utf-8", errors="surrogateescape") as f:
                 f.writelines(lines)
+        fp, deadline = None, time.monotonic() + 2.0
+        while img.mounted:  # the status is written every 0.25 s: give the prefetch's last answer time to show
+            try:
+                fp = img.mounted.status().get("filePrefetch")
+            except OSError:
+                break
+            if not fp or fp["done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if fp:
+            self.log(f"profile prefetch of {img.ref}: {fp['files']} files, {fp['chunks']} chunks in {fp['requests']} "
+                     f"requests, {fp['bytes'] / 1e6:.1f} MB" + ("" if fp["done"] else " (still running)"))
         old = img.profile or profiles.Profile(img.manifest.digest)
         new = old.merged(reads)
         store = profiles.ProfileStore(self.opts.state_dir)

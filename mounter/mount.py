@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from lazybuild.digest import digest_hex
 from lazybuild.errors import require_extra
 from lazybuild.estargz import TOC_DIGEST_ANNOTATION
-from lazybuild.image import Platform
-from lazybuild.registry import Reference, Registry
+from lazybuild.image import Manifest, Platform
+from lazybuild.registry import Reference, Registry, Resolved
 
 from .cache import DEFAULT_LIMIT_BYTES, ChunkCache
 from .fetch import open_layer
@@ -50,6 +50,9 @@ class MountOptions:
     insecure: bool = False
     timeout_s: float = 30.0
     layers: bool = False  # one directory per layer instead of the merged tree
+    # The manifest of a reference pinned by digest, when the caller has it already (checked against the
+    # digest here): the mount asks the registry only for the layers.
+    manifest: Manifest | None = None
     # layer digest -> file names in it to fetch at once, before reads ask (a build profile): their chunks in a
     # few merged Range requests; reads of them wait for those rather than fetch them again
     prefetch_files: dict[str, list[str]] | None = None
@@ -75,7 +78,10 @@ def open_image(ref_text: str, opts: MountOptions) -> tuple[MergedTree, Registry,
             timings.append({"name": name, "start": start, "duration": time.monotonic() - start})
 
     try:
-        resolved = timed("resolve", registry.resolve, ref, opts.platform)
+        if opts.manifest is not None and ref.digest and opts.manifest.digest == ref.digest:
+            resolved = Resolved(ref, opts.manifest)
+        else:
+            resolved = timed("resolve", registry.resolve, ref, opts.platform)
         cache = ChunkCache(opts.cache_dir, opts.cache_limit_bytes)
         layers_desc = resolved.manifest.layers
 
@@ -148,10 +154,12 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
         t = threading.Thread(target=p.run, daemon=True, name=f"prefetch-{p.layer.index}")
         t.start()
         workers.append(t)
+    files_done = threading.Event()
     if files:
         def run_files():
             for f in files:  # layers one after another: each already has FILES_PARALLEL requests in flight
                 f.run()
+            files_done.set()
             info["filePrefetch"] = _file_prefetch_status(files, True)
             log.info("file prefetch: %d files, %d chunks in %d requests, %d bytes", info["filePrefetch"]["files"],
                      info["filePrefetch"]["chunks"], info["filePrefetch"]["requests"], info["filePrefetch"]["bytes"])
@@ -179,6 +187,8 @@ def serve(ref_text: str, mountpoint: str, opts: MountOptions) -> int:
 
             async def status_loop():
                 while True:
+                    if files:  # live counts; `done` once run_files has finished
+                        info["filePrefetch"] = _file_prefetch_status(files, files_done.is_set())
                     await trio.to_thread.run_sync(write_status, mountpoint, tree, info)
                     await trio.sleep(0.25)
 

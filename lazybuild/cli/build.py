@@ -113,7 +113,11 @@ def run(args) -> int:
     image = None
     teardown = None
     try:
-        result = builder.run()
+        try:
+            result = builder.run()
+        except BaseException:  # what a failed build read is still worth prefetching (and --record-base wants it)
+            builder.save_profiles()
+            raise
         builder.save_profiles(push=args.profile == "push")  # before any export reads the bases
         log(f"build done in {time.monotonic() - start:.1f} s")
         fetched = result.bytes_fetched()

@@ -97,6 +97,9 @@ def test_a_build_records_a_profile_and_the_next_one_prefetches_it(base, proxy, t
     assert with_profile * 4 < without, (with_profile, without)
     assert with_profile * 10 < profile.file_count, (with_profile, profile.file_count)
     assert store.load(base["digest"]).file_count == profile.file_count  # nothing new was read
+    said = re.search(r"profile prefetch of \S+: (\d+) files, (\d+) chunks in (\d+) requests", second.stderr)
+    assert said and 100 < int(said[1]) <= profile.file_count, second.stderr[-2000:]  # regular files (no symlinks)
+    assert 1 <= int(said[3]) < with_profile and "still running" not in second.stderr
 
     # ls / show / rm
     ls = json.loads(lazybuild("profile", "ls", "--json", "--state-dir", str(state)).stdout)
@@ -122,6 +125,18 @@ def test_a_build_records_a_profile_and_the_next_one_prefetches_it(base, proxy, t
     build(ctx, state, tmp_path / "cache4", "--record-base", str(record))
     assert any(json.loads(line)["path"].endswith("/copyright") for line in record.read_text().splitlines())
     assert store.load(base["digest"]) is not None
+
+
+def test_a_failed_build_still_saves_what_it_read(base, proxy, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {proxy.host}/profile/base:1\nRUN cat /etc/os-release && false\n")
+    record = tmp_path / "record.ndjson"
+    p = build(str(ctx), tmp_path / "state", tmp_path / "cache", "--record-base", str(record), ok=False)
+    assert p.returncode == 4, p.stderr[-2000:]
+    saved = ProfileStore(str(tmp_path / "state")).load(base["digest"])
+    assert saved is not None and "etc/os-release" in saved.layers[base["layers"][0]]
+    assert any(json.loads(line)["path"] == "etc/os-release" for line in record.read_text().splitlines())
 
 
 def test_a_pushed_profile_is_found_by_a_build_on_another_machine(base, registry, proxy, tmp_path):

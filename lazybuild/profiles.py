@@ -323,7 +323,7 @@ def _artifact_blob(doc: object, base: str, what: str) -> tuple[str, int]:
 
 def _referrers(registry: Registry, repository: str, base: str) -> list[str] | None:
     """The digests of the profile artifacts the referrers API lists for BASE; None when the registry
-    has no referrers API (404)."""
+    has no referrers API (404, or 405/501 from registries that route the path but do not implement it)."""
     from .registry.bodies import discard
     from .registry.errors import read_body, status_error
 
@@ -334,7 +334,7 @@ def _referrers(registry: Registry, repository: str, base: str) -> list[str] | No
     what = f"referrers of {registry.host}/{repository}@{base}"
     r = session.send("GET", url, scope=f"repository:{repository}:pull", what=what,
                      params={"artifactType": ARTIFACT_TYPE}, headers={"Accept": OCI_INDEX})
-    if r.status_code == 404:
+    if r.status_code in (404, 405, 501):
         discard(r)
         return None
     if r.status_code != 200:

@@ -23,6 +23,7 @@ FILES_MERGE_GAP_BYTES = 64 << 10  # a file prefetch joins ranges closer than thi
 FILES_REQUEST_BYTES = 16 << 20  # a file prefetch's request asks for at most this much
 FILES_REQUEST_RANGES = 32  # and at most this many ranges (one multi-range request)
 FILES_PARALLEL = 4  # requests in flight per layer
+FILES_MAX_BYTES = 512 << 20  # compressed bytes a file prefetch plans per layer; later files are read lazily
 
 
 class Prefetch:
@@ -97,7 +98,7 @@ class FilePrefetch:
     Paths are only looked up in the layer's TOC (never on the host); names it does not hold are
     skipped. The uncached chunks are fetched in ranges merged across gaps up to FILES_MERGE_GAP_BYTES,
     packed into a few multi-range requests (FILES_REQUEST_RANGES ranges, FILES_REQUEST_BYTES bytes at
-    most each), FILES_PARALLEL at a time; each chunk is verified against its digest (decode_chunk)
+    most each), FILES_PARALLEL at a time, at most FILES_MAX_BYTES a layer; each chunk is verified against its digest (decode_chunk)
     before it is cached, and its lock released. `exclude`: chunk keys another prefetch of this layer
     already locked (taking them again would wait forever)."""
 
@@ -117,18 +118,24 @@ class FilePrefetch:
         layer = self.layer
         if layer.remote is None:
             return []
-        out, seen = [], exclude
-        for path in paths:
+        out, seen, size = [], exclude, 0
+        for path in paths:  # first-read order: past FILES_MAX_BYTES, files read later are left to their reads
             try:
                 node = layer.reader.lookup(path)
             except (estargz.EStargzError, ValueError):
                 continue
             if node is None or node.entry.type != "reg":
                 continue
+            chunks = [c for c in layer.reader.chunks.get(node.entry.path) or []
+                      if (k := layer.cache_key(c)) and k not in seen and not layer.cache.has(k)]
+            cost = sum(c.compressed_end - c.offset for c in chunks)
+            if size + cost > FILES_MAX_BYTES:
+                continue
             self.files += 1
-            for c in layer.reader.chunks.get(node.entry.path) or []:
+            size += cost
+            for c in chunks:
                 key = layer.cache_key(c)
-                if key and key not in seen and not layer.cache.has(key):
+                if key not in seen:  # a file may hold one chunk digest twice
                     seen.add(key)
                     out.append(c)
         return out

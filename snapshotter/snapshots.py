@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .remote import FALLBACK_ERRORS, REF_LABEL, REMOTE_LABEL, LabelError, LayerSource, LazyLayers, check_labels
@@ -31,13 +33,47 @@ class Mount:
     options: list[str]
 
 
+class KeyedLocks:
+    """One lock per key, made on first use and dropped when nobody holds or waits for it: concurrent
+    requests for the same layer queue behind each other, requests for different layers do not."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._locks: dict[object, list] = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, key):
+        with self._lock:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
 class Snapshotter:
-    def __init__(self, root: str, lazy: LazyLayers | None):
+    def __init__(self, root: str, lazy: LazyLayers | None, mounted: threading.Event | None = None):
+        """`mounted`: set once the FUSE mount of the lazy layers is up (None: it is); until then the
+        requests that hand out a lazy layer's directory wait for it, every other one is served."""
         self.root = os.path.abspath(root)
         self.dir = os.path.join(self.root, "snapshots")
         os.makedirs(self.dir, exist_ok=True)
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.lazy = lazy
+        if mounted is None:
+            mounted = threading.Event()
+            mounted.set()
+        self.mounted = mounted
+        # N clients pulling one image send N Prepares of each layer at once: the first fetches it, the
+        # others wait for it and find it committed (instead of N fetches of the same TOC)
+        self._targets = KeyedLocks()
+        # a lazy layer is (re)opened, and removed, by one request at a time (by snapshot id)
+        self._layers = KeyedLocks()
         # containerd's overlay snapshotter turns the inode index off where the kernel has the knob
         self.overlay_extra = ["index=off"] if os.path.exists("/sys/module/overlay/parameters/index") else []
 
@@ -45,15 +81,29 @@ class Snapshotter:
         self.store.close()
 
     def restore(self) -> tuple[int, int]:
-        """Re-open every remote snapshot after a start; returns (restored, unavailable)."""
+        """Re-open every remote snapshot after a start; returns (restored, unavailable). Runs while
+        requests are served: one that needs a layer not reopened yet reopens it itself, or waits for
+        this loop if it is reopening that layer right now."""
         ok = bad = 0
         for snap in self.store.all():
             if snap.remote and self.lazy:
-                if self.lazy.restore(snap.id, snap.remote):
+                opened = self._open_remote(snap)
+                if opened is True:
                     ok += 1
-                else:
+                elif opened is False:
                     bad += 1
         return ok, bad
+
+    def _open_remote(self, snap: Snapshot) -> bool | None:
+        """Make lazy layer `snap` served (from its kept TOC, the registry for what is not kept): True
+        when it is, False when it cannot be now, None when the snapshot was removed meanwhile."""
+        with self._layers.hold(snap.id):
+            if str(snap.id) in self.lazy.tree:
+                return True
+            current = self.store.get(snap.key)
+            if current is None or current.id != snap.id:
+                return None
+            return self.lazy.restore(snap.id, snap.remote)
 
     # --- paths and mounts ----------------------------------------------------------------------------------
 
@@ -65,7 +115,8 @@ class Snapshotter:
             return os.path.join(self._home(snap), "fs")
         if self.lazy is None:
             raise SnapshotError("unavailable", f"snapshot {snap.key!r} is a lazy layer but lazy layers are off")
-        if str(snap.id) not in self.lazy.tree and not self.lazy.restore(snap.id, snap.remote):
+        self.mounted.wait()  # right after a start: the directory is handed out once the mount is there
+        if str(snap.id) not in self.lazy.tree and not self._open_remote(snap):
             raise SnapshotError("unavailable", f"snapshot {snap.key!r} cannot be served: "
                                 f"{self.lazy.unavailable.get(snap.id)}; check that the registry is reachable")
         return self.lazy.path(snap.id)
@@ -121,6 +172,10 @@ class Snapshotter:
 
     def _prepare_remote(self, target: str, parent: str, labels: dict[str, str], source: LayerSource) -> bool:
         """True when `target` is (now) a committed lazy layer; False to let containerd download it."""
+        with self._targets.hold(target):
+            return self._prepare_remote_once(target, parent, labels, source)
+
+    def _prepare_remote_once(self, target: str, parent: str, labels: dict[str, str], source: LayerSource) -> bool:
         existing = self.store.get(target)
         if existing is not None:
             return existing.kind == COMMITTED and existing.parent == parent
@@ -155,7 +210,8 @@ class Snapshotter:
         snap = self.store.remove(key)
         if snap.remote is not None:
             if self.lazy is not None:
-                self.lazy.detach(snap.id)
+                with self._layers.hold(snap.id):  # after a reopening of it that was under way
+                    self.lazy.detach(snap.id)
         else:
             shutil.rmtree(self._home(snap), ignore_errors=True)
 

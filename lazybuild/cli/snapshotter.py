@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from ..errors import RemoteError, require_extra
+from ..errors import EXTRA_OF_MODULE, MissingExtra, RemoteError
 from .options import platform_of
 
 
@@ -40,11 +40,21 @@ def snapshotter(args) -> int:
 
     cfg = config.load(args.config)  # before anything starts: a bad config is an InputError naming the file
     if not args.no_lazy:  # lazy layers are served by one FUSE mount
-        require_extra("pyfuse3", "lazybuild snapshotter (without --no-lazy)")
+        _require_installed("pyfuse3", "lazybuild snapshotter (without --no-lazy)")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return server.serve(args.address, args.root, cfg, lazy_layers=not args.no_lazy)
+
+
+def _require_installed(module: str, command: str) -> None:
+    """MissingExtra now if `module` is not installed. Found, not imported: the daemon imports pyfuse3 and
+    trio after its socket is served (a restarted snapshotter answers containerd sooner); should the
+    import fail then, the CLI reports that ImportError as the same MissingExtra."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(command, module, EXTRA_OF_MODULE[module], f"No module named {module!r}")
 
 
 def rpull(args) -> int:

@@ -189,8 +189,9 @@ def test_restart_keeps_snapshots_and_serves_from_cache_without_registry(tmp_path
             shutil.rmtree(os.path.join(sn.root, "tocs", d))
         sn.start()
         ctd.reconnected()
-        status = sn.status()
-        assert status["unavailable"] and len(status["layers"]) < 2
+        # the layers are re-opened behind the served socket: the one that cannot be is reported then
+        wait(lambda: sn.status()["unavailable"], "the layer without its kept TOC to be reported unavailable")
+        assert len(sn.status()["layers"]) < 2
         r = ctd.ctr("run", "--rm", "--snapshotter", "lazybuild", ref, "r4", "true", check=False, timeout=120)
         assert r.returncode != 0 and "reachable" in r.stderr, r.stderr
         assert ctd.ctr("snapshots", "--snapshotter", "lazybuild", "ls").stdout.count("Committed") == 2

@@ -322,8 +322,10 @@ class Builder:
         a profile is an optimisation."""
         if self.opts.profile == "off":
             return
-        done = set()
-        for img in [i for i in self.images.values() if i.mountpoint and i.manifest.digest not in done]:
+        done = set()  # an image named twice (a tag and a digest) is one base
+        for img in self.images.values():
+            if not img.mountpoint or img.manifest.digest in done:
+                continue
             done.add(img.manifest.digest)
             try:
                 self._save_profile(img, push)

@@ -203,6 +203,44 @@ def test_restart_keeps_snapshots_and_serves_from_cache_without_registry(tmp_path
     assert not lazybuild_mounts(sn.root)
 
 
+def test_concurrent_pulls_and_runs_of_one_image(tmp_path, images):
+    """Several clients pull the same image and run it at once (each layer's Prepare arrives several times
+    together): every start succeeds, each layer is opened once and served lazily."""
+    import threading
+
+    sn = Snapshotter(str(tmp_path / "snapshotter"))
+    os.makedirs(sn.workdir)
+    sn.start()
+    os.makedirs(tmp_path / "containerd")
+    ctd = Containerd(str(tmp_path / "containerd"), sn.sock)
+    ref = f"{images.host}/sn/py:esgz"
+    outputs: list[str] = []
+
+    def start(i: int) -> None:
+        try:
+            ctd.ctr_remote("images", "rpull", "--snapshotter", "lazybuild", "--plain-http", ref)
+            outputs.append(run(ctd, ref, f"con{i}", "python3", "-c", f"print({i})").strip())
+        except AssertionError as e:
+            outputs.append(str(e))
+    try:
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outputs) == ["0", "1", "2", "3"], outputs
+        layers = sn.status()["layers"]
+        assert sorted(l["digest"] for l in layers.values()) == sorted(layer_digests(ref))
+        big = max(layers.values(), key=lambda l: l["size"])
+        assert big["lazy"] and big["fetchedBytes"] < 0.3 * big["size"], big
+        assert sn.logs().count("served lazily as snapshot") == 2
+        assert ctd.ctr("snapshots", "--snapshotter", "lazybuild", "ls").stdout.count("Committed") == 2
+    finally:
+        ctd.stop()
+        sn.stop()
+    assert not lazybuild_mounts(sn.root)
+
+
 def test_removing_the_image_frees_layers_and_cache(daemons, images):
     sn, ctd = daemons
     ref = f"{images.host}/sn/py:esgz"

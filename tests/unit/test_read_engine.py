@@ -99,7 +99,7 @@ def test_misses_that_arrive_together_go_out_together():
 
     def fetch(chunks):
         batches.append(len(chunks))
-        time.sleep(0.3)
+        time.sleep(0.5)
         return {id(c): b"x" for c in chunks}, {}
 
     queue = FetchQueue(fetch, limit=2)
@@ -266,7 +266,7 @@ def test_a_second_reader_of_a_chunk_in_flight_waits_for_that_fetch(small_layer):
 def test_concurrent_misses_in_different_windows_share_requests(small_layer):
     open_, registry = small_layer
     layer = open_(16 << 10)
-    registry.delay_s = 0.3
+    registry.delay_s = 0.5
     names = list(SMALL)[::12]  # 17 files, each in a window of its own
     start = threading.Barrier(len(names))
     got = {}
@@ -281,7 +281,8 @@ def test_concurrent_misses_in_different_windows_share_requests(small_layer):
     for t in threads:
         t.join(30)
     assert got == {n: SMALL[n] for n in names}
-    assert len(registry.requests) <= MAX_FETCHES_IN_FLIGHT + 1, [len(r) for r in registry.requests]
+    # MAX_FETCHES_IN_FLIGHT at once, then the misses that waited go together (a straggler may go alone).
+    assert len(registry.requests) <= MAX_FETCHES_IN_FLIGHT + 2, [len(r) for r in registry.requests]
     assert max(len(r) for r in registry.requests) > 1  # the waiting misses went as one multi-range request
 
 

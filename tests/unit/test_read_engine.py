@@ -3,7 +3,7 @@
 and verification of everything a window brings. A layer of small files is read through a stand-in of the
 registry's two read calls that counts requests and can be slow, gated or corrupt.
 
-The engine on a real registry, FUSE and a slow or faulty proxy is tests/integration/test_read_engine.py."""
+The engine on a real registry, FUSE and a slow or faulty proxy is tests/integration/test_read_engine_mount.py."""
 
 from __future__ import annotations
 

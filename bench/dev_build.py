@@ -71,6 +71,10 @@ def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB" if n else "0 B"
+
+
 def note_load() -> str:
     LOADS.append(os.getloadavg()[0])
     return f"load {LOADS[-1]:.1f}"
@@ -128,11 +132,13 @@ class AccessLog:
     def mark(self) -> None:
         self.offset = os.path.getsize(self.path)
 
-    def since_mark(self) -> int:
+    def since_mark(self) -> tuple[int, int]:
+        """(bytes, requests) since mark()."""
         time.sleep(0.3)  # a request's line is written when its handler returns
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            return sum(int(m.group(1)) for m in self.LINE.finditer(f.read()))
+            sizes = [int(m.group(1)) for m in self.LINE.finditer(f.read())]
+        return sum(sizes), len(sizes)
 
 
 class Toolchain:
@@ -209,9 +215,9 @@ def series(name: str, cold, warm, edit, log: AccessLog, results: dict, label: st
     for path, step in zip(PATHS, (cold, warm, lambda: (edit(), warm())[1])):
         log.mark()
         sec = step()
-        fetched = log.since_mark()
+        fetched, requests = log.since_mark()
         results.setdefault((name, path), []).append((sec, fetched))
-        progress(f"{label} {name:9} {path:22} {sec:6.2f} s {fetched / 1e6:7.1f} MB  {note_load()}")
+        progress(f"{label} {name:9} {path:22} {sec:6.2f} s {size(fetched):>8} {requests:4} requests  {note_load()}")
 
 
 def lazy_series(toolchains: Toolchain, variant: str, toolchain: str, work: str, log: AccessLog, cell: dict,
@@ -306,10 +312,10 @@ def main() -> int:
                     toolchains.cold("esgz")
                     log.mark()
                     sec = docker_build(dockerd, f"{host}/toolchain:esgz")
-                    fetched = log.since_mark()
+                    fetched, requests = log.since_mark()
                     results[(link, "esgz")].setdefault(("docker", "cold"), []).append((sec, fetched))
-                    progress(f"{link} esgz {rep}/{args.repeat} docker    cold {sec:6.2f} s {fetched / 1e6:7.1f} MB  "
-                             f"{note_load()}")
+                    progress(f"{link} esgz {rep}/{args.repeat} docker    cold {sec:6.2f} s {size(fetched):>8} "
+                             f"{requests:4} requests  {note_load()}")
         report(results, args.repeat, image_bytes, bool(dockerd))
     finally:
         if ref:
@@ -330,7 +336,7 @@ def report(results: dict, repeat: int, image_bytes: int, docker: bool) -> None:
         return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
     def ratio(a, b):
-        return f"{a / b:.2f}x" if b else ("1.00x" if a == b else "-")
+        return f"{a / b:.2f}x" if b else ("1.00x (none)" if a == b else "more (reference: none)")
 
     print(f"dev-image build, median of {repeat}; toolchain {image_bytes / 1e6:.1f} MB compressed; "
           "bytes: the toolchain's, from the registry's access log; "
@@ -343,18 +349,18 @@ def report(results: dict, repeat: int, image_bytes: int, docker: bool) -> None:
         for path in PATHS:
             (lt, lb), (rt, rb) = med(cell[("lazybuild", path)]), med(cell[("reference", path)])
             row = (f"| {link} | {'eStargz' if variant == 'esgz' else 'eStargz, build-optimized'} | {path} "
-                   f"| {lt:.2f} s, {lb / 1e6:.1f} MB | {rt:.2f} s, {rb / 1e6:.1f} MB | {lt / rt:.2f}x | {ratio(lb, rb)} |")
+                   f"| {lt:.2f} s, {size(lb)} | {rt:.2f} s, {size(rb)} | {lt / rt:.2f}x | {ratio(lb, rb)} |")
             if docker:
                 d = results[(link, "esgz")].get(("docker", path))
-                row += f" {med(d)[0]:.2f} s, {med(d)[1] / 1e6:.1f} MB |" if d else " - |"
+                row += f" {med(d)[0]:.2f} s, {size(med(d)[1])} |" if d else " - |"
             print(row)
             verdicts.append((lt / rt <= 1.0 and lb <= rb, lt / rt <= 0.8))
     print(f"goal (time <= 1.0x with bytes <= the reference's): {sum(v[0] for v in verdicts)} of {len(verdicts)} rows; "
           f"stretch (<= 0.8x): {sum(v[1] for v in verdicts)} of {len(verdicts)}")
-    print("runs (s / MB):")
+    print("runs:")
     for (link, variant), cell in results.items():
         for (name, path), runs in cell.items():
-            print(f"  {link} {variant} {name} {path}: " + ", ".join(f"{t:.2f}/{b / 1e6:.1f}" for t, b in runs))
+            print(f"  {link} {variant} {name} {path}: " + ", ".join(f"{t:.2f} s {size(b)}" for t, b in runs))
 
 
 if __name__ == "__main__":

@@ -177,25 +177,28 @@ def ctr(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProc
     return subprocess.run(["ctr", "-a", sock, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def start(env: dict, sn: str, ref: str, name: str, pull: bool) -> tuple[bool, str]:
-    """One client: rpull (as anchor-bench.sh does) then run a container; (ok, what failed)."""
+def start(env: dict, sn: str, ref: str, name: str, pull: bool) -> tuple[bool, str, float]:
+    """One client: rpull (as anchor-bench.sh does) then run a container; (ok, what failed, seconds the
+    rpull took)."""
     sock = os.path.join(env["A"], "containerd", "containerd.sock")
+    t0 = time.monotonic()
     try:
         if pull:
             r = subprocess.run([os.path.join(env["BIN"], "ctr-remote"), "-a", sock, "images", "rpull", "--snapshotter", sn,
                                 "--plain-http", ref], capture_output=True, text=True, timeout=180)
             if r.returncode != 0:
-                return False, "rpull: " + r.stderr.strip()[-300:]
+                return False, "rpull: " + r.stderr.strip()[-300:], 0.0
+        pulled = time.monotonic() - t0
         r = ctr(env, "run", "--rm", "--net-host", "--snapshotter", sn, ref, name, "python3", "-c", "print(1)")
     except subprocess.TimeoutExpired as e:
-        return False, f"timed out: {e.cmd}"
+        return False, f"timed out: {e.cmd}", 0.0
     if r.returncode != 0 or r.stdout.strip() != "1":
-        return False, f"run {name}: rc {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}"
-    return True, ""
+        return False, f"run {name}: rc {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}", pulled
+    return True, "", pulled
 
 
 def clients(env: dict, sn: str, ref: str, names: list[str], pull: bool) -> list[threading.Thread]:
-    results: list[tuple[bool, str]] = []
+    results: list[tuple[bool, str, float]] = []
     threads = [threading.Thread(target=lambda n=n: results.append(start(env, sn, ref, n, pull))) for n in names]
     for t in threads:
         t.start()
@@ -203,7 +206,7 @@ def clients(env: dict, sn: str, ref: str, names: list[str], pull: bool) -> list[
     return threads
 
 
-def join(threads: list) -> list[tuple[bool, str]]:
+def join(threads: list) -> list[tuple[bool, str, float]]:
     *ts, results = threads
     for t in ts:
         t.join()
@@ -264,17 +267,19 @@ def concurrency(env: dict, n: int, reps: int, case: str) -> int:
     got: dict[str, dict[str, list[float]]] = {sn: {"round": [], "rss": [], "accept": []} for sn in SNAPSHOTTERS}
     failures = []
     for rep in range(reps):
-        for sn in SNAPSHOTTERS:
+        for sn in list(SNAPSHOTTERS)[::1 if rep % 2 == 0 else -1]:  # each goes first in every other rep
             cold(env, case)
             rss = RssPoller(pid_of(env, sn))
             t0 = time.monotonic()
             results = join(clients(env, sn, ref, [f"c-{sn}-{rep}-{i}" for i in range(n)], pull=True))
             took = time.monotonic() - t0
             peak = rss.stop()
-            bad = [why for ok, why in results if not ok]
+            bad = [why for ok, why, _ in results if not ok]
+            pulls = max(p for _, _, p in results)
             failures += [f"{sn} rep {rep}: {why}" for why in bad]
             accept, starts = restart_under_load(env, sn, ref, n, rep)
-            print(f"rep {rep} {sn}: N={n} round {took * 1000:.0f} ms ({n - len(bad)}/{n} ok), peak RSS {peak / 1024:.0f} MB, "
+            print(f"rep {rep} {sn}: N={n} round {took * 1000:.0f} ms ({n - len(bad)}/{n} ok; the last rpull done at "
+                  f"{pulls * 1000:.0f} ms), peak RSS {peak / 1024:.0f} MB, "
                   f"restart-to-accept {accept * 1000:.0f} ms ({starts} start{'s' if starts > 1 else ''})", flush=True)
             if not bad:
                 got[sn]["round"].append(took)

@@ -59,8 +59,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(here, "..", "examples", "dev-image")
 PACKAGES = ("python3", "gcc", "libc6-dev", "make")
 # The interpreter running this bench, not the `lazybuild` on PATH: a version manager's shim there (pyenv's is
-# a bash script that execs `pyenv exec`) costs 0.2-0.4 s per call that is not lazybuild's.
-LAZYBUILD = [sys.executable, "-m", "lazybuild.cli"]
+# a bash script that execs `pyenv exec`) costs 0.2-0.4 s per call that is not lazybuild's. -P: the current
+# directory stays off sys.path, so a source tree it may be in cannot shadow the lazybuild being measured.
+LAZYBUILD = [sys.executable, "-P", "-m", "lazybuild.cli"]
 PATHS = ("cold", "warm, nothing changed", "warm, 1 file changed")
 
 

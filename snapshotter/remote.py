@@ -60,6 +60,9 @@ _KEPT_RE = re.compile(r"sha256-[0-9a-f]{64}")  # the names _toc_dir makes, the o
 # cache (FUSE keep_cache), so this copy only serves the FUSE reads that walk through a chunk just
 # fetched (a 4 MiB chunk is 32 reads of 128 KiB): a few chunks, not the mounter's 64 MiB default.
 MEMORY_CACHE_BYTES = 16 << 20
+# A layer fetched ahead of its Prepare (containerd prepares an image's layers one after another, within
+# seconds) is dropped if no Prepare has taken it by then.
+AHEAD_KEPT_SECONDS = 120.0
 
 
 class LabelError(InputError):
@@ -178,7 +181,10 @@ class LazyLayers:
         self.tree = LayerDirs()
         self.unavailable: dict[int, str] = {}  # snapshot id -> why it cannot be served
         self._registries: dict[tuple[str, bool], Registry] = {}
-        self._ahead: dict[tuple[str, str], Future] = {}  # (reference host/repo, digest) -> opening layer
+        # (reference host/repo, digest) -> (when, opening layer): a neighbour's footer and TOC, fetched
+        # ahead of its Prepare
+        self._ahead: dict[tuple[str, str], tuple[float, Future]] = {}
+        self._served: dict[int, str] = {}  # snapshot id -> layer digest, of the layers attached
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="open-layer")
         self._stops: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
@@ -263,14 +269,21 @@ class LazyLayers:
         """The layer's footer and TOC, fetched ahead if a neighbour's Prepare started it. The image's other
         layers start now, in parallel: containerd prepares them one after another, each waiting for the last."""
         ref = source.ref
-        for digest in source.neighbours:
-            key = (f"{ref.host}/{ref.repository}", digest)
-            with self._lock:
-                if key not in self._ahead:
-                    self._ahead[key] = self._pool.submit(self._fetch, LayerSource(source.reference, digest))
+        now = time.monotonic()
         with self._lock:
-            ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), None)
-        if ahead is not None:
+            # A neighbour already served (a base layer shared with an image pulled before) gets no Prepare
+            # that would take its fetch; nor does one whose pull stopped. Their TOCs are not kept waiting.
+            served = set(self._served.values())
+            for key, (when, ahead) in list(self._ahead.items()):
+                if now - when > AHEAD_KEPT_SECONDS:
+                    del self._ahead[key]
+                    ahead.cancel()
+            for digest in source.neighbours:
+                key = (f"{ref.host}/{ref.repository}", digest)
+                if key not in self._ahead and digest not in served:
+                    self._ahead[key] = (now, self._pool.submit(self._fetch, LayerSource(source.reference, digest)))
+            _, ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), (0.0, None))
+        if ahead is not None and not ahead.cancelled():
             try:
                 return ahead.result()
             except FALLBACK_ERRORS:
@@ -309,6 +322,8 @@ class LazyLayers:
         it): containerd goes on with the next layer meanwhile. Then prefetch and fetch in the background."""
         name = str(sid)
         self.tree.reserve(name)
+        with self._lock:
+            self._served[sid] = fetched.digest
         self.unavailable.pop(sid, None)
 
         def build() -> None:
@@ -348,6 +363,8 @@ class LazyLayers:
         if stop:
             stop.set()
         self.tree.remove(str(sid))
+        with self._lock:
+            self._served.pop(sid, None)
         self.unavailable.pop(sid, None)
 
     def restore(self, sid: int, remote: dict) -> bool:

@@ -169,3 +169,33 @@ def test_a_layer_removed_while_reopening_is_not_served(tmp_path):
     assert not lazy.tree  # detached after the re-opening that was under way
     assert sn.list([]) == []
     sn.close()
+
+
+def test_neighbours_are_fetched_ahead_unless_already_served(tmp_path):
+    """A Prepare starts the image's other layers; a layer already served (a base shared with an image pulled
+    before) gets no Prepare that would take its fetch, so it is not fetched ahead (it would be kept for
+    nothing)."""
+    from lazybuild.snapshotter.config import Config
+    from lazybuild.snapshotter.remote import LayerSource, LazyLayers
+
+    class Unparsable(Fetched):
+        def build(self, cache):
+            raise ValueError("not a TOC")  # attach() then marks the layer failed; it still counts as served
+
+    lazy = LazyLayers(str(tmp_path), Config(prefetch=False, background_fetch=False))
+    fetched: list[str] = []
+
+    def fetch(source):
+        fetched.append(source.digest)
+        return Unparsable(source.digest, Stats())
+    lazy._fetch = fetch
+    try:
+        lazy.attach(1, Unparsable(DIGESTS[0], Stats()), wait=True)
+        got = lazy.fetch(LayerSource(REF, DIGESTS[1], TOC, [DIGESTS[0], DIGESTS[2]]))
+        assert got.digest == DIGESTS[1]
+        lazy.attach(2, got, wait=True)  # as Prepare does
+        got = lazy.fetch(LayerSource(REF, DIGESTS[2], TOC, [DIGESTS[0], DIGESTS[1]]))  # taken from ahead
+        assert got.digest == DIGESTS[2]
+        assert sorted(fetched) == sorted(DIGESTS[1:])
+    finally:
+        lazy.close()

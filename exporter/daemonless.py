@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lazybuild.transfer import RegistrySource
+from lazybuild.transfer import KeptBlobsSource, RegistrySource, Source
 
 from .assemble import ExportedImage, ExportError, KeptLayer, Log, NewLayer, export_image
 from .diff import UpperDirDiff
@@ -34,9 +34,11 @@ class Optimize:
 
 def export_build(result, spec: OutputSpec, tags: list[str], *, insecure: bool = False,
                  source_date_epoch: int | None = None, optimize: Optimize | None = None,
-                 log: Log = lambda s: None) -> ExportedImage:
-    """Export RESULT as an image and send it where SPEC says. The caller closes the returned image."""
-    image = build_image(result, spec.compression, source_date_epoch=source_date_epoch, insecure=insecure, log=log)
+                 kept_blobs: str | None = None, log: Log = lambda s: None) -> ExportedImage:
+    """Export RESULT as an image and send it where SPEC says. The caller closes the returned image.
+    KEPT_BLOBS: a directory where base layers fetched for the output are kept for the next build."""
+    image = build_image(result, spec.compression, source_date_epoch=source_date_epoch, insecure=insecure,
+                        kept_blobs=kept_blobs, log=log)
     try:
         if optimize is not None:
             image = _optimized(image, result, spec, tags[0], source_date_epoch, optimize, insecure, log)
@@ -53,9 +55,10 @@ def export_build(result, spec: OutputSpec, tags: list[str], *, insecure: bool = 
 
 
 def build_image(result, compression: str = "gzip", *, prioritized: dict[int, list[str]] | None = None,
-                source_date_epoch: int | None = None, insecure: bool = False, log: Log = lambda s: None) -> ExportedImage:
+                source_date_epoch: int | None = None, insecure: bool = False, kept_blobs: str | None = None,
+                log: Log = lambda s: None) -> ExportedImage:
     """The new layers (upper dirs) as eStargz over the base image's kept layers, with config and manifest."""
-    sources: dict[str, RegistrySource] = {}
+    sources: dict[str, Source] = {}
     layers: list[NewLayer | KeptLayer] = []
     try:
         for i, layer in enumerate(result.target.layers):
@@ -68,7 +71,8 @@ def build_image(result, compression: str = "gzip", *, prioritized: dict[int, lis
                 raise ExportError(f"{base.ref}: its config lists {len(diff_ids)} diff_ids for "
                                   f"{len(base.manifest.layers)} layers; its layers cannot be kept as they are")
             if str(base.ref) not in sources:
-                sources[str(base.ref)] = RegistrySource(base.ref, insecure)
+                source: Source = RegistrySource(base.ref, insecure)
+                sources[str(base.ref)] = KeptBlobsSource(source, kept_blobs) if kept_blobs else source
             layers.append(KeptLayer(base.manifest.layers[layer.index], diff_ids[layer.index], sources[str(base.ref)]))
         return export_image(layers, result.config, compression=compression, source_date_epoch=source_date_epoch, log=log)
     except BaseException:

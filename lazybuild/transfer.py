@@ -100,6 +100,11 @@ class Source(abc.ABC):
             f.seek(0)
             return f.read(MAX_CONFIG_BYTES)
 
+    def registry_ref(self) -> Reference | None:
+        """The registry reference the blobs come from, if they come from one (a registry destination on
+        the same host mounts them from there instead of uploading them)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -137,6 +142,9 @@ class RegistrySource(Source):
         _check_config_size(desc)
         return self.registry.read_blob(self.ref.repository, desc.digest, size=desc.size)
 
+    def registry_ref(self):
+        return self.ref
+
     def close(self):
         self.registry.close()
 
@@ -155,6 +163,55 @@ class OCISource(Source):
     def read(self, desc):
         _check_config_size(desc)
         return self.layout.read_blob(desc.digest, MAX_CONFIG_BYTES, "configs")
+
+
+class KeptBlobsSource(Source):
+    """SOURCE, with each blob it fetches kept in a local OCI layout (the build's state dir) and read from
+    there the next time: a rebuild written to an OCI layout or tar copies a base image's layers from disk
+    instead of downloading them again, as BuildKit's content store does. A kept blob is verified as it is
+    copied out, like any layout's; one that no longer matches is dropped and fetched again."""
+
+    def __init__(self, source: Source, directory: str):
+        self.source = source
+        self.layout = OCILayout(directory, create=True)
+
+    def manifests(self, platform, all_platforms):
+        return self.source.manifests(platform, all_platforms)
+
+    def fetch(self, desc, out, progress=None):
+        for attempt in range(2):
+            if not self.layout.has_blob(desc.digest):
+                self._keep(desc, progress)
+            start = out.tell()
+            try:
+                with self.layout.open_blob(desc.digest) as f:
+                    _copy_verified(f, out, desc, f"{self.layout.root}: kept blob {desc.digest}")
+                return
+            except TransferError:
+                if attempt:
+                    raise
+                os.unlink(self.layout.blob_path(desc.digest))
+                out.seek(start)
+                out.truncate()
+
+    def _keep(self, desc: Descriptor, progress) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=self.layout.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.source.fetch(desc, f, progress)  # verified against the digest while it arrives
+            self.layout.adopt_blob(desc.digest, tmp)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def read(self, desc):
+        return self.source.read(desc)
+
+    def registry_ref(self):
+        return self.source.registry_ref()
+
+    def close(self):
+        self.source.close()
 
 
 class ArchiveSource(Source):
@@ -252,8 +309,9 @@ class RegistryDest(Dest):
         # A blob already in the repository is left alone, one in another repository of the same registry
         # is mounted from there (cross-repository mount): neither is downloaded. Only an upload fetches it.
         mount_from = self.mount_from
-        if isinstance(src, RegistrySource) and src.ref.host == self.ref.host:
-            mount_from = src.ref.repository
+        origin = src.registry_ref()
+        if origin is not None and origin.host == self.ref.host:
+            mount_from = origin.repository
 
         def fetched() -> BinaryIO:
             f = tempfile.TemporaryFile(dir=self.staging_dir)

@@ -137,7 +137,7 @@ def run(args) -> int:
             optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
             with timings.phase("export"):
                 image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
-                                     optimize=optimize, log=log)
+                                     optimize=optimize, kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
         if args.metadata_file and image is not None:
             tmp = args.metadata_file + ".partial"
             with open(tmp, "w") as f:

@@ -120,7 +120,8 @@ def test_push_cache_and_lazy_mount_of_the_result(lazy_base, registry, oracle, tm
 
 def test_cached_rebuild_mounts_nothing_and_timings_say_where_time_went(lazy_base, registry, tmp_path):
     """A rebuild whose steps are all cached answers from the step cache: the base is resolved (its tag
-    may have moved) but never mounted, so no layer byte is read. A changed source mounts it again.
+    may have moved) but never mounted, so no layer byte is read, and its OCI output copies the base's
+    layers from the state dir, where the first export kept them. A changed source mounts it again.
     --debug-timings splits the build into resolve, mount (and the mount's own phases), steps, export."""
     proxy = FaultProxy(registry.host)
     try:
@@ -142,12 +143,18 @@ def test_cached_rebuild_mounts_nothing_and_timings_say_where_time_went(lazy_base
             return [path for _, method, path, headers in proxy.requests if method == "GET" and "Range" in headers
                     and any(path.endswith("/blobs/" + d) for d in layer_digests)]
 
+        def whole_layer_gets() -> list[str]:  # the OCI output's copies of the base's layers
+            return [path for _, method, path, headers in proxy.requests if method == "GET" and "Range" not in headers
+                    and any(path.endswith("/blobs/" + d) for d in layer_digests)]
+
         assert layer_reads()  # the first build read the base lazily
+        assert len(whole_layer_gets()) == len(layer_digests)  # and its output fetched the base's layers
         proxy.requests.clear()
         second = lazy_build(ctx, *state, *out, "--debug-timings")
         assert second.stderr.count("(cached)") == 2
         assert layer_reads() == [] and not any(line.startswith("timings: ") and " mount " in line
                                                for line in second.stderr.splitlines())
+        assert whole_layer_gets() == []  # kept in the state dir by the first build's export
         assert any("/manifests/" in path for _, _, path, _ in proxy.requests)  # the tag is still resolved
         assert _leftovers() == ("", "")
         (ctx / "msg").write_text("two\n")

@@ -3,7 +3,8 @@
 The mounter and the snapshotter read a layer a chunk at a time: the footer and TOC at open
 (read_tail, read_ranges), each missed window of chunks (read_ranges), the prefetch span (stream_range).
 Ranges are asked for in one request where the registry allows (multipart/byteranges answers are
-parsed). A registry that refuses a multi-range request (400, 416, 501) or answers it with the whole
+parsed), up to MAX_RANGES_PER_REQUEST ranges within MAX_SPAN_BYTES: an answer is read into memory
+before its chunks are verified, so what one request may bring is bounded. A registry that refuses a multi-range request (400, 416, 501) or answers it with the whole
 blob is remembered (the session's `multirange_refused`): from then on its ranges are asked for one
 per request, up to SINGLE_RANGE_WORKERS at a time, so a window of a dozen ranges still costs about
 one round trip. A body cut off mid-way is asked for again at once (a new connection), then after a
@@ -37,6 +38,10 @@ PART_HEADER_BYTES = 1024
 # Ranges per request: a Range header past about 8 KB is refused by common front ends (nginx's
 # default header buffer), and 64 ranges is about 1.5 KB.
 MAX_RANGES_PER_REQUEST = 64
+# A request's answer is read into memory before its chunks are verified, and its cap is the span from
+# its first byte to its last (a server may coalesce the ranges into one part): ranges further apart
+# than this go in separate requests, in parallel.
+MAX_SPAN_BYTES = 4 << 20
 # Single-range requests in flight at once for a registry that refuses multi-range requests.
 SINGLE_RANGE_WORKERS = 8
 # Answers to a multi-range request that mean "ask for one range at a time".
@@ -62,11 +67,20 @@ class RangeReader:
         self._kept: dict[str, _KeptBlob] = {}
         self._kept_locks: dict[str, threading.Lock] = {}
         self._kept_guard = threading.Lock()
-        self._singles: ThreadPoolExecutor | None = None  # made when a registry refuses multi-range requests
+        # Made when first needed: one for the requests of a read whose ranges are far apart, one for the
+        # single ranges of a registry that refuses multi-range requests (a request of the first kind may
+        # wait on the second, never the other way round, so neither can starve the other).
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        with self._kept_guard:
+            if name not in self._pools:
+                self._pools[name] = ThreadPoolExecutor(SINGLE_RANGE_WORKERS, thread_name_prefix=f"lazybuild-{name}")
+            return self._pools[name]
 
     def close(self) -> None:
-        if self._singles is not None:
-            self._singles.shutdown(wait=False)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
         with self._kept_guard:
             for kept in self._kept.values():
                 kept.f.close()
@@ -179,9 +193,22 @@ class RangeReader:
             return []
         if any(a < 0 or b <= a for a, b in ranges):
             raise ValueError(f"ranges {ranges[:4]!r} of blob {digest}: each must be [start, end) with start < end")
-        out: list[bytes] = []
-        for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
-            out += self._read_group(repository, digest, ranges[i:i + MAX_RANGES_PER_REQUEST])
+        groups: list[list[int]] = []  # indexes into ranges, in blob order
+        for i in sorted(range(len(ranges)), key=lambda i: ranges[i]):
+            if groups and len(groups[-1]) < MAX_RANGES_PER_REQUEST and \
+                    ranges[i][1] - ranges[groups[-1][0]][0] <= MAX_SPAN_BYTES:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+
+        def read(group: list[int]) -> list[bytes]:
+            return self._read_group(repository, digest, [ranges[i] for i in group])
+
+        answers = [read(groups[0])] if len(groups) == 1 else list(self._pool("requests").map(read, groups))
+        out: list[bytes] = [b""] * len(ranges)
+        for group, parts in zip(groups, answers):
+            for i, data in zip(group, parts):
+                out[i] = data
         return out
 
     def _read_group(self, repository: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -194,11 +221,7 @@ class RangeReader:
                 return got
         if len(ranges) == 1:
             return [self._read_one(repository, digest, ranges[0])]
-        with self._kept_guard:
-            if self._singles is None:
-                self._singles = ThreadPoolExecutor(SINGLE_RANGE_WORKERS, thread_name_prefix="lazybuild-range")
-            pool = self._singles
-        return list(pool.map(lambda rg: self._read_one(repository, digest, rg), ranges))
+        return list(self._pool("ranges").map(lambda rg: self._read_one(repository, digest, rg), ranges))
 
     def _read_one(self, repository: str, digest: str, rg: tuple[int, int]) -> bytes:
         kept = self._kept_blob(repository, digest)  # another range of this blob may have found Range ignored

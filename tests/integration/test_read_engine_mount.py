@@ -165,7 +165,7 @@ def test_concurrent_reads_from_a_registry_that_refuses_multirange(registry, smal
 def test_range_reads_retry_and_fall_back_on_a_real_registry(registry, tmp_path):
     """The registry client under the mount: a body cut off mid-way is asked for again; a refused
     multi-range request is asked once, then ranges go one per request."""
-    data = os.urandom(4 << 20)
+    data = os.urandom(12 << 20)
     digest = sha256_digest(data)
     with Registry(registry.host) as reg:
         reg.push_blob("engine/blob", digest, len(data), lambda: io.BytesIO(data))
@@ -189,5 +189,16 @@ def test_range_reads_retry_and_fall_back_on_a_real_registry(registry, tmp_path):
         gets = proxy.blob_gets()
         assert [s.ranges for s in gets if s.status == 400] == [10]  # asked once, then remembered
         assert sorted(s.ranges for s in gets if s.status == 206) == [1] * 13
+    finally:
+        proxy.stop()
+
+    # Ranges far apart go in separate requests (each answer is held before it is verified: its size is
+    # bounded by its own span), in parallel, and come back in the order asked.
+    proxy = SlowProxy(registry.host)
+    try:
+        far = [(11 << 20, (11 << 20) + 100), (0, 100), (100_000, 100_100), (6 << 20, (6 << 20) + 100)]
+        with Registry(proxy.host) as reg:
+            assert reg.read_ranges("engine/blob", digest, far) == [data[a:b] for a, b in far]
+        assert sorted(s.ranges for s in proxy.blob_gets()) == [1, 1, 2]
     finally:
         proxy.stop()

@@ -4,11 +4,11 @@ The mounter and the snapshotter read a layer a chunk at a time: the footer and T
 (read_tail, read_ranges), each missed window of chunks (read_ranges), the prefetch span (stream_range).
 Ranges are asked for in one request where the registry allows (multipart/byteranges answers are
 parsed), up to MAX_RANGES_PER_REQUEST ranges within MAX_SPAN_BYTES: an answer is read into memory
-before its chunks are verified, so what one request may bring is bounded. A registry that refuses a multi-range request (400, 416, 501) or answers it with the whole
-blob is remembered (the session's `multirange_refused`): from then on its ranges are asked for one
-per request, up to SINGLE_RANGE_WORKERS at a time, so a window of a dozen ranges still costs about
-one round trip. A body cut off mid-way is asked for again at once (a new connection), then after a
-short backoff. A registry that answers a single range with 200 and the whole blob would otherwise
+before its chunks are verified, so what one request may bring is bounded. A registry that refuses a
+multi-range request (400, 416, 501) or answers it with the whole blob is remembered (the session's
+`multirange_refused`): from then on its ranges are asked for one per request, up to
+SINGLE_RANGE_WORKERS at a time, so a window of a dozen ranges still costs about one round trip. A
+body cut off mid-way is asked for again at once (a new connection), then after a short backoff. A registry that answers a single range with 200 and the whole blob would otherwise
 make every chunk cost the whole blob: the first such answer is read only as far as the ranges need;
 from then on this client asks that registry for no more ranges: each blob is downloaded once,
 verified against its digest, and its ranges are read from that temporary file. A range cannot be

@@ -122,7 +122,8 @@ class SlowProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
                 out = [(k, v.replace(f"http://{proxy.upstream}", f"http://127.0.0.1:{self.server.server_port}"))
-                       for k, v in r.getheaders() if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+                       for k, v in r.getheaders()
+                       if k.lower() not in ("transfer-encoding", "connection", "content-length")]
                 self._answer(r.status, out, data, method)
                 if blob_get:
                     with proxy.lock:

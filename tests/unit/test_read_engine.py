@@ -22,7 +22,8 @@ from lazybuild import estargz
 from lazybuild.estargz import TOCEntry
 from lazybuild.image import Descriptor
 from lazybuild.mounter import ChunkCache, LayerStats, LazyLayer, fetch_layer
-from lazybuild.mounter.layer import MAX_FETCHES_IN_FLIGHT, FetchJob, FetchQueue, merge_spans, plan_window, window_of
+from lazybuild.mounter.layer import (MAX_FETCHES_IN_FLIGHT, MIN_WINDOW_BYTES, FetchJob, FetchQueue, merge_spans,
+                                     plan_window, window_of)
 
 # --- window planning (pure) -----------------------------------------------------------------------------------
 
@@ -234,6 +235,24 @@ def test_reading_every_file_costs_a_request_per_window_not_per_file(small_layer)
     assert len(registry.requests) <= 2 * windows + 1, (len(registry.requests), windows)
     assert len(registry.requests) < len(SMALL) // 5
     assert layer.stats.fetched_bytes <= 2 * layer.stats.size  # the TOC read at open, then each byte about once
+
+
+def test_the_window_grows_for_reads_in_order_and_stays_small_for_scattered_ones(small_layer):
+    """Reading the tree in blob order uses what each window brings, so windows double up to read_around
+    (fewer requests than 64 KiB windows would take); reading one file in eight, spread over the layer,
+    leaves most of what windows bring unread, so they stay at MIN_WINDOW_BYTES."""
+    open_, registry = small_layer
+    layer = open_(512 << 10)
+    for n in SMALL:  # the tar's order is the blob's
+        assert layer.read(n, 0, len(SMALL[n])) == SMALL[n]
+    assert layer._window_now > MIN_WINDOW_BYTES
+    assert len(registry.requests) < layer.stats.size // MIN_WINDOW_BYTES
+
+    layer = open_(512 << 10)
+    for n in list(SMALL)[::8]:
+        assert layer.read(n, 0, len(SMALL[n])) == SMALL[n]
+    assert layer._window_now == MIN_WINDOW_BYTES
+    assert all(b - a <= MIN_WINDOW_BYTES for req in registry.requests for a, b in req)
 
 
 def test_without_a_window_a_miss_fetches_only_itself(small_layer):

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from lazybuild import inroot, mounter, profiles
+from lazybuild.defaults import CACHE_DIR, STATE_DIR
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import DockerIgnore, read_patterns
 from lazybuild.dockerfile.steps import (PIPES_DIR, BindMount, CacheMount, CopyStep, RunStep, SecretMount, SshMount,
@@ -37,7 +38,6 @@ from lazybuild.timings import NoTimings, Timings
 
 from . import filecopy
 
-STATE_DIR = os.environ.get("LAZYBUILD_STATE", "/var/lib/lazybuild")
 RUN_DIR = "/run/lazybuild/b"
 STUB_PATHS = ("/etc/resolv.conf", "/etc/hosts", "/proc", "/sys", "/dev")
 
@@ -57,7 +57,7 @@ class BuildOptions:
     secrets: dict[str, str] = field(default_factory=dict)  # id -> file
     insecure: bool = False
     state_dir: str = STATE_DIR
-    chunk_cache: str = "/var/cache/lazybuild"
+    chunk_cache: str = CACHE_DIR
     network: str = "host"
     record_base: str = ""  # append the base files RUN steps read here (NDJSON {path, layer})
     profile: str = "auto"  # build profiles: auto (use one found, save what was read), push (and push it), off

@@ -11,13 +11,14 @@ import shutil
 import tempfile
 
 from lazybuild import mounter
+from lazybuild.defaults import CACHE_DIR
 from lazybuild.errors import MountError, UsageError
 from lazybuild.runtime import runc
 from lazybuild.runtime.overlay import mount_overlay, unmount
 
 
 def record_workload(ref: str, config: dict, args: list[str], period_s: float, *, insecure: bool = False,
-                    chunk_cache: str = "/var/cache/lazybuild", log=print) -> dict[int, list[str]]:
+                    chunk_cache: str = CACHE_DIR, log=print) -> dict[int, list[str]]:
     """Run the workload of image REF for PERIOD_S seconds; the paths it read, per layer index."""
     cfg = config.get("config") or {}
     argv = list(args) or list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or [])

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lazybuild.defaults import CACHE_DIR
 from lazybuild.digest import digest_hex
 from lazybuild.errors import require_extra
 from lazybuild.estargz import TOC_DIGEST_ANNOTATION
@@ -33,7 +34,6 @@ from .prefetch import FilePrefetch, Prefetch, background_fetch
 from .rootfs import LayersTree, MergedTree
 
 log = logging.getLogger("lazybuild.mount")
-DEFAULT_CACHE = os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild")
 STATUS_DIR = os.environ.get("LAZYBUILD_RUN", "/run/lazybuild") + "/mounts"
 
 
@@ -41,7 +41,7 @@ STATUS_DIR = os.environ.get("LAZYBUILD_RUN", "/run/lazybuild") + "/mounts"
 class MountOptions:
     """How to mount an image (the flags of `lazybuild mount`)."""
     platform: Platform | None = None
-    cache_dir: str = DEFAULT_CACHE
+    cache_dir: str = CACHE_DIR
     cache_limit_bytes: int = DEFAULT_LIMIT_BYTES
     prefetch: bool = True
     background_fetch: bool = True

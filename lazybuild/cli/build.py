@@ -9,14 +9,11 @@ import sys
 import threading
 import time
 
-from lazybuild.exporter.assemble import ExportError
-from lazybuild.exporter.daemonless import Optimize, export_build
-from lazybuild.exporter.output import OutputSpec
-from lazybuild.exporter.rootfs import write_rootfs
-
-from lazybuild.builder.executor import STATE_DIR, Builder, BuildOptions
+from lazybuild.defaults import CACHE_DIR, STATE_DIR
 from lazybuild.errors import UsageError
 from lazybuild.timings import NoTimings, Timings
+
+# The builder and the exporter are imported by run(): every other command (and `--help`) starts without them.
 
 
 def add_parser(sub) -> None:
@@ -38,8 +35,8 @@ def add_parser(sub) -> None:
     b.add_argument("--source-date-epoch", type=int, default=None,
                    help="clamp file times in new layers (default: $SOURCE_DATE_EPOCH)")
     b.add_argument("--insecure", action="store_true", help="skip TLS verification of registries")
-    b.add_argument("--state-dir", default=STATE_DIR, help="step cache and cache mounts (default %(default)s)")
-    b.add_argument("--cache", default="/var/cache/lazybuild", help="chunk cache of the lazy mounts")
+    b.add_argument("--state-dir", default=STATE_DIR, help="step cache, cache mounts, profiles (default %(default)s, $LAZYBUILD_STATE)")
+    b.add_argument("--cache", default=CACHE_DIR, help="chunk cache of the lazy mounts (default %(default)s, $LAZYBUILD_CACHE)")
     b.add_argument("--metadata-file", default="", help="write the image digest, config and layers as JSON")
     b.add_argument("--optimize", action="store_true",
                    help="run the built image's workload (ENTRYPOINT/CMD, or the command after --) lazily mounted "
@@ -81,6 +78,12 @@ def _secrets(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
+    from lazybuild.builder.executor import Builder, BuildOptions
+    from lazybuild.exporter.assemble import ExportError
+    from lazybuild.exporter.daemonless import Optimize, export_build
+    from lazybuild.exporter.output import OutputSpec
+    from lazybuild.exporter.rootfs import write_rootfs
+
     quiet = args.progress == "quiet"
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
@@ -158,6 +161,6 @@ def run(args) -> int:
                 print(line, file=sys.stderr, flush=True)
 
 
-def _close(builder: Builder, timings: Timings) -> None:
+def _close(builder, timings: Timings) -> None:
     with timings.phase("teardown (unmount)"):
         builder.close()

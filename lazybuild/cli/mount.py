@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..defaults import CACHE_DIR
 from ..errors import UsageError, require_extra
 from .options import parse_size, platform_of
 
@@ -16,7 +17,7 @@ def add_parser(sub) -> None:
     mnt.add_argument("ref_or_dir", metavar="REF", help="image reference (with --status: the mount point)")
     mnt.add_argument("dir", metavar="DIR", nargs="?")
     mnt.add_argument("--platform", metavar="P")
-    mnt.add_argument("--cache", metavar="DIR", default=os.environ.get("LAZYBUILD_CACHE", "/var/cache/lazybuild"),
+    mnt.add_argument("--cache", metavar="DIR", default=CACHE_DIR,
                      help="chunk cache shared by all mounts (default /var/cache/lazybuild)")
     mnt.add_argument("--cache-limit", type=parse_size, default=10 << 30, metavar="N", help="evict past this size (default 10GiB)")
     mnt.add_argument("--no-prefetch", action="store_true", help="do not fetch [0, .prefetch.landmark) at mount")

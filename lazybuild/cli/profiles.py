@@ -8,17 +8,17 @@ import sys
 
 from ..digest import check_digest, is_digest
 from ..errors import InputError
+from ..defaults import STATE_DIR
 from ..image import size_text
-from ..profiles import ProfileStore, Subject, find_profile, profile_tag, push_profile
-from ..registry import Reference, Registry
 from .options import platform_of
+
+# lazybuild.profiles (and the registry client under it) is imported by the commands that use it, so that
+# every other command starts without them.
 
 STATE_DIR_HELP = "where `lazybuild build` keeps its state, profiles in profiles/ (default %(default)s)"
 
 
 def add_parser(sub) -> None:
-    from ..builder.executor import STATE_DIR  # the CLI is where components meet: the builder's default
-
     p = sub.add_parser("profile", help="build profiles: the base-image files builds read, prefetched by later builds")
     psub = p.add_subparsers(dest="profile_command", required=True)
 
@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
 
 
 def list_profiles(args) -> int:
+    from ..profiles import ProfileStore
+
     for sp in ProfileStore(args.state_dir).list():
         files = sp.profile.file_count if sp.profile else None
         if args.json:
@@ -58,7 +60,9 @@ def list_profiles(args) -> int:
     return 0
 
 
-def _resolve(args, text: str) -> tuple[Reference, Registry, "object"]:
+def _resolve(args, text: str):
+    from ..registry import Reference, Registry
+
     ref = Reference.parse(text)
     registry = Registry(ref.host, insecure=args.insecure)
     try:
@@ -69,6 +73,8 @@ def _resolve(args, text: str) -> tuple[Reference, Registry, "object"]:
 
 
 def show_profile(args) -> int:
+    from ..profiles import ProfileStore, find_profile
+
     store = ProfileStore(args.state_dir)
     if is_digest(args.what):
         profile = store.load(args.what)
@@ -93,6 +99,8 @@ def show_profile(args) -> int:
 
 
 def push_local(args) -> int:
+    from ..profiles import ProfileStore, Subject, profile_tag, push_profile
+
     store = ProfileStore(args.state_dir)
     ref, registry, resolved = _resolve(args, args.ref)
     with registry:
@@ -110,6 +118,8 @@ def push_local(args) -> int:
 
 
 def remove(args) -> int:
+    from ..profiles import ProfileStore
+
     store = ProfileStore(args.state_dir)
     digest = check_digest(args.digest, "profile rm DIGEST")
     if not store.remove(digest):

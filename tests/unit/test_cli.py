@@ -268,3 +268,14 @@ def test_an_unreachable_registry_exits_3():
     p = run("inspect", "127.0.0.1:9/x", ok=False)  # the discard port: nothing listens there
     error, hint = _error_and_hint(p)
     assert p.returncode == 3 and "127.0.0.1:9" in error and "--insecure" in hint
+
+
+def test_the_command_line_starts_without_the_components():
+    """`lazybuild` builds its parser without importing the builder, exporter, profiles or registry client:
+    a command imports its component when it runs (the snapshotter's restart and `--help` stay fast)."""
+    heavy = ("httpx", "lazybuild.builder.executor", "lazybuild.exporter.assemble", "lazybuild.dockerfile.model",
+             "lazybuild.profiles", "pyfuse3", "grpc")
+    code = ("import sys, lazybuild.cli as c; c.build_parser(); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

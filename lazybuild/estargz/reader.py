@@ -74,9 +74,10 @@ class LayerReader:
         """`toc`: what fetch_toc() returned, when the footer and TOC were read earlier."""
         self.blob = blob
         self.name = name  # used in every error message
-        self.kind, self.toc_offset, self.raw_toc = toc if toc is not None else self._read_toc()
-        self.toc_digest = "sha256:" + hashlib.sha256(self.raw_toc).hexdigest()
-        self.entries = self._named(parse_toc_json, self.raw_toc)
+        self.kind, self.toc_offset, raw_toc = toc if toc is not None else self._read_toc()
+        # The raw TOC is not kept: parsed, it is a few MB a big layer would hold for nothing.
+        self.toc_digest = "sha256:" + hashlib.sha256(raw_toc).hexdigest()
+        self.entries = self._named(parse_toc_json, raw_toc)
         self._index()
 
     @classmethod

@@ -36,7 +36,7 @@ def _write_blob(dest: str, head: bytes, doc: dict) -> None:
 def rewrite_toc(src: str, dest: str, mutate) -> None:
     """A blob with the same payload members and a TOC changed by `mutate(entries)` (a hostile layer)."""
     with LayerReader.open_file(src) as r:
-        doc, toc_offset = json.loads(r.raw_toc), r.toc_offset
+        doc, toc_offset = json.loads(LayerReader.fetch_toc(r.blob)[2]), r.toc_offset
     mutate(doc["entries"])
     with open(src, "rb") as f:
         _write_blob(dest, f.read(toc_offset), doc)
@@ -46,7 +46,7 @@ def corrupt_payload_of(path: str, name: str) -> str:
     """Replace the member of `name` by a valid gzip member of *other* bytes (only the digest can tell)."""
     with LayerReader.open_file(path) as r:
         start, end = r.compressed_range(r.chunk_for(name, 0))
-        doc, toc_offset = json.loads(r.raw_toc), r.toc_offset
+        doc, toc_offset = json.loads(LayerReader.fetch_toc(r.blob)[2]), r.toc_offset
     with open(path, "rb") as f:
         raw = f.read()
     plain = bytearray(zlib_ng.decompressobj(31).decompress(raw[start:end]))

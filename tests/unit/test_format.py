@@ -44,7 +44,7 @@ def convert(tmp_path, entries, name="out.blob", **options):
 
 def toc_of(path) -> list[dict]:
     with LayerReader.open_file(path) as r:
-        return json.loads(r.raw_toc)["entries"]
+        return json.loads(LayerReader.fetch_toc(r.blob)[2])["entries"]
 
 
 def test_footer_bytes_are_the_verified_ones():

@@ -681,7 +681,7 @@ FIELDS = ["name", "type", "size", "modtime", "linkName", "mode", "uid", "gid", "
 
 @st.composite
 def toc_documents(draw):
-    base = json.loads(open_blob(REAL_BLOBS["gzip"]).raw_toc)
+    base = json.loads(LayerReader.fetch_toc(BytesBlob(REAL_BLOBS["gzip"]))[2])
     entries = base["entries"]
     for _ in range(draw(st.integers(0, 5))):
         e = entries[draw(st.integers(0, len(entries) - 1))]

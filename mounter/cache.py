@@ -53,7 +53,17 @@ class ChunkCache:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
             self._store_failed(e, "creating the cache directory")
-        self._size = self._measure()
+        # What the cache holds is measured by walking it, which takes a while when it holds many chunks:
+        # in the background, so a mount (or the snapshotter's restart) does not wait for it. Chunks stored
+        # meanwhile may be counted twice, which only brings an eviction forward.
+        self._size = 0
+        threading.Thread(target=self._measure_in_background, daemon=True, name="cache-measure").start()
+
+    def _measure_in_background(self) -> None:
+        total = self._measure()
+        with self._lock:
+            self._size += total
+        self.evict_if_over()
 
     def _measure(self) -> int:
         """The bytes held, after dropping the temporary files of writers that died mid-write."""

@@ -252,17 +252,23 @@ class Frontend:
             raise DockerfileError(f"LAZYBUILD_COMPRESSION={meta['compression']}: want gzip or zstd", 0, 0)
         if args.get("SOURCE_DATE_EPOCH", "").isdigit():
             meta["sourceDateEpoch"] = int(args["SOURCE_DATE_EPOCH"])
-        # The base image's own layers are kept when it lives in a registry (the daemon resolved it to a
-        # digest): the export step fetches them by digest. Otherwise, or with LAZYBUILD_CONVERT_BASE=1, the
-        # base becomes one eStargz layer made from its state.
+        # A base image in a registry (the daemon resolved it to a digest) keeps its own layers, read by
+        # digest in the export step: eStargz ones as they are, others converted to eStargz one by one
+        # unless LAZYBUILD_CONVERT_BASE=0. A base with no registry digest becomes one eStargz layer made
+        # from its state.
         root = build.target
         while root.base_stage is not None:
             root = next(s for s in build.stages if s.index == root.base_stage)
         digest = self.base_digests.get(root.base, "")
-        keep_base = not chain[0].is_scratch and digest and args.get("LAZYBUILD_CONVERT_BASE", "") not in ("1", "true")
-        if keep_base:
+        from_registry = not chain[0].is_scratch and bool(digest)
+        if from_registry:
             r = Reference.parse(root.base)
-            meta["base"] = {"repository": f"{r.host}/{r.repository}", "digest": digest, "platform": platform_string(plat)}
+            meta["base"] = {"repository": f"{r.host}/{r.repository}", "digest": digest, "platform": platform_string(plat),
+                            "convert": flag(args, "LAZYBUILD_CONVERT_BASE", True)}
+        optimize = optimize_settings(args)
+        if optimize is not None:
+            conv.require("exec.meta.security", "LAZYBUILD_OPTIMIZE", 0)
+            meta["optimize"] = optimize
         # The prioritized files' mount has always been the op's first input, then the exporter's root.
         mounts: list[llb.Mount] = []
         prio = args.get("LAZYBUILD_PRIORITIZED_FILES", "")
@@ -279,10 +285,27 @@ class Frontend:
                    if not state.is_scratch]
         mounts.append(llb.Bind("/out", output=True))  # the layout: the build's result
         exporter = llb.image(normalize_image(source), platform=worker)
+        # Recording the workload's reads takes fanotify, which needs CAP_SYS_ADMIN: the security.insecure
+        # entitlement.
         export = exporter.run(EXPORTER_ARGS, env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                               mounts=mounts, platform=worker, info=llb.Info("[lazybuild] export optimized eStargz image layout"),
-                              network="host" if keep_base else "none")  # the base's registry is reached from the host
-        return export.mount_output("/out")
+                              network="host" if from_registry else "none",  # the base's registry is reached from the host
+                              insecure=optimize is not None)
+        result = export.mount_output("/out")
+        if optimize is not None:
+            # Solved here rather than after Return, so a daemon that does not grant the entitlement
+            # gets an answer that says what to do.
+            try:
+                self.bridge.solve(llb.definition(result), evaluate=True, what="export with LAZYBUILD_OPTIMIZE")
+            except GatewayError as e:
+                if "security.insecure" in str(e) or "entitlement" in str(e):
+                    raise DockerfileError(
+                        "LAZYBUILD_OPTIMIZE runs the workload under fanotify, which needs the security.insecure "
+                        "entitlement: allow it on the daemon (dockerd: \"builder\": {\"entitlements\": "
+                        "{\"security-insecure\": true}}; buildkitd --allow-insecure-entitlement security.insecure) "
+                        f"and in the build (buildx build --allow security.insecure); the daemon said: {e}", 0, 0) from None
+                raise
+        return result
 
     def named_contexts(self) -> dict[str, State]:
         out = {}
@@ -302,6 +325,44 @@ class Frontend:
                 raise Unsupported(f"named context {name}={value}: the lazybuild frontend takes docker-image://, "
                                   "local:, input:, git and http(s) contexts")
         return out
+
+
+def flag(args: dict[str, str], name: str, default: bool) -> bool:
+    """A boolean build arg: 1/true/yes/on or 0/false/no/off; anything else is refused."""
+    value = args.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise DockerfileError(f"{name}={args[name]}: want 1 or 0 (true/false)", 0, 0)
+
+
+def optimize_settings(args: dict[str, str]) -> dict | None:
+    """LAZYBUILD_OPTIMIZE=1 (the image's ENTRYPOINT/CMD) or LAZYBUILD_OPTIMIZE_CMD (a JSON array, or a
+    shell command) for LAZYBUILD_OPTIMIZE_PERIOD seconds (default 10): the export step's workload run."""
+    cmd_text = args.get("LAZYBUILD_OPTIMIZE_CMD", "").strip()
+    if not cmd_text and not flag(args, "LAZYBUILD_OPTIMIZE", False):
+        return None
+    cmd: list[str] = []
+    if cmd_text.startswith("["):
+        try:
+            cmd = json.loads(cmd_text)
+        except ValueError as e:
+            raise DockerfileError(f"LAZYBUILD_OPTIMIZE_CMD: not a JSON array of strings ({e})", 0, 0) from None
+        if not cmd or not all(isinstance(a, str) for a in cmd):
+            raise DockerfileError("LAZYBUILD_OPTIMIZE_CMD: want a non-empty JSON array of strings", 0, 0)
+    elif cmd_text:
+        cmd = ["/bin/sh", "-c", cmd_text]
+    period_text = args.get("LAZYBUILD_OPTIMIZE_PERIOD", "10")
+    try:
+        period = float(period_text)
+    except ValueError:
+        period = -1.0
+    if not 0 < period <= 3600:
+        raise DockerfileError(f"LAZYBUILD_OPTIMIZE_PERIOD={period_text}: want seconds, more than 0 and at most 3600", 0, 0)
+    return {"cmd": cmd, "period": period}
 
 
 def subdir(state: State, sub: str) -> State:

@@ -9,7 +9,14 @@ once with the built-in frontend and once with `# syntax=<local registry>/lazybui
 the build to the built-in one (bench/forward_frontend.py, same image), shows the fixed cost every
 `# syntax=` image pays on this daemon: resolving the image, starting its container and interpreter.
 
-    python3 bench/frontend.py [--repeat 7] [--instructions 200]
+With `--upstream-frontend PATH` (a static build of BuildKit's own Go Dockerfile frontend,
+`./frontend/dockerfile/cmd/dockerfile-frontend`, made by hand from moby/buildkit; nothing here builds
+it) a fourth variant runs: an image made like upstream's (FROM scratch, the binary as ENTRYPOINT, the
+same `moby.buildkit.frontend.*` labels) pushed to the same registry and served the same way through
+`# syntax=`, the peer a `# syntax=` frontend is measured against; the run prints the ratio ours / upstream
+(goal <= 1.0x).
+
+    python3 bench/frontend.py [--repeat 7] [--instructions 200] [--upstream-frontend PATH]
 """
 
 from __future__ import annotations
@@ -49,11 +56,33 @@ def dockerfile(n: int) -> str:
     return "\n".join(lines) + "\nCMD [\"python3\", \"-c\", \"print(1)\"]\n"
 
 
+def push_upstream_image(dockerd, binary: str, ref: str, ctx: str) -> str:
+    """An image of BuildKit's Go Dockerfile frontend made as upstream's release stage makes it (FROM scratch,
+    the static binary as ENTRYPOINT, its labels), pushed to REF and dropped locally so BuildKit pulls it."""
+    os.makedirs(ctx)
+    shutil.copy(binary, os.path.join(ctx, "dockerfile-frontend"))
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write("FROM scratch\n"
+                "LABEL moby.buildkit.frontend.network.none=\"true\"\n"
+                "LABEL moby.buildkit.frontend.caps=\"moby.buildkit.frontend.inputs,moby.buildkit.frontend.subrequests,"
+                "moby.buildkit.frontend.contexts\"\n"
+                "COPY dockerfile-frontend /bin/dockerfile-frontend\n"
+                "ENTRYPOINT [\"/bin/dockerfile-frontend\"]\n")
+    dockerd.build(ctx, "-t", ref)
+    dockerd.docker("push", ref)
+    dockerd.docker("rmi", ref)
+    return ref
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--instructions", type=int, default=200)
+    ap.add_argument("--upstream-frontend", metavar="PATH",
+                    help="a static binary of BuildKit's Go Dockerfile frontend to measure as a fourth variant")
     args = ap.parse_args()
+    if args.upstream_frontend and not os.access(args.upstream_frontend, os.X_OK):
+        sys.exit(f"--upstream-frontend {args.upstream_frontend}: not an executable file")
     for tool in ("dockerd", "docker-registry", "debootstrap"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (bash scripts/setup.sh)")
@@ -85,6 +114,12 @@ def main() -> int:
             f.write(f"# syntax={forward}\n" + text)
         variants = {"built-in": os.path.join(ctx, "Dockerfile"), "lazybuild": os.path.join(ctx, "Dockerfile.lazybuild"),
                     "forward": os.path.join(ctx, "Dockerfile.forward")}
+        if args.upstream_frontend:
+            upstream = push_upstream_image(dockerd, args.upstream_frontend, f"{registry.host}/dockerfile-upstream:bench",
+                                           os.path.join(work, "upstream"))
+            with open(os.path.join(ctx, "Dockerfile.upstream"), "w") as f:
+                f.write(f"# syntax={upstream}\n" + text)
+            variants["upstream"] = os.path.join(ctx, "Dockerfile.upstream")
         times: dict[str, list[float]] = {k: [] for k in variants}
         for name, path in variants.items():  # warm-up: the first build runs every step
             dockerd.build(ctx, "-f", path, "-t", f"bench-{name}")
@@ -103,7 +138,12 @@ def main() -> int:
         print(f"  lazybuild frontend {o:6.3f} s   runs {', '.join(f'{t:.2f}' for t in times['lazybuild'])}")
         fw = statistics.median(times["forward"])
         print(f"  forwarding frontend {fw:5.3f} s   runs {', '.join(f'{t:.2f}' for t in times['forward'])}")
+        if "upstream" in times:
+            u = statistics.median(times["upstream"])
+            print(f"  upstream Go frontend {u:5.3f} s   runs {', '.join(f'{t:.2f}' for t in times['upstream'])}")
         print(f"  ratio lazybuild / built-in: {o / b:.2f}x (goal <= 1.5x)")
+        if "upstream" in times:
+            print(f"  ratio lazybuild / upstream Go frontend: {o / u:.2f}x (goal <= 1.0x)")
         print(f"  fixed cost of a Python # syntax= image (forward - built-in): {fw - b:.3f} s; "
               f"lazybuild's own work (lazybuild - forward): {o - fw:.3f} s")
         print(f"  frontend image: {size / 1e6:.1f} MB ({(size - base) / 1e6:.1f} MB over its base {BASE_IMAGE}, "

@@ -24,6 +24,11 @@ from .llb import builder as llb
 from .llb.builder import State
 from .llb.proto import ops_pb2 as pb
 
+# BuildKit removes the mount points it had to make in a RUN's root (an empty /mnt after a bind to /mnt/t)
+# when the ExecOp asks, since v0.11. The field's cap is declared upstream but never registered, so the
+# daemon is known by a cap registered in the same release.
+REMOVES_MOUNT_STUBS_CAPS = ("exec.meta.removemountstubs.recursive", "exporter.sourcedateepoch")
+
 PROXY_FIELDS = {"HTTP_PROXY": "http_proxy", "HTTPS_PROXY": "https_proxy", "FTP_PROXY": "ftp_proxy",
                 "NO_PROXY": "no_proxy", "ALL_PROXY": "all_proxy"}
 
@@ -82,6 +87,7 @@ class Converter:
         self.layers: dict[int, list[State]] = {}  # stage index -> the state after each layer step
         self._context: State | None = opts.context
         self._images: dict[tuple[str, llb.Platform], State] = {}
+        self.removes_mount_stubs = any(caps.has(c) for c in REMOVES_MOUNT_STUBS_CAPS)
 
     # ---- errors and caps
     def fail(self, message: str, line: int) -> ConvertError:
@@ -206,7 +212,7 @@ class Converter:
         mounts += [self._mount(m, line) for m in step.mounts]
         return state.run(step.argv, env=step.env, cwd=step.cwd, user=step.user, mounts=mounts, network=network,
                          insecure=insecure, proxy_env=proxy, extra_hosts=self.opts.extra_hosts,
-                         platform=self.platforms[self._stage.index], info=self.info(name, "RUN " + step.command)).root()
+                         remove_mount_stubs=self.removes_mount_stubs, platform=self.platforms[self._stage.index], info=self.info(name, "RUN " + step.command)).root()
 
     def _inline_files(self, step: RunStep) -> llb.Bind:
         """A `#!` heredoc script: made by a file op and mounted read-only at /dev/pipes/."""

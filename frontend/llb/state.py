@@ -81,7 +81,8 @@ class State:
     def run(self, args: Sequence[str], *, env: Sequence[str] = (), cwd: str = "/", user: str = "",
             mounts: Sequence["Mount"] = (), network: str = "sandbox", insecure: bool = False,
             proxy_env: "ProxyEnv | None" = None, extra_hosts: Sequence[tuple[str, str]] = (),
-            platform: Platform | pb.Platform | None = None, info: Info = Info()) -> "ExecState":
+            remove_mount_stubs: bool = False, platform: Platform | pb.Platform | None = None,
+            info: Info = Info()) -> "ExecState":
         """Run `args` with this state as `/`. The root mount comes first unless `mounts` lists `ROOT`
         where it belongs: inputs and outputs are numbered in the order the mounts are listed."""
         from .mounts import ROOT, Bind  # mounts.py builds on this module (its mounts hold states)
@@ -90,7 +91,8 @@ class State:
         listed = list(mounts) if any(m is ROOT for m in mounts) else [ROOT, *mounts]
         op = Exec(info=info, args=tuple(args), env=tuple(env), cwd=cwd, user=user,
                   mounts=tuple(root if m is ROOT else m for m in listed), network=network, insecure=insecure,
-                  proxy_env=proxy_env, extra_hosts=tuple(extra_hosts), platform=Platform.of(platform))
+                  proxy_env=proxy_env, extra_hosts=tuple(extra_hosts), remove_mount_stubs=remove_mount_stubs,
+                  platform=Platform.of(platform))
         return ExecState(op)
 
     def file(self, *actions: "FileAction", info: Info = Info()) -> "State":
@@ -234,6 +236,7 @@ class Exec(Op):
     insecure: bool = False
     proxy_env: ProxyEnv | None = None
     extra_hosts: tuple[tuple[str, str], ...] = ()
+    remove_mount_stubs: bool = False  # BuildKit >= v0.11 then removes the mount points it made, nested too
     platform: Platform | None = None
 
     def __post_init__(self):
@@ -253,6 +256,10 @@ class Exec(Op):
             caps.add("exec.meta.proxyenv")
         for host, ip in self.extra_hosts:
             meta.extraHosts.add(Host=host, IP=ip)
+        if self.remove_mount_stubs:
+            # No cap: BuildKit declares exec.meta.removemountstubs.recursive but never registers it, so a
+            # daemon would refuse an op that lists it. Older daemons skip the unknown field.
+            meta.removeMountStubsRecursive = True
         op = pb.Op(exec=pb.ExecOp(meta=meta))
         if self.platform is not None:
             op.platform.CopyFrom(self.platform.to_pb())

@@ -20,14 +20,13 @@ from lazybuild.frontend.llb import builder as llb
 from lazybuild.frontend.llb.proto import ops_pb2 as pb
 from support import CORPUS
 
-V08_LLB_CAPS = set("""constraints exec.cgroup exec.meta.base exec.meta.network exec.meta.proxyenv exec.meta.security
-exec.meta.security.devices.v1 exec.meta.setsdefaultpath exec.mount.bind exec.mount.bind.readwrite-nooutput exec.mount.cache
-exec.mount.cache.sharing exec.mount.secret exec.mount.selector exec.mount.ssh exec.mount.tmpfs file.base file.rm.wildcard
-meta.description meta.exportcache meta.ignorecache platform soruce.http.uidgid source.buildop.llbfilename source.git
-source.git.fullurl source.git.httpauth source.git.keepgitdir source.git.knownsshhosts source.git.mountsshsock source.http
-source.http.checksum source.http.perm source.image source.image.resolvemode source.local source.local.excludepatterns
-source.local.followpaths source.local.includepatterns source.local.sessionid source.local.sharedkeyhint
-source.local.unique""".split())
+# What each daemon answers Ping with, from upstream's caps.go at each tag (tests/data/buildkit_caps.json):
+# v0.8.3 is Docker 20.10's BuildKit (checked against the real daemon in test_frontend.py), v0.11.6 a current one.
+with open(os.path.join(os.path.dirname(CORPUS), "buildkit_caps.json")) as _f:
+    BUILDKIT_CAPS = {tag: {kind: set(caps) for kind, caps in lists.items()}
+                     for tag, lists in json.load(_f).items() if not tag.startswith("_")}
+V08_LLB_CAPS = BUILDKIT_CAPS["v0.8.3"]["llb"]
+V011_LLB_CAPS = BUILDKIT_CAPS["v0.11.6"]["llb"]
 AMD64 = pb.Platform(OS="linux", Architecture="amd64")
 
 
@@ -333,3 +332,49 @@ def test_input_definition_keeps_its_bytes():
     out = builder.from_definition(d)
     again = builder.definition(out)
     assert list(getattr(again, "def"))[:-1] == list(getattr(d, "def"))[:-1]
+
+
+# ---- what each daemon sees: the LLB emitted for v0.8's and v0.11's cap lists
+CAP_SETS = {"v0.8": V08_LLB_CAPS, "v0.11": V011_LLB_CAPS}
+
+
+@pytest.mark.parametrize("daemon", CAP_SETS)
+@pytest.mark.parametrize("case,text,build_args,target,excludes", corpus_cases(), ids=[c[0] for c in corpus_cases()])
+def test_every_op_uses_only_caps_the_daemon_offers(daemon, case, text, build_args, target, excludes):
+    """A daemon refuses a Definition whose op metadata lists a cap it does not have."""
+    caps = CAP_SETS[daemon]
+    d, _ = convert(text, llb_caps=caps, build_args=build_args, target=target, excludes=excludes)
+    for digest, md in d.metadata.items():
+        used = {c for c, on in md.caps.items() if on}
+        assert used <= caps, f"{case} on {daemon}: {sorted(used - caps)}"
+    execs = [op.exec for _, op in ops(d) if op.WhichOneof("op") == "exec"]
+    # v0.11 removes the mount points it made; v0.8 would keep them and its ops keep their digests.
+    assert all(e.meta.removeMountStubsRecursive == (daemon == "v0.11") for e in execs)
+
+
+def test_mount_stubs_are_removed_on_v011_only():
+    text = ("FROM alpine AS tools\nRUN mkdir /t\nFROM alpine\n"
+            "RUN --mount=type=bind,from=tools,source=/t,target=/mnt/t ls /mnt/t\n")
+    for caps, removes in ((V08_LLB_CAPS, False), (V011_LLB_CAPS, True),
+                          (V08_LLB_CAPS | {"exec.meta.removemountstubs.recursive"}, True)):
+        d, _ = convert(text, llb_caps=caps)
+        last = [op for _, op in ops(d) if op.WhichOneof("op") == "exec"][-1]
+        assert last.exec.meta.removeMountStubsRecursive is removes
+        assert "exec.meta.removemountstubs.recursive" not in {c for md in d.metadata.values() for c in md.caps}
+    # The v0.8 bytes are the ones BuildKit's cache already knows.
+    d08, _ = convert(text, llb_caps=V08_LLB_CAPS)
+    d11, _ = convert(text, llb_caps=V011_LLB_CAPS)
+    assert getattr(d08, "def")[-1] != getattr(d11, "def")[-1]
+
+
+def test_copy_link_is_a_merge_on_v011_and_a_copy_on_v08():
+    text = "FROM alpine\nRUN echo hi > /x\nCOPY --link a /a\n"
+    d, _ = convert(text, llb_caps=V011_LLB_CAPS)
+    merges = [op for _, op in ops(d) if op.WhichOneof("op") == "merge"]
+    assert len(merges) == 1 and len(merges[0].merge.inputs) == 2
+    copy_op = [op for _, op in ops(d) if op.WhichOneof("op") == "file"][0]
+    run_digest = [dg for dg, op in ops(d) if op.WhichOneof("op") == "exec"][0]
+    assert run_digest not in {i.digest for i in copy_op.inputs}  # copied onto scratch, then merged
+    assert run_digest in {i.digest for i in merges[0].inputs}
+    d, _ = convert(text, llb_caps=V08_LLB_CAPS)
+    assert not [op for _, op in ops(d) if op.WhichOneof("op") == "merge"]

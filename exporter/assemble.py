@@ -4,10 +4,11 @@ Both entry points go through it and say only what differs: where their diffs com
 the builder's overlay upper dirs; `buildkit.py`: BuildKit's states, diffed tree against tree) and where
 the image goes (a `lazybuild.transfer` destination: a registry, an OCI layout directory or tar).
 
-A layer is either new (a diff, written as a layer tar, then as eStargz with its prioritized files first)
-or kept: a base image's layer that stays where its source holds it. A registry destination then mounts a
-kept layer from its repository, or finds it there, instead of downloading it; a layout fetches it,
-verified against its digest.
+A layer is either new (a diff, written as a layer tar, then as eStargz with its prioritized files first),
+kept (a base image's layer that stays where its source holds it: a registry destination then mounts it
+from its repository, or finds it there, instead of downloading it; a layout fetches it, verified against
+its digest), or converted (a base image's layer that is not eStargz: fetched by digest, verified, and
+written again as eStargz, as `lazybuild convert` does).
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ class KeptLayer:
 
     descriptor: Descriptor
     diff_id: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """A base image's layer that is not eStargz, made eStargz here: fetched from `source` by its digest
+    (verified, cut off at its size) and converted with the new layers' compression. eStargz adds the
+    TOC and landmark entries to the tar, so the diff_id is the new blob's, not the base config's."""
+
+    descriptor: Descriptor
     source: Source
 
 
@@ -119,11 +130,11 @@ class ExportedImage:
             source.close()
 
 
-def export_image(layers: list[NewLayer | KeptLayer], config: dict, *, compression: str = "gzip",
+def export_image(layers: list[NewLayer | KeptLayer | ConvertedLayer], config: dict, *, compression: str = "gzip",
                  source_date_epoch: int | None = None, work_parent: str | None = None,
                  log: Log = lambda s: None) -> ExportedImage:
-    """Write each new layer as an eStargz blob (in a work dir under WORK_PARENT) and assemble the config
-    (diff_ids, created, one history entry per layer) and the OCI manifest. Nothing is sent yet."""
+    """Write each new or converted layer as an eStargz blob (in a work dir under WORK_PARENT) and assemble
+    the config (diff_ids, created, one history entry per layer) and the OCI manifest. Nothing is sent yet."""
     work_dir = tempfile.mkdtemp(prefix=".lazybuild-export-", dir=work_parent)
     try:
         exported = []
@@ -132,13 +143,22 @@ def export_image(layers: list[NewLayer | KeptLayer], config: dict, *, compressio
                 # In an OCI manifest a Docker layer is named by its OCI media type (same bytes, same digest).
                 exported.append(ExportedLayer(as_oci_layer(layer.descriptor), layer.diff_id, source=layer.source))
                 continue
-            tar = os.path.join(work_dir, f"{i}.tar")
-            entries = layer.diff.write_tar(tar, source_date_epoch)
             blob_path = os.path.join(work_dir, f"{i}.blob")
-            blob = convert_file(tar, blob_path, compression=compression, prioritized_files=list(layer.prioritized_files),
-                                allow_prioritized_not_found=True)
-            os.unlink(tar)
-            log(f"  layer {i}: {entries} entries, {blob.size} bytes ({compression} eStargz) {blob.digest[:19]}")
+            if isinstance(layer, ConvertedLayer):
+                fetched = os.path.join(work_dir, f"{i}.fetched")
+                with open(fetched, "wb") as f:
+                    layer.source.fetch(layer.descriptor, f)  # verified against its digest before it is read
+                blob = convert_file(fetched, blob_path, compression=compression, tmpdir=work_dir)
+                os.unlink(fetched)
+                log(f"  layer {i}: base layer {layer.descriptor.digest[:19]} ({layer.descriptor.size} bytes) -> "
+                    f"{blob.size} bytes ({compression} eStargz) {blob.digest[:19]}")
+            else:
+                tar = os.path.join(work_dir, f"{i}.tar")
+                entries = layer.diff.write_tar(tar, source_date_epoch)
+                blob = convert_file(tar, blob_path, compression=compression, tmpdir=work_dir,
+                                    prioritized_files=list(layer.prioritized_files), allow_prioritized_not_found=True)
+                os.unlink(tar)
+                log(f"  layer {i}: {entries} entries, {blob.size} bytes ({compression} eStargz) {blob.digest[:19]}")
             desc = Descriptor(blob.media_type, blob.digest, blob.size, annotations=dict(blob.annotations))
             exported.append(ExportedLayer(desc, blob.diff_id, blob_path=blob_path))
         raw_config = image_config(config, [lay.diff_id for lay in exported], source_date_epoch)
@@ -147,7 +167,8 @@ def export_image(layers: list[NewLayer | KeptLayer], config: dict, *, compressio
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    sources = list({id(lay.source): lay.source for lay in exported if lay.source is not None}.values())
+    # Every source a layer came from is closed with the image (a converted layer's too: it may be shared).
+    sources = list({id(lay.source): lay.source for lay in layers if isinstance(lay, (KeptLayer, ConvertedLayer))}.values())
     return ExportedImage(manifest, raw_config, exported, work_dir, sources)
 
 

@@ -5,9 +5,14 @@
 The frontend mounts the target stage's states read-only, one per layer step (`0` is the base), and a
 JSON file with the image config and the options. What is particular here: each new layer's diff is the
 change from the previous state to the next, found by walking both trees (BuildKit shows states, not
-upper dirs); the base image's own layers are kept when it lives in a registry (resolved by the daemon to
-a digest, fetched by digest into the layout), else the base becomes one eStargz layer of its own; the
-image goes into an OCI image layout at the output mount, which is the build's result.
+upper dirs); when the base image lives in a registry (resolved by the daemon to a digest) its own layers
+are read by digest: eStargz ones kept as they are, the others converted to eStargz one by one (all kept
+with `"convert": false`, LAZYBUILD_CONVERT_BASE=0); a base with no registry digest becomes one eStargz
+layer of its own. The image goes into an OCI image layout at the output mount, which is the build's result.
+
+The step reaches the base's registry from the daemon's host network, with no credentials: BuildKit gives
+it no session, so neither the client's `docker login` nor the daemon's reach it. A base that needs them
+fails here with an error that says what to do instead.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from lazybuild.image import Platform
+from lazybuild.estargz import TOC_DIGEST_ANNOTATION, EStargzError
+from lazybuild.image import Descriptor, Platform
 from lazybuild.layout import LayoutError
-from lazybuild.registry import Reference, RegistryError
-from lazybuild.transfer import OCIDest, RegistrySource, TransferError
+from lazybuild.registry import Reference, RegistryAuthError, RegistryError
+from lazybuild.transfer import OCIDest, RegistrySource, Source, TransferError
 
-from .assemble import ExportError, KeptLayer, NewLayer, export_image
+from .assemble import ConvertedLayer, ExportError, KeptLayer, NewLayer, export_image
 from .tree_diff import TreeDiff
 
 # Our history entries carry BuildKit's comment; the others came with the base image.
@@ -44,6 +50,7 @@ class ExportSettings:
     base_repository: str = ""  # set when the base's own layers are kept: HOST/REPO, its manifest digest
     base_digest: str = ""
     base_platform: str = ""
+    base_convert: bool = True  # base layers that are not eStargz become eStargz (LAZYBUILD_CONVERT_BASE, default on)
 
     @classmethod
     def load(cls, path: str) -> "ExportSettings":
@@ -53,11 +60,26 @@ class ExportSettings:
         return cls(int(meta["states"]), bool(meta.get("baseEmpty")), dict(meta["config"]),
                    meta.get("compression", "gzip"), meta.get("tag") or "latest", meta.get("sourceDateEpoch"),
                    meta.get("prioritized", ""), base.get("repository", ""), base.get("digest", ""),
-                   base.get("platform", ""))
+                   base.get("platform", ""), base_convert=base.get("convert", True) is not False)
 
 
-def base_layers(settings: ExportSettings) -> list[KeptLayer]:
-    """The base image's layers, kept: one shared registry source reads them by digest."""
+def is_estargz(layer: Descriptor) -> bool:
+    """The test `lazybuild convert` makes (transfer.copy_image, without --force): a layer whose descriptor
+    carries the TOC digest annotation is eStargz already. (A registry's Docker schema 2 manifest has no
+    layer annotations: its layers are converted, as `lazybuild convert` would.)"""
+    return TOC_DIGEST_ANNOTATION in layer.annotations
+
+
+def keep_or_convert(layers: list[Descriptor], diff_ids: list[str], source: Source,
+                    convert: bool) -> list[KeptLayer | ConvertedLayer]:
+    """Each base layer kept when it is eStargz already or CONVERT is off, else converted from SOURCE."""
+    return [KeptLayer(d, diff_id, source) if is_estargz(d) or not convert else ConvertedLayer(d, source)
+            for d, diff_id in zip(layers, diff_ids)]
+
+
+def base_layers(settings: ExportSettings) -> list[KeptLayer | ConvertedLayer]:
+    """The base image's layers, read by digest through one shared registry source: kept when eStargz
+    already (or when conversion is off), else converted."""
     ref = Reference.parse(f"{settings.base_repository}@{settings.base_digest}")
     source = RegistrySource(ref)
     try:
@@ -68,10 +90,27 @@ def base_layers(settings: ExportSettings) -> list[KeptLayer]:
         diff_ids = (json.loads(source.read(manifest.config)).get("rootfs") or {}).get("diff_ids") or []
         if len(diff_ids) != len(manifest.layers):
             raise ExportError(f"base {ref}: its config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
-        return [KeptLayer(d, diff_id, source) for d, diff_id in zip(manifest.layers, diff_ids)]
+        return keep_or_convert(manifest.layers, diff_ids, source, settings.base_convert)
+    except (RegistryAuthError, RegistryError) as e:
+        source.close()
+        if isinstance(e, RegistryError) and e.status not in (401, 403):
+            raise
+        raise base_needs_credentials(ref, e) from None
     except BaseException:
         source.close()
         raise
+
+
+def base_needs_credentials(ref: Reference, cause: Exception) -> ExportError:
+    return ExportError(
+        f"base {ref}: its registry asks for credentials, and the export step of LAZYBUILD_OUTPUT=stargz has none: "
+        "it runs inside BuildKit, which hands it neither your `docker login` nor the daemon's "
+        f"(the registry client said: {cause}). "
+        "LAZYBUILD_CONVERT_BASE=0 does not help: the base's layers are read from the registry either way",
+        hint=f"`docker pull {ref.host}/{ref.repository}` (by the tag the Dockerfile names) before the build: the "
+             "daemon then builds on its own copy and the export step makes the base one eStargz layer without "
+             "the registry; or copy the base to a registry the daemon's host can read without credentials; or "
+             "build with `lazybuild build`, which reads the base with your docker login")
 
 
 def history(settings: ExportSettings) -> list[dict]:
@@ -98,7 +137,9 @@ def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
     if settings.base_repository:
         layers += base_layers(settings)
         previous = os.path.join(states_dir, "0")
-        print(f"base {settings.base_repository}@{settings.base_digest}: {len(layers)} layers kept", file=sys.stderr)
+        converted = sum(isinstance(layer, ConvertedLayer) for layer in layers)
+        print(f"base {settings.base_repository}@{settings.base_digest}: {len(layers) - converted} layers kept, "
+              f"{converted} converted to eStargz", file=sys.stderr)
     for i in range(settings.state_count):
         if i == 0 and (settings.base_repository or settings.base_empty):
             continue  # kept above, or FROM scratch: the first step's layer is all it made
@@ -115,7 +156,7 @@ def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
     finally:
         image.close()
         dest.close()
-    print(f"OCI layout with {len(layers)} eStargz layers: {digest}", file=sys.stderr)
+    print(f"OCI layout with {len(layers)} layers: {digest}", file=sys.stderr)
     return digest
 
 
@@ -127,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.states, ExportSettings.load(args.meta), args.out)
-    except (ExportError, TransferError, RegistryError, LayoutError) as e:
+    except (ExportError, TransferError, RegistryError, RegistryAuthError, LayoutError, EStargzError) as e:
         print(f"lazybuild export: error: {e}", file=sys.stderr)
+        if "hint" in vars(e):  # only a hint given for this case: the classes' own speak of the lazybuild command
+            print(f"lazybuild export: hint: {e.hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,7 +20,7 @@ from lazybuild.registry import Reference
 from lazybuild.transfer import (OCIArchiveDest, OCIDest, OCISource, RegistryDest, RegistrySource, TransferError,
                                 copy_image)
 from lazybuild.exporter import buildkit, daemonless
-from lazybuild.exporter.assemble import ExportError, KeptLayer, NewLayer, export_image, image_config
+from lazybuild.exporter.assemble import ConvertedLayer, ExportError, KeptLayer, NewLayer, export_image, image_config
 from lazybuild.exporter.diff import UpperDirDiff
 from lazybuild.exporter.output import OutputSpec, image_destinations
 from lazybuild.exporter.tree_diff import TreeDiff
@@ -310,3 +310,70 @@ def test_output_spec_and_where_images_go(tmp_path):
             dest.close()
     assert os.listdir(tmp_path) == []
     assert not OutputSpec.parse("type=local,dest=x").is_image
+
+
+def test_buildkit_settings_read_base_convert(tmp_path):
+    meta = {"states": 2, "baseEmpty": False, "config": {},
+            "base": {"repository": "127.0.0.1:5000/base", "digest": "sha256:" + "1" * 64, "platform": "linux/amd64"}}
+    path = tmp_path / "export.json"
+    for convert, want in ((None, True), (True, True), (False, False)):
+        if convert is not None:
+            meta["base"]["convert"] = convert
+        path.write_text(json.dumps(meta))
+        settings = buildkit.ExportSettings.load(str(path))
+        assert settings.base_convert is want and settings.base_repository == "127.0.0.1:5000/base"
+
+
+def test_buildkit_base_layers_are_kept_when_estargz_else_converted(base):
+    estargz = Descriptor(OCI_LAYER_GZIP, "sha256:" + "2" * 64, 10, annotations={TOC_DIGEST_ANNOTATION: "sha256:" + "3" * 64})
+    layers, diff_ids = [base.layer, estargz], [base.diff_id, "sha256:" + "4" * 64]
+    converted, kept = buildkit.keep_or_convert(layers, diff_ids, base.source, convert=True)
+    assert isinstance(converted, ConvertedLayer) and converted.descriptor == base.layer
+    assert isinstance(kept, KeptLayer) and (kept.descriptor, kept.diff_id) == (estargz, diff_ids[1])
+    assert all(isinstance(lay, KeptLayer) for lay in buildkit.keep_or_convert(layers, diff_ids, base.source, convert=False))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_converted_base_layer_is_estargz_with_its_own_diff_id(base, upper, tmp_path, compression):
+    layers = [ConvertedLayer(base.layer, base.source), NewLayer(UpperDirDiff(upper))]
+    image = export_image(layers, dict(base.config), compression=compression, source_date_epoch=EPOCH)
+    out = str(tmp_path / "out")
+    try:
+        image.send(OCIDest(out, "latest"))
+    finally:
+        image.close()
+    [(manifest, _)] = OCILayout(out).manifests_for("latest")
+    converted = manifest.layers[0]
+    assert converted.media_type == f"application/vnd.oci.image.layer.v1.tar+{compression}"
+    assert converted.digest != base.layer.digest
+    names = _layer_names(out, converted)  # verified against its TOC digest
+    assert {"etc/os-release", "bin/sh"} <= set(names)
+    # eStargz adds the TOC and a landmark to the tar: the diff_id is that of what was written.
+    blob = OCILayout(out).read_blob(converted.digest, 1 << 20, "layers")
+    if compression == "gzip":
+        raw = gzip.decompress(blob)
+    else:
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    config = json.loads(OCILayout(out).read_blob(manifest.config.digest))
+    assert config["rootfs"]["diff_ids"][0] == sha256_digest(raw) != base.diff_id
+    assert [h["created_by"] for h in config["history"]][:1] == ["base layer"]
+
+
+def test_a_base_layer_that_does_not_match_its_digest_is_not_converted(base, upper, tmp_path):
+    with open(OCILayout(base.root).blob_path(base.layer.digest), "r+b") as f:
+        f.seek(20)
+        f.write(b"X")
+    with pytest.raises(TransferError, match="corrupt or changed"):
+        export_image([ConvertedLayer(base.layer, base.source)], dict(base.config), work_parent=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["base", "upper"]  # the work dir and what was fetched are gone
+
+
+def test_buildkit_export_step_says_a_private_base_needs_credentials():
+    from lazybuild.registry import RegistryAuthError
+
+    err = buildkit.base_needs_credentials(Reference.parse("127.0.0.1:5000/private/base@sha256:" + "1" * 64),
+                                          RegistryAuthError("127.0.0.1:5000 wants a username and password"))
+    assert "asks for credentials" in str(err) and "LAZYBUILD_CONVERT_BASE=0 does not help" in str(err)
+    assert "docker pull 127.0.0.1:5000/private/base" in err.hint and "lazybuild build" in err.hint

@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from lazybuild import inroot
 from lazybuild.estargz import TOC_DIGEST_ANNOTATION, EStargzError
 from lazybuild.image import Descriptor, Platform
 from lazybuild.layout import LayoutError
@@ -30,10 +32,28 @@ from lazybuild.registry import Reference, RegistryAuthError, RegistryError
 from lazybuild.transfer import OCIDest, RegistrySource, Source, TransferError
 
 from .assemble import ConvertedLayer, ExportError, KeptLayer, NewLayer, export_image
-from .tree_diff import TreeDiff
+from .tree_diff import TreeDiff, _same  # _same: the test a layer tar is written with
+from .workload import Workload, WorkloadError, record
 
 # Our history entries carry BuildKit's comment; the others came with the base image.
 DOCKERFILE_COMMENT = "buildkit.dockerfile.v0"
+
+
+@dataclass(frozen=True)
+class Optimize:
+    """export.json's `optimize`: the workload's argv (empty: the image's ENTRYPOINT + CMD) and its period."""
+
+    cmd: tuple[str, ...]
+    period_s: float
+
+    @classmethod
+    def load(cls, meta: dict | None) -> "Optimize | None":
+        if not meta:
+            return None
+        cmd = meta.get("cmd") or []
+        if not isinstance(cmd, list) or not all(isinstance(a, str) for a in cmd):
+            raise ExportError(f"export settings: optimize.cmd is not a list of strings: {cmd!r}")
+        return cls(tuple(cmd), float(meta.get("period") or 10))
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class ExportSettings:
     base_digest: str = ""
     base_platform: str = ""
     base_convert: bool = True  # base layers that are not eStargz become eStargz (LAZYBUILD_CONVERT_BASE, default on)
+    optimize: Optimize | None = None  # LAZYBUILD_OPTIMIZE: record the workload, order the layers by it
 
     @classmethod
     def load(cls, path: str) -> "ExportSettings":
@@ -60,7 +81,8 @@ class ExportSettings:
         return cls(int(meta["states"]), bool(meta.get("baseEmpty")), dict(meta["config"]),
                    meta.get("compression", "gzip"), meta.get("tag") or "latest", meta.get("sourceDateEpoch"),
                    meta.get("prioritized", ""), base.get("repository", ""), base.get("digest", ""),
-                   base.get("platform", ""), base_convert=base.get("convert", True) is not False)
+                   base.get("platform", ""), base_convert=base.get("convert", True) is not False,
+                   optimize=Optimize.load(meta.get("optimize")))
 
 
 def is_estargz(layer: Descriptor) -> bool:
@@ -127,6 +149,48 @@ def history(settings: ExportSettings) -> list[dict]:
     return base + ours
 
 
+def _entry(root: str, rel: str) -> tuple[str, os.stat_result] | None:
+    """REL's own entry in the tree ROOT (its host path and lstat), or None when it is absent or a symlink
+    stands on the way (then the tree has no file of that name: the recording names real paths)."""
+    host = inroot.resolve(root, rel, follow_last=False)
+    if host != os.path.join(os.path.abspath(root), *rel.split("/")):
+        return None
+    try:
+        return host, os.lstat(host)
+    except OSError:
+        return None
+
+
+def _holds(diff: TreeDiff, rel: str) -> bool:
+    """Whether the layer of DIFF writes the regular file REL: by the test its tar is written with."""
+    upper = _entry(diff.upper, rel)
+    if upper is None or not stat.S_ISREG(upper[1].st_mode):
+        return False
+    lower = _entry(diff.lower, rel) if diff.lower is not None else None
+    return lower is None or not _same(lower[1], upper[1], lower[0], upper[0])
+
+
+def order_by_workload(layers: list, recorded: list[str], listed: tuple[str, ...] = ()) -> list:
+    """LAYERS with each new layer led by the recorded files it provides, in first-open order, then by the
+    LISTED ones (LAZYBUILD_PRIORITIZED_FILES, which every new layer takes as before). A file leads the
+    topmost layer that writes it: the one a lazy mount reads it from. Files the base provides stay where
+    they are when its layers are kept as they are, or converted (their conversion takes no list yet)."""
+    new = [i for i, layer in enumerate(layers) if isinstance(layer, NewLayer) and isinstance(layer.diff, TreeDiff)]
+    per_layer: dict[int, list[str]] = {i: [] for i in new}
+    for path in recorded:
+        for i in reversed(new):
+            if _holds(layers[i].diff, path):
+                per_layer[i].append(path)
+                break
+    out = list(layers)
+    for i in new:
+        lead = per_layer[i]
+        taken = set(lead)
+        rest = [p for p in listed if p not in taken]
+        out[i] = replace(layers[i], prioritized_files=tuple(lead + rest))
+    return out
+
+
 def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
     prioritized: tuple[str, ...] = ()
     if settings.prioritized_list:
@@ -146,6 +210,17 @@ def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
         state = os.path.join(states_dir, str(i))
         layers.append(NewLayer(TreeDiff(previous, state), prioritized))
         previous = state
+    if settings.optimize is not None:
+        # The workload runs on the final filesystem before any layer is written; what it opened leads the
+        # layers that hold it, then LAZYBUILD_PRIORITIZED_FILES' list.
+        if previous is None:
+            raise ExportError("LAZYBUILD_OPTIMIZE: the image has no filesystem to run a workload on")
+        workload = Workload.from_config(settings.config, list(settings.optimize.cmd), settings.optimize.period_s)
+        recorded = record(previous, workload, log=lambda line: print(line, file=sys.stderr))
+        layers = order_by_workload(layers, recorded, prioritized)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, NewLayer):
+                print(f"optimize: layer {i} is led by {len(layer.prioritized_files)} files", file=sys.stderr)
     dest = OCIDest(out_dir, settings.tag)
     log = lambda line: print(line, file=sys.stderr)
     # The blobs are written beside the layout (same filesystem), so storing one in it is a rename.
@@ -168,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.states, ExportSettings.load(args.meta), args.out)
-    except (ExportError, TransferError, RegistryError, RegistryAuthError, LayoutError, EStargzError) as e:
+    except (ExportError, TransferError, RegistryError, RegistryAuthError, LayoutError, EStargzError, WorkloadError) as e:
         print(f"lazybuild export: error: {e}", file=sys.stderr)
         if "hint" in vars(e):  # only a hint given for this case: the classes' own speak of the lazybuild command
             print(f"lazybuild export: hint: {e.hint}", file=sys.stderr)

@@ -7,6 +7,7 @@ ResolveImageConfig for each base image -> parse again with the base configs -> L
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -17,11 +18,12 @@ from dataclasses import dataclass, field
 from .convert import BuildOptions, ConvertError, Converter, normalize_image
 from lazybuild.dockerfile import model
 from lazybuild.dockerfile.dockerignore import read_patterns
-from lazybuild.dockerfile.parser import DockerfileError
+from lazybuild.dockerfile.parser import DockerfileError, parse
 from lazybuild.dockerfile.shell import ShellLex
 from lazybuild.errors import RemoteError
 from lazybuild.registry.reference import Reference
 
+from . import subrequests
 from .gateway import Bridge, GatewayError
 from .llb import builder as llb
 from .llb.builder import State
@@ -144,9 +146,14 @@ class Frontend:
 
     # ---- the build
     def run(self) -> gw.Result:
-        if self.opts.get("requestid"):  # buildx --print / --call: outline, targets, lint, ...
-            raise Unsupported(f"the lazybuild frontend does not answer sub-request {self.opts.get('requestid')!r}; "
-                              "build without --print/--call")
+        request = self.opts.get("requestid")  # buildx --print / --call: outline, targets, describe
+        try:
+            subrequests.check_frontend_caps(self.opts.get("frontend.caps"))
+            if request and not subrequests.needs_dockerfile(request):
+                return answer(subrequests.describe())
+        except subrequests.UnsupportedRequest as e:
+            raise Unsupported(str(e)) from None
+        source_date_epoch(self.opts.build_args)  # refused before anything is solved
         context, df_state, fname = self.context_and_dockerfile()
         # The Dockerfile, its own .dockerignore and the context's are read at once: each is a round
         # trip to the client, and this runs on every build.
@@ -163,6 +170,15 @@ class Frontend:
         if text is None:
             raise DockerfileError(f"failed to read {fname}: no such file in the Dockerfile's directory", 0, 0, fname)
         text = text.decode("utf-8", errors="replace")
+        if request == subrequests.TARGETS:
+            return answer(subrequests.targets(text, fname))
+        if request == subrequests.OUTLINE:
+            platform = platform_string(self.caps.default_platform or pb.Platform(OS="linux", Architecture="amd64"))
+            build = model.load(text, filename=fname, build_args=self.opts.build_args, target=self.opts.get("target"),
+                               platform=platform, build_platform=platform)
+            return answer(subrequests.outline(text, fname, build))
+        if "gateway.warnings" in self.caps.frontend:
+            self.warn_lint(text, fname, df_state)
         excludes = read_patterns(ignore.decode("utf-8", errors="replace")) if ignore else []
 
         worker = self.caps.default_platform or pb.Platform(OS="linux", Architecture="amd64")
@@ -189,6 +205,18 @@ class Frontend:
                                                       **({"variant": p.Variant} if p.Variant else {})}})
         res.metadata["refs.platforms"] = json.dumps({"Platforms": platforms}).encode()
         return res
+
+    def warn_lint(self, text: str, fname: str, df_state: State) -> None:
+        """The parser's warnings, shown by the daemon with the build (BuildKit >= v0.11), each pointing at
+        its lines of the Dockerfile as the vertex that loaded it."""
+        warnings = parse(text, fname).warnings
+        if not warnings:
+            return
+        definition = llb.definition(df_state)
+        vertex = pb.Op.FromString(getattr(definition, "def")[-1]).inputs[0].digest
+        info = pb.SourceInfo(filename=fname, data=text.encode(), definition=definition)
+        for w in warnings:
+            self.bridge.warn(vertex, w.short, [w.detail], w.url, info, (w.line, w.line))
 
     def build_platform(self, text: str, fname: str, plat: pb.Platform, worker: pb.Platform,
                        context: State | None, excludes: list[str]) -> tuple[str, dict]:
@@ -233,7 +261,7 @@ class Frontend:
             raise DockerfileError(f"LAZYBUILD_OUTPUT={output}: the only other output is stargz", 0, 0, fname)
         cache_imports = [{"Type": "registry", "Attrs": {"ref": r}} for r in self.opts.get("cache-from").split(",") if r]
         ref = self.bridge.solve(llb.definition(final), cache_imports=cache_imports, what="build")
-        return ref, image_config(build, target_plat, self.opts.prefixed("label:"))
+        return ref, image_config(build, target_plat, self.opts.prefixed("label:"), source_date_epoch(self.opts.build_args))
 
     def stargz_export(self, conv: Converter, build: model.Build, plat: pb.Platform, worker: pb.Platform) -> State:
         """Append the export step: our exporter, run from this frontend's own image, reads the target
@@ -246,12 +274,14 @@ class Frontend:
             conv.require(cap, "LAZYBUILD_OUTPUT=stargz", 0)
         chain = conv.chain(build.target.index)
         args = self.opts.build_args
-        meta = {"states": len(chain), "baseEmpty": chain[0].is_scratch, "config": image_config(build, plat, self.opts.prefixed("label:")),
+        epoch = source_date_epoch(args)
+        meta = {"states": len(chain), "baseEmpty": chain[0].is_scratch,
+                "config": image_config(build, plat, self.opts.prefixed("label:"), epoch),
                 "compression": args.get("LAZYBUILD_COMPRESSION", "gzip"), "tag": "latest"}
         if meta["compression"] not in ("gzip", "zstd"):
             raise DockerfileError(f"LAZYBUILD_COMPRESSION={meta['compression']}: want gzip or zstd", 0, 0)
-        if args.get("SOURCE_DATE_EPOCH", "").isdigit():
-            meta["sourceDateEpoch"] = int(args["SOURCE_DATE_EPOCH"])
+        if epoch is not None:
+            meta["sourceDateEpoch"] = epoch
         # A base image in a registry (the daemon resolved it to a digest) keeps its own layers, read by
         # digest in the export step: eStargz ones as they are, others converted to eStargz one by one
         # unless LAZYBUILD_CONVERT_BASE=0. A base with no registry digest becomes one eStargz layer made
@@ -365,20 +395,57 @@ def optimize_settings(args: dict[str, str]) -> dict | None:
     return {"cmd": cmd, "period": period}
 
 
+def answer(a: subrequests.Answer) -> gw.Result:
+    """A sub-request's answer: metadata only, no filesystem."""
+    res = gw.Result()
+    for key, value in a.metadata().items():
+        res.metadata[key] = value
+    return res
+
+
 def subdir(state: State, sub: str) -> State:
     return llb.scratch().file(llb.Copy(state, "/" + sub.strip("/"), "/", follow_symlinks=True, copy_dir_contents=True))
 
 
-def image_config(build: model.Build, plat: pb.Platform, labels: dict[str, str]) -> dict:
+def source_date_epoch(args: dict[str, str]) -> int | None:
+    """The SOURCE_DATE_EPOCH build arg (seconds since 1970), as BuildKit v0.11's frontend reads it."""
+    text = args.get("SOURCE_DATE_EPOCH", "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise DockerfileError(f"invalid SOURCE_DATE_EPOCH: {text} (want seconds since 1970-01-01 UTC)", 0, 0) from None
+
+
+def clamp_times(history: list[dict], epoch: int) -> list[dict]:
+    """History at SOURCE_DATE_EPOCH, as BuildKit v0.11's frontend writes it: this build's entries are created
+    then, and a base image's entries created later (or never said) are moved back to it."""
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for h in history:
+        created = h.get("created")
+        try:
+            later = created is None or datetime.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() > epoch
+        except (TypeError, ValueError):
+            later = True  # a base image's unreadable time says nothing: the epoch does
+        out.append(dict(h, created=stamp) if later else dict(h))
+    return out
+
+
+def image_config(build: model.Build, plat: pb.Platform, labels: dict[str, str], epoch: int | None = None) -> dict:
     """The image config BuildKit's frontend returns: the target stage's config and history, the target
-    platform, and the `label:` options merged into Labels."""
+    platform, and the `label:` options merged into Labels; history times at SOURCE_DATE_EPOCH if given."""
     config = dict(build.target.config)
     if labels:
         config["Labels"] = {**(config.get("Labels") or {}), **labels}
     image = {"architecture": plat.Architecture, "os": plat.OS}
     if plat.Variant:
         image["variant"] = plat.Variant
-    image.update({"config": config, "rootfs": {"type": "layers", "diff_ids": []}, "history": build.target.history})
+    history = list(build.target.history)
+    if epoch is not None:
+        history = clamp_times(history, epoch)
+    image.update({"config": config, "rootfs": {"type": "layers", "diff_ids": []}, "history": history})
     return image
 
 

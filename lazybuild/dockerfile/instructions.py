@@ -126,6 +126,7 @@ class Instruction:
     line: int
     end_line: int
     original: str  # the instruction as written (flags and all)
+    comments: tuple[str, ...] = ()  # the comment lines right above it (a stage's or an ARG's description)
 
     @property
     def keyword(self) -> str:
@@ -401,7 +402,8 @@ def _csv(text: str) -> list[str]:
 
 def from_node(node: Node, filename: str = "Dockerfile") -> Instruction:
     kind = node.value.lower()
-    where = {"line": node.start_line, "end_line": node.end_line, "original": node.original}
+    where = {"line": node.start_line, "end_line": node.end_line, "original": node.original,
+             "comments": tuple(node.prev_comment)}
     try:
         flags = parse_flags(kind, node.flags)
         return _instruction(kind, node, flags, where)

@@ -19,7 +19,7 @@ from typing import Callable
 from .instructions import (Add, Arg, ArgDecl, Cmd, Copy, Entrypoint, Env, Expose, FileCopy, From, Healthcheck,
                            Instruction, InstructionError, KeyValue, Label, Maintainer, Onbuild, Run, Shell, StopSignal,
                            User, Volume, Workdir, instructions)
-from .parser import DockerfileError, parse
+from .parser import DockerfileError, Warning, parse  # noqa: A004 - the parser's Warning
 from .shell import ShellError, ShellLex
 from .steps import Context, Step, expanded_heredoc, step_for
 
@@ -142,7 +142,7 @@ class Build:
     meta_args: dict[str, str]
     escape_token: str
     syntax: str
-    warnings: tuple[str, ...]
+    warnings: tuple[Warning, ...]
 
     def stage(self, index: int) -> Stage:
         return next(s for s in self.stages if s.index == index)
@@ -150,7 +150,7 @@ class Build:
     def to_json(self) -> dict:
         return {"syntax": self.syntax, "target": self.target.name or self.target.index,
                 "metaArgs": self.meta_args, "stages": [s.to_json() for s in self.stages],
-                "config": self.target.config, "warnings": list(self.warnings)}
+                "config": self.target.config, "warnings": [str(w) for w in self.warnings]}
 
 
 def platform_args(target: str, build: str) -> dict[str, str]:

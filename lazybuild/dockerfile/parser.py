@@ -93,11 +93,25 @@ class Directive:
     line: int
 
 
+@dataclass(frozen=True)
+class Warning:  # noqa: A001 - BuildKit's name; nothing here uses the builtin
+    """Something BuildKit's parser warns about (and its frontend sends through the gateway's Warn)."""
+
+    short: str
+    detail: str
+    url: str
+    line: int
+    filename: str = "Dockerfile"
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.line}: {self.short[0].lower()}{self.short[1:]}"
+
+
 @dataclass
 class Result:
     ast: Node
     escape_token: str
-    warnings: list[str]
+    warnings: list[Warning]
     directives: list[Directive]
 
 
@@ -179,7 +193,7 @@ def _lines(text: str) -> list[str]:
 def parse(text: str, filename: str = "Dockerfile") -> Result:
     d = _Directives()
     root = Node(start_line=-1)
-    warnings: list[str] = []
+    warnings: list[Warning] = []
     comments: list[str] = []
     lines = _lines(text)
     if lines and lines[0].startswith("\ufeff"):
@@ -230,7 +244,9 @@ def parse(text: str, filename: str = "Dockerfile") -> Result:
             parts.append(cont)
         line = "".join(parts)
         if empty_continuation:
-            warnings.append(f"{filename}:{current}: empty continuation line found in: {line}")
+            warnings.append(Warning("Empty continuation line found in: " + line,
+                                    "Empty continuation lines will become errors in a future release",
+                                    "https://github.com/moby/moby/pull/33719", current, filename))
         try:
             child = _node_from_line(line, d, comments)
         except ValueError as e:

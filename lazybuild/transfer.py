@@ -17,13 +17,15 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-from .digest import digest_hex
+from .digest import check_digest, digest_hex
 from .errors import DataError, InputError
 from .image import (
     INDEX_TYPES,
@@ -51,31 +53,146 @@ class TransferError(DataError):
     pass
 
 
-@dataclass
+class ReferenceError(InputError):
+    """An image argument that names no image we can read or write (exit 1, like any bad input)."""
+
+    hint = ("an image is docker://HOST/REPO[:TAG|@DIGEST] (or HOST/REPO[:TAG] alone), oci:DIR[:TAG|@DIGEST], "
+            "oci-archive:FILE.tar[:TAG] or docker-archive:FILE.tar[:NAME:TAG]")
+
+
+# Where an image is, as skopeo and containers/image spell it: TRANSPORT:WHERE. A bare reference is docker://.
+REGISTRY, OCI, OCI_ARCHIVE, DOCKER_ARCHIVE = "registry", "oci", "oci-archive", "docker-archive"
+LOCAL_KINDS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE)
+LOCATION_SYNTAX = ("a registry reference (HOST[:PORT]/REPO[:TAG|@DIGEST], or docker://...), oci:DIR[:TAG|@DIGEST] "
+                   "(an OCI image layout), oci-archive:FILE[:TAG] (an OCI layout in a tar, as `docker buildx build "
+                   "-o type=oci` writes) or docker-archive:FILE[:NAME:TAG] (as `docker save` writes)")
+# Transports of skopeo/containers-image we do not read or write, with what to use instead.
+_OTHER_TRANSPORTS = {
+    "dir": "skopeo's dir: (loose blobs and a manifest.json) is not an image layout lazybuild reads or writes; "
+           "`skopeo copy dir:DIR oci:LAYOUT` makes an OCI layout of it, which lazybuild takes as oci:LAYOUT",
+    "containers-storage": "lazybuild does not read podman's or CRI-O's image store; "
+                          "`podman save --format oci-archive -o FILE IMAGE` then oci-archive:FILE",
+    "docker-daemon": "lazybuild does not talk to dockerd; `docker save -o FILE IMAGE` then docker-archive:FILE",
+    "ostree": "lazybuild does not read ostree repositories",
+    "sif": "lazybuild does not read Singularity images",
+    "tarball": "lazybuild does not read bare layer tarballs as images; `lazybuild layer convert` converts one layer",
+}
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.zstd")
+_MAX_LOCATION_CHARS = 4096  # PATH_MAX: past it no path or reference names anything
+
+
+@dataclass(frozen=True)
 class Location:
-    kind: str  # registry | oci | docker-archive
+    """An image's place: a registry reference, an OCI layout dir, an OCI layout tar or a docker-archive."""
+    kind: str  # REGISTRY | OCI | OCI_ARCHIVE | DOCKER_ARCHIVE
     ref: Reference | None = None
     path: str = ""
-    tag: str = ""
+    tag: str = ""  # OCI: the ref.name annotation; docker-archive: a RepoTags entry (NAME:TAG)
+    digest: str = ""  # oci:DIR@DIGEST: an index.json entry by digest
+
+    @property
+    def is_registry(self) -> bool:
+        return self.kind == REGISTRY
 
     @classmethod
     def parse(cls, text: str) -> "Location":
-        if text.startswith("oci:"):
-            path, _, tag = text[4:].partition(":")
-            if not path:
-                raise InputError(f"{text!r}: oci: needs a directory (oci:DIR[:TAG])")
-            return cls("oci", path=path, tag=tag)
-        if text.startswith("docker-archive:"):
-            path, _, tag = text[len("docker-archive:"):].partition(":")
-            return cls("docker-archive", path=path, tag=tag)
-        if text.startswith("docker://"):
-            text = text[len("docker://"):]
-        return cls("registry", ref=Reference.parse(text))
+        """TEXT as one of the transports; a ReferenceError (an InputError) for anything else, naming what it
+        looks like (a path without a transport is told to say oci:, an unknown transport is named)."""
+        if not isinstance(text, str) or not text:
+            raise ReferenceError("an image argument is empty")
+        if len(text) > _MAX_LOCATION_CHARS or any(ord(c) < 32 or c == "\x7f" for c in text):
+            raise ReferenceError(f"{_shown(text)}: an image argument has no control characters and at most "
+                                 f"{_MAX_LOCATION_CHARS} characters")
+        scheme = _SCHEME_RE.match(text)
+        if scheme:
+            name = scheme.group(1)
+            if name != "docker":
+                raise ReferenceError(f"{_shown(text)}: {name}:// is not a transport lazybuild knows; "
+                                     "the registry transport is docker://HOST/REPO[:TAG]")
+            return cls(REGISTRY, ref=_reference(text[len("docker://"):], text))
+        transport, colon, rest = text.partition(":")
+        if colon and transport in (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE):
+            return cls._local(transport, rest, text)
+        if colon and transport in _OTHER_TRANSPORTS:
+            raise ReferenceError(f"{_shown(text)}: {transport}: is not supported: {_OTHER_TRANSPORTS[transport]}")
+        if colon and transport == "docker":
+            raise ReferenceError(f"{_shown(text)}: the registry transport is written docker://HOST/REPO[:TAG]")
+        if _looks_like_path(text):
+            raise ReferenceError(f"{_shown(text)} looks like a path, not a registry reference", hint=_path_hint(text))
+        host = text.split("/", 1)[0]
+        if colon and "/" in text and ":" in host and not host.startswith("[") and not host.rsplit(":", 1)[1].isdigit():
+            # `foo:bar/baz`: not a host:port (the port is a number), so a transport we do not know.
+            raise ReferenceError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
+        if colon and "/" not in text and not rest.replace(".", "").replace("-", "").replace("_", "").isalnum():
+            # `foo:bar` with something no tag can be after the colon (`foo:/x`, `foo:a b`): a transport.
+            raise ReferenceError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
+        try:
+            return cls(REGISTRY, ref=_reference(text, text))
+        except ReferenceError as e:
+            if os.path.exists(text):  # `pull REF mydir`: a relative path that also spells a bad reference
+                raise ReferenceError(f"{e}; {text!r} is also a path here", hint=_path_hint(text)) from None
+            raise
+
+    @classmethod
+    def _local(cls, transport: str, rest: str, text: str) -> "Location":
+        digest = ""
+        if transport == OCI and "@" in rest:
+            rest, digest = rest.rsplit("@", 1)
+            digest = _checked(lambda: check_digest(digest, f"{text!r}: the digest after @"))
+        path, _, tag = rest.partition(":")  # as skopeo: the path ends at the first colon
+        forms = {OCI: "oci:DIR[:TAG|@DIGEST]", OCI_ARCHIVE: "oci-archive:FILE[:TAG]",
+                 DOCKER_ARCHIVE: "docker-archive:FILE[:NAME:TAG]"}
+        if not path:
+            raise ReferenceError(f"{_shown(text)}: {transport}: needs a path ({forms[transport]})")
+        if tag and digest:
+            raise ReferenceError(f"{_shown(text)}: give a tag or a digest, not both ({forms[transport]})")
+        if transport != DOCKER_ARCHIVE and tag and not _OCI_TAG_RE.fullmatch(tag):
+            raise ReferenceError(f"{_shown(text)}: {tag!r} is not a tag (letters, digits, and . _ - + / @ inside, "
+                                 "at most 128)")
+        if transport == DOCKER_ARCHIVE and tag:
+            _reference(tag, text)  # RepoTags entries are registry references (name:tag)
+        return cls(transport, path=path, tag=tag, digest=digest)
 
     def __str__(self) -> str:
-        if self.kind == "registry":
+        if self.kind == REGISTRY:
             return str(self.ref)
-        return f"{self.kind}:{self.path}" + (f":{self.tag}" if self.tag else "")
+        return f"{self.kind}:{self.path}" + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+# An OCI ref.name (image-spec annotations: alphanumerics with separators - . _ : @ / +), without the colon
+# (oci:DIR:TAG ends the path at the first colon) and at most 128 characters, like a Docker tag.
+_OCI_TAG_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._+/@-]{0,126}[A-Za-z0-9_])?")
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
+def _checked(fn):
+    try:
+        return fn()
+    except InputError as e:
+        raise ReferenceError(str(e)) from None
+
+
+def _reference(text: str, original: str) -> Reference:
+    try:
+        return Reference.parse(text)
+    except (InputError, ValueError, UnicodeError) as e:  # InvalidDigest is an InputError too
+        raise ReferenceError(str(e) if original == text else f"{_shown(original)}: {e}") from None
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text in (".", "..") or text.startswith(("/", "./", "../", "~"))
+            or text.lower().endswith(_ARCHIVE_SUFFIXES))
+
+
+def _path_hint(text: str) -> str:
+    if text.lower().endswith(_ARCHIVE_SUFFIXES) or os.path.isfile(text):
+        return (f"say which kind of tar it is: oci-archive:{text} (an OCI layout in a tar, as `docker buildx build "
+                f"-o type=oci` writes) or docker-archive:{text} (as `docker save` writes)")
+    return f"an OCI image layout directory is written oci:{text} (oci:DIR[:TAG])"
 
 
 # --- sources --------------------------------------------------------------------------------------------
@@ -150,11 +267,17 @@ class RegistrySource(Source):
 
 
 class OCISource(Source):
-    def __init__(self, path: str, tag: str):
-        self.layout, self.tag = OCILayout(path), tag
+    def __init__(self, path: str, tag: str, digest: str = ""):
+        self.layout, self.tag, self.digest = OCILayout(path), tag, digest
 
     def manifests(self, platform, all_platforms):
-        return self.layout.manifests_for(self.tag, platform, all_platforms)
+        if not self.digest:
+            return self.layout.manifests_for(self.tag, platform, all_platforms)
+        # oci:DIR@DIGEST: an entry of index.json by its digest (checked when the index was parsed)
+        for desc in self.layout.index().manifests:
+            if desc.digest == self.digest:
+                return self.layout._manifests(desc, platform, all_platforms, 0)  # noqa: SLF001 - the same walk as by tag
+        raise TransferError(f"{self.layout.root}: index.json lists no image with digest {self.digest}")
 
     def fetch(self, desc, out, progress=None):
         with self.layout.open_blob(desc.digest) as f:
@@ -163,6 +286,57 @@ class OCISource(Source):
     def read(self, desc):
         _check_config_size(desc)
         return self.layout.read_blob(desc.digest, MAX_CONFIG_BYTES, "configs")
+
+
+class OCIArchiveSource(OCISource):
+    """An OCI image layout in a tar (oci-archive:FILE, what `docker buildx build -o type=oci` and `podman save
+    --format oci-archive` write). Only the members a layout reads are copied out, into a temporary layout:
+    `oci-layout`, `index.json` and `blobs/sha256/<64 hex>`, regular files named exactly so; no other name
+    from the archive becomes a path. Their digests are checked like any layout's as they are read, and what
+    is copied is bounded by the archive itself (sparse members, which could expand past it, are refused)."""
+
+    MEMBER_RE = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[0-9a-f]{64})")
+
+    def __init__(self, path: str, tag: str, digest: str = ""):
+        self.archive = path
+        self.work = tempfile.mkdtemp(prefix="lazybuild-oci-archive-")
+        try:
+            self._unpack(path)
+            super().__init__(self.work, tag, digest)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+
+    def _unpack(self, path: str) -> None:
+        os.makedirs(os.path.join(self.work, "blobs", "sha256"))
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for info in tf:
+                    m = self.MEMBER_RE.fullmatch(info.name)
+                    if not m:
+                        continue  # directories, other files: a layout reads nothing else
+                    if not info.isreg() or info.issparse():
+                        raise TransferError(f"{path}: member {info.name!r} is not a regular file")
+                    src = tf.extractfile(info)
+                    # O_EXCL: a name given twice is refused rather than silently replaced.
+                    try:
+                        fd = os.open(os.path.join(self.work, m.group(1)), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                    except FileExistsError:
+                        raise TransferError(f"{path}: member {m.group(1)!r} appears twice") from None
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        except FileNotFoundError:
+            raise TransferError(f"{path}: no such file", hint="oci-archive:FILE names an existing tar") from None
+        except IsADirectoryError:
+            raise TransferError(f"{path} is a directory; an OCI layout directory is oci:{path}") from None
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise TransferError(f"{path}: not a readable tar ({e})") from None
+        if not os.path.exists(os.path.join(self.work, "oci-layout")):
+            raise TransferError(f"{path}: no oci-layout file in the archive; not an OCI layout tar",
+                                hint=f"a `docker save` tarball is docker-archive:{path}")
+
+    def close(self):
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 class KeptBlobsSource(Source):
@@ -253,10 +427,12 @@ def _copy_verified(src: BinaryIO, out: BinaryIO, desc: Descriptor, what: str) ->
 
 
 def open_source(loc: Location, insecure: bool = False) -> Source:
-    if loc.kind == "registry":
+    if loc.kind == REGISTRY:
         return RegistrySource(loc.ref, insecure)
-    if loc.kind == "oci":
-        return OCISource(loc.path, loc.tag)
+    if loc.kind == OCI:
+        return OCISource(loc.path, loc.tag, loc.digest)
+    if loc.kind == OCI_ARCHIVE:
+        return OCIArchiveSource(loc.path, loc.tag, loc.digest)
     return ArchiveSource(loc.path, loc.tag)
 
 
@@ -436,10 +612,16 @@ class ArchiveDest(Dest):
 
 
 def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = None) -> Dest:
-    if loc.kind == "registry":
+    if loc.digest:
+        raise ReferenceError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
+    if loc.kind == REGISTRY:
+        if loc.ref.digest:
+            raise ReferenceError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
         return RegistryDest(loc.ref, insecure, mount_from)
-    if loc.kind == "oci":
+    if loc.kind == OCI:
         return OCIDest(loc.path, loc.tag)
+    if loc.kind == OCI_ARCHIVE:
+        return OCIArchiveDest(loc.path, loc.tag)
     return ArchiveDest(loc.path, loc.tag)
 
 
@@ -448,10 +630,87 @@ def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = No
 
 @dataclass
 class ConvertOptions:
-    compression: str = "gzip"  # gzip (eStargz) | zstd (eStargz with zstd)
+    """What `convert` makes of each layer (nerdctl's names): eStargz with gzip, eStargz with zstd
+    (zstd:chunked-compatible) or plain zstd (not eStargz)."""
+    format: str = "estargz"  # estargz | zstdchunked | zstd
+    level: int | None = None  # compression level (None: the format's default)
     chunk_size: int = 4 << 20
-    prioritized_files: list[str] | None = None
-    force: bool = False
+    prioritized_files: list[str] | None = None  # for every layer that holds them
+    force: bool = False  # convert layers already in the format too
+    # layer index -> its paths to put first (`lazybuild optimize`: each layer's first reads, in order)
+    prioritized_by_layer: dict[int, list[str]] | None = None
+
+    def __post_init__(self):
+        if self.format not in ("estargz", "zstdchunked", "zstd"):
+            raise InputError(f"layer format {self.format!r}: estargz, zstdchunked or zstd")
+
+    def wants(self, layer: Descriptor) -> bool:
+        """Whether LAYER is to be converted (a layer already in the format is kept unless forced)."""
+        if self.force:
+            return True
+        from .estargz import TOC_DIGEST_ANNOTATION
+
+        if self.format == "zstd":
+            return not layer.media_type.endswith("zstd") or TOC_DIGEST_ANNOTATION in layer.annotations
+        return TOC_DIGEST_ANNOTATION not in layer.annotations
+
+    def prioritized(self, index: int) -> list[str]:
+        if self.prioritized_by_layer is not None:
+            return self.prioritized_by_layer.get(index, [])
+        return self.prioritized_files or []
+
+
+@dataclass
+class PlainLayer:
+    """A layer written as plain zstd: its digests and size (the estargz writer's LayerBlob says the same of
+    eStargz ones)."""
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+    annotations: dict
+
+
+def write_zstd_layer(src: str, dest: str, level: int | None = None) -> PlainLayer:
+    """The tar in SRC (plain, gzip or zstd) as a plain zstd layer in DEST, written under a temporary name."""
+    import zstandard
+    from zlib_ng import gzip_ng
+
+    from .estargz.tarinput import sniff
+
+    raw_hash, out_hash, size, kind = hashlib.sha256(), hashlib.sha256(), 0, "tar"
+    fd, tmp = tempfile.mkstemp(prefix=".zstd-", dir=os.path.dirname(os.path.abspath(dest)))
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            kind = sniff(f.read(4))
+            f.seek(0)
+            if kind == "gzip":
+                reader = gzip_ng.GzipFile(fileobj=f, mode="rb")
+            elif kind == "zstd":
+                reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            else:
+                reader = f
+
+            class Hashing:  # counts and hashes the compressed bytes on their way to the file
+                def write(self, data):
+                    nonlocal size
+                    out_hash.update(data)
+                    size += len(data)
+                    return out.write(data)
+
+            compressor = zstandard.ZstdCompressor(level=3 if level is None else level)
+            with compressor.stream_writer(Hashing(), closefd=False) as zw:
+                for block in iter(lambda: reader.read(1 << 20), b""):
+                    raw_hash.update(block)
+                    zw.write(block)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise TransferError(f"{src}: the layer is not a readable {kind} stream ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return PlainLayer(OCI_LAYER_ZSTD, "sha256:" + out_hash.hexdigest(), size, "sha256:" + raw_hash.hexdigest(), {})
 
 
 def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_platforms: bool = False,
@@ -470,22 +729,28 @@ def copy_image(src: Source, dst: Dest, *, platform: Platform | None = None, all_
                     raise TransferError(f"layer {i} of {manifest.digest} has media type {layer.media_type!r}")
                 label = f"layer {i + 1}/{len(manifest.layers)}"
                 fetch_progress = _counting(layer_progress(f"{label} fetch") if layer_progress else None, layer.size)
-                if convert is not None and (convert.force or estargz.TOC_DIGEST_ANNOTATION not in layer.annotations):
+                if convert is not None and convert.wants(layer):
                     # A temporary name until the source has verified every byte; the destination names it.
                     fd, path = tempfile.mkstemp(prefix=".fetch-", dir=tmp)
                     with os.fdopen(fd, "w+b") as f:
                         src.fetch(layer, f, fetch_progress)
-                    out = path + ".esgz"
-                    blob = estargz.convert_file(path, out, compression=convert.compression, chunk_size=convert.chunk_size,
-                                                prioritized_files=convert.prioritized_files or [],
-                                                allow_prioritized_not_found=True,
-                                                progress=layer_progress(f"{label} convert") if layer_progress else None)
+                    out = path + ".out"
+                    if convert.format == "zstd":
+                        blob = write_zstd_layer(path, out, convert.level)
+                        made = f"{blob.digest} ({blob.size} bytes, plain zstd)"
+                    else:
+                        blob = estargz.convert_file(path, out, compression="zstd" if convert.format == "zstdchunked" else "gzip",
+                                                    level=convert.level, chunk_size=convert.chunk_size,
+                                                    prioritized_files=convert.prioritized(i),
+                                                    allow_prioritized_not_found=True,
+                                                    progress=layer_progress(f"{label} convert") if layer_progress else None)
+                        made = f"{blob.digest} ({blob.size} bytes, TOC {blob.toc_digest})"
                     os.unlink(path)
                     path = out
                     layer = Descriptor(blob.media_type, blob.digest, blob.size, dict(blob.annotations))
                     diff_ids.append(blob.diff_id)
                     changed = True
-                    log(f"layer {i + 1}/{len(manifest.layers)}: {blob.digest} ({blob.size} bytes, TOC {blob.toc_digest})")
+                    log(f"layer {i + 1}/{len(manifest.layers)}: {made}")
                     dst.put_blob(layer, path)
                     if os.path.exists(path):
                         os.unlink(path)
@@ -539,5 +804,5 @@ def as_oci_layer(d: Descriptor) -> Descriptor:
     return Descriptor(mt, d.digest, d.size, d.annotations, d.platform, d.urls)
 
 
-__all__ = ["ConvertOptions", "Dest", "Location", "OCIArchiveDest", "OCIDest", "RegistryDest", "Source",
+__all__ = ["ConvertOptions", "Dest", "Location", "OCIArchiveDest", "OCIArchiveSource", "ReferenceError", "OCIDest", "RegistryDest", "Source",
            "TransferError", "as_oci_layer", "copy_image", "open_dest", "open_source", "RegistryError", "LayoutError"]

@@ -19,14 +19,23 @@ def add_parser(sub) -> None:
     c = lsub.add_parser("convert", help="tar (plain, gzip or zstd) -> eStargz; prints the blob's digests as JSON")
     c.add_argument("input", metavar="IN.tar", help="input tar, plain/gzip/zstd, or - for stdin")
     c.add_argument("output", metavar="OUT", help="output blob (written under a temporary name, then renamed)")
-    c.add_argument("--zstd", action="store_true", help="eStargz with zstd (application/vnd.oci.image.layer.v1.tar+zstd)")
-    c.add_argument("--chunk-size", type=parse_size, default=estargz.DEFAULT_CHUNK_SIZE, metavar="N",
+    c.add_argument("--estargz", action="store_const", dest="format", const="estargz", default="estargz",
+                   help="eStargz with gzip (the default)")
+    c.add_argument("--zstdchunked", action="store_const", dest="format", const="zstdchunked",
+                   help="eStargz with zstd, zstd:chunked-compatible (application/vnd.oci.image.layer.v1.tar+zstd)")
+    c.add_argument("--estargz-chunk-size", "--zstdchunked-chunk-size", type=parse_size, dest="chunk_size", metavar="N",
                    help="payload chunk size (default 4MiB)")
-    c.add_argument("--level", type=int, default=None, metavar="L", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
-    c.add_argument("--prioritized-files", metavar="FILE",
-                   help="paths to put first, before .prefetch.landmark: one per line, or NDJSON {\"path\": ...}")
+    c.add_argument("--estargz-compression-level", "--zstdchunked-compression-level", "--level", type=int, default=None,
+                   dest="level", metavar="L", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
+    c.add_argument("--estargz-record-in", "--zstdchunked-record-in", dest="record_in", metavar="FILE",
+                   help="paths to put first, before .prefetch.landmark: the JSON lines {\"path\": ...} of "
+                        "`ctr-remote image optimize` or `lazybuild mount --record`, or one path a line")
     c.add_argument("--allow-missing-prioritized", action="store_true",
                    help="warn instead of failing when a prioritized path is not in the layer")
+    # Deprecated spellings, kept for a release; each prints one line naming the new one.
+    c.add_argument("--zstd", action="store_true", dest="old_zstd", help="deprecated: --zstdchunked")
+    c.add_argument("--chunk-size", type=parse_size, dest="old_chunk_size", metavar="N", help="deprecated: --estargz-chunk-size")
+    c.add_argument("--prioritized-files", dest="old_prioritized_files", metavar="FILE", help="deprecated: --estargz-record-in")
     c.set_defaults(func=convert)
 
     v = lsub.add_parser("verify", help="check the TOC digest and every chunk digest; exit 0 only if all verify")
@@ -48,15 +57,26 @@ def add_parser(sub) -> None:
 
 
 def convert(args) -> int:
-    prioritized = read_prioritized_files(args.prioritized_files) if args.prioritized_files else []
+    from .image import deprecated
+
+    if args.old_zstd:
+        deprecated("`layer convert --zstd`", "--zstdchunked (eStargz with zstd; the same layer as before)")
+        args.format = "zstdchunked"
+    if args.old_chunk_size is not None:
+        deprecated("--chunk-size", "--estargz-chunk-size")
+        args.chunk_size = args.chunk_size or args.old_chunk_size
+    if args.old_prioritized_files is not None:
+        deprecated("--prioritized-files", "--estargz-record-in")
+        args.record_in = args.record_in or args.old_prioritized_files
+    prioritized = read_prioritized_files(args.record_in) if args.record_in else []
     update, close = progress_bar(os.path.basename(args.input))
     try:
         blob = estargz.convert_file(
             args.input,
             args.output,
-            compression="zstd" if args.zstd else "gzip",
+            compression="zstd" if args.format == "zstdchunked" else "gzip",
             level=args.level,
-            chunk_size=args.chunk_size,
+            chunk_size=args.chunk_size or estargz.DEFAULT_CHUNK_SIZE,
             prioritized_files=prioritized,
             allow_prioritized_not_found=args.allow_missing_prioritized,
             progress=update,

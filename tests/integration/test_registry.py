@@ -72,7 +72,7 @@ def _unpack(layout_ref: str, dest: str) -> dict[str, str]:
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
 def test_convert_round_trip(registry, pushed, oracle, tmp_path, compression):
     dst = f"{registry.host}/test/base:{compression}"
-    lazybuild("convert", pushed, dst, *(["--zstd"] if compression == "zstd" else []))
+    lazybuild("convert", pushed, dst, *(["--zstdchunked"] if compression == "zstd" else []))
     info = json.loads(lazybuild("inspect", dst).stdout)
     manifest, config = info["manifest"], info["config"]
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"

@@ -259,7 +259,7 @@ def test_input_errors_exit_1(tmp_path, layer_tar):
     assert p.returncode == 1 and "level 99" in _error_and_hint(p)[0] and not (tmp_path / "o.blob").exists()
     for name, content in (("record", b'{"layer": 0}\n'), ("latin1", b"caf\xe9\n")):
         (tmp_path / name).write_bytes(content)
-        p = run("layer", "convert", layer_tar, str(tmp_path / "o.blob"), "--prioritized-files", str(tmp_path / name),
+        p = run("layer", "convert", layer_tar, str(tmp_path / "o.blob"), "--estargz-record-in", str(tmp_path / name),
                 ok=False)
         assert p.returncode == 1 and str(tmp_path / name) in _error_and_hint(p)[0]
 

@@ -89,10 +89,19 @@ def _digest_list(label: str, value: str) -> list[str]:
     return [check_digest(d, f"label {label}, item {i}") for i, d in enumerate(value.split(","))]
 
 
+def set_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The labels that are set: containerd's label stores drop a label whose value is empty (that is how
+    a label is removed), and BuildKit sends `containerd.io/snapshot/stargz/toc.digest` empty for every
+    layer without the annotation (util/estargz/labels.go), so an empty label means an absent one."""
+    return {k: v for k, v in labels.items() if v != ""}
+
+
 def check_labels(labels: dict[str, str]) -> None:
     """Refuse (LabelError, naming the label) a Prepare whose remote-snapshot labels are not exact digests
     and references: they become file names under ROOT/tocs, cache keys and registry requests. All
-    present ones are checked, also those that lose to CRI's: a malformed one marks a hostile image."""
+    present ones are checked, also those that lose to CRI's: a malformed one marks a hostile image.
+    Empty ones are absent (set_labels)."""
+    labels = set_labels(labels)
     try:
         for name in _DIGEST_LABELS:
             if name in labels:
@@ -131,6 +140,7 @@ class LayerSource:
         stargz.* labels are what ctr-remote, nerdctl, BuildKit and `lazybuild rpull` set.
         """
         check_labels(labels)
+        labels = set_labels(labels)
         if any(name in labels for name in (CRI_REF, CRI_DIGEST, CRI_LAYERS)):
             triple = (CRI_REF, CRI_DIGEST, CRI_LAYERS)
         else:
@@ -293,13 +303,21 @@ class LazyLayers:
     def check_toc(self, fetched: FetchedLayer, source: LayerSource) -> None:
         if source.toc_digest:
             fetched.verify_toc(source.toc_digest)
-        elif not self.cfg.insecure_skip_verify:
-            raise LayerError(f"layer {source.digest} has no {estargz.TOC_DIGEST_ANNOTATION} label, so its TOC "
-                             "cannot be verified (set insecure_skip_verify = true to mount it anyway)")
 
     def fetch_verified(self, source: LayerSource) -> FetchedLayer:
         """fetch() + check_toc(). A kept TOC that does not match its digest (a disk error, a hand edit) is
-        dropped and read from the registry once more instead of making the layer unavailable."""
+        dropped and read from the registry once more instead of making the layer unavailable.
+
+        A layer without a TOC digest (unless insecure_skip_verify) is refused before any request: it
+        cannot be verified, and BuildKit prepares every plain gzip layer so, with the label empty."""
+        if not source.toc_digest and not self.cfg.insecure_skip_verify:
+            ref = source.ref
+            with self._lock:  # a neighbour's Prepare may have started it: nobody will take that
+                _, ahead = self._ahead.pop((f"{ref.host}/{ref.repository}", source.digest), (0.0, None))
+            if ahead is not None:
+                ahead.cancel()
+            raise LayerError(f"layer {source.digest} has no {estargz.TOC_DIGEST_ANNOTATION} label, so its TOC "
+                             "cannot be verified (set insecure_skip_verify = true to mount it anyway)")
         kept = self._toc_dir(source.digest)
         had_kept = os.path.isdir(kept)
         fetched = self.fetch(source)

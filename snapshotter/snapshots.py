@@ -20,7 +20,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .remote import FALLBACK_ERRORS, REF_LABEL, REMOTE_LABEL, LabelError, LayerSource, LazyLayers, check_labels
+from .remote import (FALLBACK_ERRORS, REF_LABEL, REMOTE_LABEL, LabelError, LayerSource, LazyLayers, check_labels,
+                     set_labels)
 from .store import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotError, Store
 
 log = logging.getLogger("lazybuild.snapshotter")
@@ -148,6 +149,7 @@ class Snapshotter:
             check_labels(labels)
         except LabelError as e:
             raise SnapshotError("invalid_argument", f"Prepare {key!r}: {e}; nothing was created") from None
+        labels = set_labels(labels)
         target = labels.get(REF_LABEL)
         if target and self.lazy is not None:
             source = LayerSource.from_labels(labels)
@@ -156,7 +158,7 @@ class Snapshotter:
         return self._create(key, parent, ACTIVE, labels)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self._create(key, parent, VIEW, labels)
+        return self._create(key, parent, VIEW, set_labels(labels))
 
     def _create(self, key: str, parent: str, kind: int, labels: dict[str, str]) -> list[Mount]:
         snap = self.store.create(key, parent, kind, labels)
@@ -204,7 +206,7 @@ class Snapshotter:
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         snap = self.store.require(key)
         size, inodes = (disk_usage(self._fs(snap)) if snap.kind == ACTIVE else (0, 0))
-        self.store.commit(key, name, labels, size, inodes)
+        self.store.commit(key, name, set_labels(labels), size, inodes)
 
     def remove(self, key: str) -> None:
         snap = self.store.remove(key)
@@ -219,7 +221,10 @@ class Snapshotter:
         return self.store.require(key)
 
     def update(self, name: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        """containerd's semantics: no paths (or `labels`) replace all labels; `labels.K` sets K, or removes
+        it when `labels` has no K or an empty K (BuildKit removes its temporary labels so)."""
         snap = self.store.require(name)
+        labels = set_labels(labels)
         if not paths:
             new = dict(labels)
         else:

@@ -1,5 +1,6 @@
 """containerd 1.6 (Debian) with its own root, state and socket, `lazybuild snapshotter` as its proxy
-plugin `lazybuild`, and the reference client `ctr-remote` (built by
+plugin `lazybuild` (or another name: BuildKit's containerd worker takes its remote-snapshot path only
+for `stargz`), and the reference client `ctr-remote` (built by
 ../shared/tools/stargz-anchor/anchor-bench.sh build (LAZYBUILD_SHARED), kept in the test cache)."""
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class Snapshotter:
 
 
 class Containerd:
-    def __init__(self, workdir: str, snapshotter_sock: str):
+    def __init__(self, workdir: str, snapshotter_sock: str, plugin: str = "lazybuild"):
         self.workdir = workdir
+        self.plugin = plugin  # the proxy plugin's name: what clients pass as `snapshotter`
         self.sock = os.path.join(workdir, "containerd.sock")
         self.config = os.path.join(workdir, "config.toml")
         with open(self.config, "w") as f:
@@ -107,7 +109,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [metrics]
   address = ""
 [proxy_plugins]
-  [proxy_plugins.lazybuild]
+  [proxy_plugins.{plugin}]
     type = "snapshot"
     address = "{snapshotter_sock}"
 """)
@@ -130,7 +132,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def reconnected(self, timeout_s: float = 30) -> None:
         """Wait until containerd talks to a restarted snapshotter again (its proxy client redials with
         a backoff of up to a few seconds; calls in between fail with "Error while dialing")."""
-        wait_for(lambda: self.ctr("snapshots", "--snapshotter", "lazybuild", "ls", check=False).returncode == 0,
+        wait_for(lambda: self.ctr("snapshots", "--snapshotter", self.plugin, "ls", check=False).returncode == 0,
                  timeout_s, "containerd's connection to the restarted snapshotter")
 
     def stop(self) -> None:

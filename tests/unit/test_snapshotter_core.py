@@ -64,3 +64,40 @@ def test_config_file(tmp_path):
         with pytest.raises(config.ConfigError) as e:
             config.load(str(bad))
         assert needle in str(e.value), str(e.value)
+
+
+def test_buildkit_labels_empty_means_absent(tmp_path):
+    """BuildKit (util/estargz/labels.go) sends containerd.io/snapshot/stargz/toc.digest empty for every layer
+    without the annotation, and removes its temporary labels by updating them to "": an empty label is an
+    absent one, as in containerd's own stores. A plain gzip layer's Prepare is then an ordinary active
+    snapshot (BuildKit downloads the layer), answered without a registry request."""
+    from lazybuild.snapshotter.config import Config
+    from lazybuild.snapshotter.remote import LayerSource, LazyLayers
+    from lazybuild.snapshotter.snapshots import Snapshotter as Core
+
+    digest = "sha256:" + "ab" * 32
+    labels = {"containerd.io/snapshot.ref": "sha256:" + "cd" * 32,
+              "containerd.io/snapshot/stargz/toc.digest": "",
+              "containerd.io/snapshot/remote/stargz.reference": "127.0.0.1:9/bk/img:legacy",  # nothing listens
+              "containerd.io/snapshot/remote/stargz.digest": digest,
+              "containerd.io/snapshot/remote/stargz.layers": digest,
+              "containerd.io/snapshot/stargz/toc.digest.0123": ""}
+    source = LayerSource.from_labels(labels)
+    assert (source.digest, source.toc_digest) == (digest, "")
+
+    lazy = LazyLayers(str(tmp_path / "lazy"), Config())
+    core = Core(str(tmp_path), lazy)
+    try:
+        mounts = core.prepare("tmp-1 sha256:" + "cd" * 32, "", labels)
+        assert [m.type for m in mounts] == ["bind"]  # an active snapshot: not AlreadyExists, not InvalidArgument
+        snap = core.stat("tmp-1 sha256:" + "cd" * 32)
+        assert "containerd.io/snapshot/stargz/toc.digest" not in snap.labels and snap.remote is None
+        assert not lazy._registries  # refused before any registry client was made
+        core.commit("C", "tmp-1 sha256:" + "cd" * 32, {"a": "1", "b": ""})
+        assert core.stat("C").labels == {"a": "1"}
+        core.update("C", {"a.x": "2", "s.x": "sid"}, ["labels.a.x", "labels.s.x"])
+        assert core.update("C", {"a.x": "", "s.x": ""}, ["labels.a.x", "labels.s.x"]).labels == {"a": "1"}
+        assert core.update("C", {"a": ""}, ["labels.a"]).labels == {}
+    finally:
+        core.close()
+        lazy.close()

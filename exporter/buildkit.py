@@ -72,6 +72,7 @@ class ExportSettings:
     base_platform: str = ""
     base_convert: bool = True  # base layers that are not eStargz become eStargz (LAZYBUILD_CONVERT_BASE, default on)
     optimize: Optimize | None = None  # LAZYBUILD_OPTIMIZE: record the workload, order the layers by it
+    diffs_dir: str = ""  # where the frontend mounted each step's DiffOp (diffs/I: states/I-1 -> states/I), if any
 
     @classmethod
     def load(cls, path: str) -> "ExportSettings":
@@ -82,7 +83,7 @@ class ExportSettings:
                    meta.get("compression", "gzip"), meta.get("tag") or "latest", meta.get("sourceDateEpoch"),
                    meta.get("prioritized", ""), base.get("repository", ""), base.get("digest", ""),
                    base.get("platform", ""), base_convert=base.get("convert", True) is not False,
-                   optimize=Optimize.load(meta.get("optimize")))
+                   optimize=Optimize.load(meta.get("optimize")), diffs_dir=str(meta.get("diffs") or ""))
 
 
 def is_estargz(layer: Descriptor) -> bool:
@@ -208,7 +209,8 @@ def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
         if i == 0 and (settings.base_repository or settings.base_empty):
             continue  # kept above, or FROM scratch: the first step's layer is all it made
         state = os.path.join(states_dir, str(i))
-        layers.append(NewLayer(TreeDiff(previous, state), prioritized))
+        changed = os.path.join(settings.diffs_dir, str(i)) if settings.diffs_dir and previous is not None else None
+        layers.append(NewLayer(TreeDiff(previous, state, changed), prioritized))
         previous = state
     if settings.optimize is not None:
         # The workload runs on the final filesystem before any layer is written; what it opened leads the

@@ -41,8 +41,10 @@ def _same(a: os.stat_result, b: os.stat_result, pa: str, pb: str) -> bool:
     return True
 
 
-def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: int | None = None) -> int:
-    """Write the change from LOWER (None: empty) to UPPER as a layer tar; returns its entry count."""
+def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: int | None = None,
+               changed: str | None = None) -> int:
+    """Write the change from LOWER (None: empty) to UPPER as a layer tar; returns its entry count.
+    CHANGED, if given, is the step's mounted DiffOp: only the directories it holds are compared."""
     tmp = out_path + ".partial"
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
         layer = LayerTar(tf, source_date_epoch)
@@ -54,6 +56,11 @@ def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: 
             old_names = set(os.listdir(low_dir)) if low_dir and os.path.isdir(low_dir) and not os.path.islink(low_dir) else set()
             for name in sorted(old_names - set(new_names)):
                 layer.whiteout(f"{rel}/{WHITEOUT}{name}" if rel else WHITEOUT + name, os.lstat(up_dir).st_mtime)
+            if changed is not None:
+                # Only what the diff holds can have changed; a name it holds that the step deleted (an
+                # overlay whiteout, if the daemon shows one) was handled above.
+                in_diff = set(os.listdir(os.path.join(changed, rel)))
+                new_names = [n for n in new_names if n in in_diff]
             for name in new_names:
                 arc = f"{rel}/{name}" if rel else name
                 pu = os.path.join(up_dir, name)
@@ -64,7 +71,8 @@ def write_diff(lower: str | None, upper: str, out_path: str, source_date_epoch: 
                     layer.add(pu, arc, su)  # new or changed; over a directory of the lower it replaces it whole
                 if stat.S_ISDIR(su.st_mode):
                     if sl is not None and stat.S_ISDIR(sl.st_mode):
-                        walk(arc)
+                        if changed is None or os.path.isdir(os.path.join(changed, arc)):
+                            walk(arc)
                     else:
                         walk_new(arc)
 
@@ -88,6 +96,7 @@ class TreeDiff:
 
     lower: str | None
     upper: str
+    changed: str | None = None  # the step's mounted DiffOp, where the daemon has one
 
     def write_tar(self, out_path: str, source_date_epoch: int | None = None) -> int:
-        return write_diff(self.lower, self.upper, out_path, source_date_epoch)
+        return write_diff(self.lower, self.upper, out_path, source_date_epoch, self.changed)

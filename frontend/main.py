@@ -299,6 +299,10 @@ class Frontend:
         if optimize is not None:
             conv.require("exec.meta.security", "LAZYBUILD_OPTIMIZE", 0)
             meta["optimize"] = optimize
+        # With DiffOp the exporter visits only what each step changed instead of walking both trees.
+        diffs = conv.caps.has("diffop")
+        if diffs:
+            meta["diffs"] = "/lazybuild/diffs"
         # The prioritized files' mount has always been the op's first input, then the exporter's root.
         mounts: list[llb.Mount] = []
         prio = args.get("LAZYBUILD_PRIORITIZED_FILES", "")
@@ -313,6 +317,9 @@ class Frontend:
         mounts += [llb.ROOT, llb.Bind("/lazybuild/meta", settings, readonly=True)]
         mounts += [llb.Bind(f"/lazybuild/states/{i}", state, readonly=True) for i, state in enumerate(chain)
                    if not state.is_scratch]
+        if diffs:
+            mounts += [llb.Bind(f"/lazybuild/diffs/{i}", llb.diff(chain[i - 1], state), readonly=True)
+                       for i, state in enumerate(chain) if i > 0 and not chain[i - 1].is_scratch]
         mounts.append(llb.Bind("/out", output=True))  # the layout: the build's result
         exporter = llb.image(normalize_image(source), platform=worker)
         # Recording the workload's reads takes fanotify, which needs CAP_SYS_ADMIN: the security.insecure

@@ -378,3 +378,50 @@ def test_copy_link_is_a_merge_on_v011_and_a_copy_on_v08():
     assert run_digest in {i.digest for i in merges[0].inputs}
     d, _ = convert(text, llb_caps=V08_LLB_CAPS)
     assert not [op for _, op in ops(d) if op.WhichOneof("op") == "merge"]
+
+
+def export_step(llb_caps: set[str], build_args: dict[str, str]) -> pb.Definition:
+    """The stargz export step the frontend appends (LAZYBUILD_OUTPUT=stargz), for a daemon with LLB_CAPS."""
+    from lazybuild.frontend.main import Frontend, Options
+
+    text = "FROM alpine\nRUN echo a > /a\nCOPY b /b\nRUN rm /a\n"
+    args = {"LAZYBUILD_OUTPUT": "stargz", **build_args}
+    build = model.load(text, build_args=args)
+    caps = Caps({"solve.base"}, set(llb_caps), [])
+    conv = Converter(build, caps, BuildOptions(session_id="s1"), {0: AMD64}, ShellLex("\\"))
+    conv.convert()
+    frontend = object.__new__(Frontend)  # no gateway: only what the export step's LLB needs
+    frontend.caps, frontend.bridge, frontend.inputs = caps, None, {}
+    frontend.opts = Options({"source": "127.0.0.1:5000/lazybuild:test", **{f"build-arg:{k}": v for k, v in args.items()}})
+    frontend.base_digests = {"alpine": "sha256:" + "a" * 64}
+    return builder.definition(frontend.stargz_export(conv, build, AMD64, AMD64))
+
+
+@pytest.mark.parametrize("daemon", CAP_SETS)
+def test_export_step_per_daemon(daemon):
+    d = export_step(CAP_SETS[daemon], {})
+    listed = ops(d)
+    export = [op for _, op in listed if op.WhichOneof("op") == "exec" and "lazybuild.exporter.buildkit" in op.exec.meta.args][0]
+    dests = sorted(m.dest for m in export.exec.mounts)
+    diffs = [op for _, op in listed if op.WhichOneof("op") == "diff"]
+    settings = json.loads([op for _, op in listed if op.WhichOneof("op") == "file"
+                           and op.file.actions[0].WhichOneof("action") == "mkfile"][-1].file.actions[0].mkfile.data)
+    assert settings["base"]["convert"] is True  # base layers become eStargz unless LAZYBUILD_CONVERT_BASE=0
+    assert [m for m in dests if m.startswith("/lazybuild/states/")] == [f"/lazybuild/states/{i}" for i in range(4)]
+    if daemon == "v0.11":
+        # One DiffOp per step, each mounted where the exporter looks for it: only what changed is walked.
+        assert [m for m in dests if m.startswith("/lazybuild/diffs/")] == [f"/lazybuild/diffs/{i}" for i in (1, 2, 3)]
+        assert len(diffs) == 3 and settings["diffs"] == "/lazybuild/diffs"
+    else:
+        assert not diffs and "diffs" not in settings and not [m for m in dests if "diffs" in m]
+    assert export.exec.network == pb.HOST and export.exec.security == pb.SANDBOX
+    for md in d.metadata.values():
+        assert {c for c, on in md.caps.items() if on} <= CAP_SETS[daemon]
+
+
+def test_export_step_keeps_base_layers_with_convert_base_0():
+    d = export_step(V08_LLB_CAPS, {"LAZYBUILD_CONVERT_BASE": "0"})
+    settings = [json.loads(op.file.actions[0].mkfile.data) for _, op in ops(d) if op.WhichOneof("op") == "file"
+                and op.file.actions[0].WhichOneof("action") == "mkfile" and op.file.actions[0].mkfile.path == "/export.json"]
+    assert settings[0]["base"] == {"repository": "docker.io/library/alpine", "digest": "sha256:" + "a" * 64,
+                                   "platform": "linux/amd64", "convert": False}

@@ -35,7 +35,7 @@ from .assemble import ConvertedLayer, ExportError, KeptLayer, NewLayer, export_i
 from .tree_diff import TreeDiff, _same  # _same: the test a layer tar is written with
 from .workload import Workload, WorkloadError, record
 
-# Our history entries carry BuildKit's comment; the others came with the base image.
+# BuildKit's comment on the history entries of a Dockerfile's instructions (a base BuildKit built has it too).
 DOCKERFILE_COMMENT = "buildkit.dockerfile.v0"
 
 
@@ -116,12 +116,22 @@ def base_layers(settings: ExportSettings) -> list[KeptLayer | ConvertedLayer]:
         return keep_or_convert(manifest.layers, diff_ids, source, settings.base_convert)
     except (RegistryAuthError, RegistryError) as e:
         source.close()
-        if isinstance(e, RegistryError) and e.status not in (401, 403):
+        if not asks_for_credentials(e):
             raise
         raise base_needs_credentials(ref, e) from None
     except BaseException:
         source.close()
         raise
+
+
+def asks_for_credentials(error: BaseException | None) -> bool:
+    """Whether the registry wanted credentials we lack: a challenge we could not meet (RegistryAuthError)
+    or a 401/403. The registry client wraps the first in RegistryErrors, which keep it as their context."""
+    while error is not None:
+        if isinstance(error, RegistryAuthError) or (isinstance(error, RegistryError) and error.status in (401, 403)):
+            return True
+        error = error.__context__
+    return False
 
 
 def base_needs_credentials(ref: Reference, cause: Exception) -> ExportError:
@@ -137,13 +147,20 @@ def base_needs_credentials(ref: Reference, cause: Exception) -> ExportError:
 
 
 def history(settings: ExportSettings) -> list[dict]:
-    """The base image's history entries describe its layers: kept with them; when the base becomes one
-    layer they become empty and one entry stands for that layer. The Dockerfile's entries keep theirs."""
+    """The base image's history entries describe its layers: kept with them (a converted layer is the same
+    layer); when the base becomes one layer they become empty and one entry stands for that layer. The
+    Dockerfile's entries keep theirs."""
     entries = [dict(h) for h in settings.config.get("history") or []]
-    ours = [h for h in entries if h.get("comment") == DOCKERFILE_COMMENT]
-    base = [h for h in entries if h.get("comment") != DOCKERFILE_COMMENT]
     if settings.base_repository:
-        return base + ours
+        return entries
+    # The Dockerfile's entries are the last ones, from its first layer on: as many layers as there are
+    # states past the base. (BuildKit's comment does not tell them apart: a base it built has it too.)
+    new_layers = settings.state_count - 1  # states/0 is the base (empty for FROM scratch)
+    split = len(entries)
+    while new_layers > 0 and split > 0:
+        split -= 1
+        new_layers -= not entries[split].get("empty_layer")
+    base, ours = entries[:split], entries[split:]
     base = [dict(h, empty_layer=True) for h in base]
     if not settings.base_empty:
         base.append({"created_by": "lazybuild: the base image as one eStargz layer", "comment": "lazybuild.exporter"})

@@ -371,9 +371,33 @@ def test_a_base_layer_that_does_not_match_its_digest_is_not_converted(base, uppe
 
 
 def test_buildkit_export_step_says_a_private_base_needs_credentials():
-    from lazybuild.registry import RegistryAuthError
+    from lazybuild.registry import RegistryAuthError, RegistryError
 
     err = buildkit.base_needs_credentials(Reference.parse("127.0.0.1:5000/private/base@sha256:" + "1" * 64),
                                           RegistryAuthError("127.0.0.1:5000 wants a username and password"))
     assert "asks for credentials" in str(err) and "LAZYBUILD_CONVERT_BASE=0 does not help" in str(err)
     assert "docker pull 127.0.0.1:5000/private/base" in err.hint and "lazybuild build" in err.hint
+    # The registry client wraps a challenge it cannot meet in a RegistryError, which keeps it as its context.
+    try:
+        try:
+            raise RegistryAuthError("127.0.0.1:5000 wants a username and password")
+        except RegistryAuthError as e:
+            raise RegistryError(f"manifest of x: {e}") from None
+    except RegistryError as e:
+        wrapped = e
+    assert buildkit.asks_for_credentials(wrapped) and buildkit.asks_for_credentials(RegistryError("denied", 403))
+    assert not buildkit.asks_for_credentials(RegistryError("manifest unknown", 404))
+
+
+def test_buildkit_history_of_a_base_buildkit_built_made_one_layer():
+    """A base BuildKit built carries BuildKit's comment too: the Dockerfile's entries are told apart by count."""
+    run = {"comment": buildkit.DOCKERFILE_COMMENT}
+    history = [{"created_by": "Imported from -"}, dict(run, created_by="RUN base"), dict(run, created_by="ENV A=1", empty_layer=True),
+               dict(run, created_by="RUN x")]
+    entries = buildkit.history(buildkit.ExportSettings(2, False, {"history": history}))
+    assert [(h["created_by"], h.get("empty_layer", False)) for h in entries] == [
+        ("Imported from -", True), ("RUN base", True), ("ENV A=1", True),
+        ("lazybuild: the base image as one eStargz layer", False), ("RUN x", False)]
+    kept = buildkit.history(buildkit.ExportSettings(2, False, {"history": history}, base_repository="r/base",
+                                                    base_digest="sha256:" + "1" * 64))
+    assert kept == history

@@ -18,12 +18,14 @@ from lazybuild.runtime.overlay import mount_overlay, unmount
 
 
 def record_workload(ref: str, config: dict, args: list[str], period_s: float, *, insecure: bool = False,
-                    chunk_cache: str = CACHE_DIR, log=print) -> dict[int, list[str]]:
-    """Run the workload of image REF for PERIOD_S seconds; the paths it read, per layer index."""
+                    chunk_cache: str = CACHE_DIR, log=print, platform=None) -> dict[int, list[str]]:
+    """Run the workload of image REF for PERIOD_S seconds; the paths it read, per layer index. REF is a
+    registry reference (`lazybuild optimize` serves a local image on loopback for this, see
+    lazybuild.localregistry); PLATFORM picks from a multi-platform image."""
     cfg = config.get("config") or {}
     argv = list(args) or list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or [])
     if not argv:
-        raise UsageError("--optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
+        raise UsageError("optimize: the image has no ENTRYPOINT or CMD; give the workload after `--`")
     work = tempfile.mkdtemp(prefix="lazybuild-optimize-")
     mnt, merged = os.path.join(work, "image"), os.path.join(work, "merged")
     upper, wdir = os.path.join(work, "upper"), os.path.join(work, "work")
@@ -31,12 +33,12 @@ def record_workload(ref: str, config: dict, args: list[str], period_s: float, *,
         os.makedirs(d)
     record = os.path.join(work, "record.ndjson")
     opts = mounter.MountOptions(cache_dir=chunk_cache, prefetch=False, background_fetch=False, layers=True,
-                                record=record, insecure=insecure)
+                                record=record, insecure=insecure, platform=platform)
     try:
         image = mounter.mount_image(ref, mnt, opts)
     except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
-        raise MountError(f"--optimize: cannot mount {ref}: {e}") from None
+        raise MountError(f"optimize: cannot mount {ref}: {e}") from None
     mounted = False
     try:
         layers = sorted((int(n) for n in os.listdir(mnt)), reverse=True)

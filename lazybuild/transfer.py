@@ -625,6 +625,53 @@ def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = No
     return ArchiveDest(loc.path, loc.tag)
 
 
+class LocalImage:
+    """One image of a local location as an OCI layout on disk, for readers that serve it (`lazybuild mount` and
+    `optimize` through lazybuild.localregistry): a layout directory as it is, an oci-archive unpacked, a
+    docker-archive copied into a temporary layout. `close()` removes what was made."""
+
+    def __init__(self, loc: Location, platform: Platform | None = None):
+        self.temp = None
+        if loc.kind == DOCKER_ARCHIVE:
+            self.temp = tempfile.mkdtemp(prefix="lazybuild-local-")
+            try:
+                src, dst = ArchiveSource(loc.path, loc.tag), OCIDest(self.temp, "image")
+                try:
+                    copy_image(src, dst, platform=platform)
+                finally:
+                    src.close()
+                    dst.close()
+                self.source: OCISource = OCISource(self.temp, "image")
+            except BaseException:
+                shutil.rmtree(self.temp, ignore_errors=True)
+                raise
+        elif loc.kind in (OCI, OCI_ARCHIVE):
+            self.source = open_source(loc)
+        else:
+            raise ReferenceError(f"{loc} is in a registry, not a local image")
+        try:
+            images = self.source.manifests(platform, False)
+            if not images:
+                raise TransferError(f"{loc}: no image for this platform")
+        except BaseException:
+            self.close()
+            raise
+        self.manifest: Manifest = images[0][0]
+        self.layout: OCILayout = self.source.layout
+
+    def close(self) -> None:
+        if getattr(self, "source", None) is not None:
+            self.source.close()
+        if self.temp:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # --- the loop -------------------------------------------------------------------------------------------
 
 
@@ -804,5 +851,5 @@ def as_oci_layer(d: Descriptor) -> Descriptor:
     return Descriptor(mt, d.digest, d.size, d.annotations, d.platform, d.urls)
 
 
-__all__ = ["ConvertOptions", "Dest", "Location", "OCIArchiveDest", "OCIArchiveSource", "ReferenceError", "OCIDest", "RegistryDest", "Source",
+__all__ = ["ConvertOptions", "Dest", "LocalImage", "Location", "OCIArchiveDest", "OCIArchiveSource", "ReferenceError", "OCIDest", "RegistryDest", "Source",
            "TransferError", "as_oci_layer", "copy_image", "open_dest", "open_source", "RegistryError", "LayoutError"]

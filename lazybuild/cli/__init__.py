@@ -15,7 +15,7 @@ import traceback
 
 from .. import __version__
 from ..errors import LazybuildError, missing_extra
-from . import build, dockerfile, image, layer, mount, profiles, snapshotter
+from . import build, dockerfile, image, layer, mount, optimize, profiles, snapshotter
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error, never a user's
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_parser(sub)  # mount, umount
     snapshotter.add_parser(sub)  # snapshotter, rpull
     image.add_inspect_parser(sub)
+    optimize.add_parser(sub)
     build.add_parser(sub)
     profiles.add_parser(sub)  # profile ls, show, push, rm
     return p
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     _bounded_malloc()
     argv = sys.argv[1:] if argv is None else list(argv)
     workload = []
-    if argv[:1] == ["build"] and "--" in argv:  # `lazybuild build ... -- CMD ARGS`: the --optimize workload
+    if argv[:1] in (["build"], ["optimize"]) and "--" in argv:  # `build|optimize ... -- CMD ARGS`: the workload
         workload = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2

@@ -1,0 +1,108 @@
+"""`lazybuild optimize SRC DST [--period S] [-- CMD ARGS]`: an existing image reordered by what its workload reads
+first, as `ctr-remote image optimize` does: SRC mounted lazily with access recording, the workload (the image's
+ENTRYPOINT/CMD, or CMD after `--`) run under runc for the period, every layer converted to eStargz with the
+files it read first put before `.prefetch.landmark`, the result written to DST."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import estargz
+from ..defaults import CACHE_DIR
+from ..errors import DataError, UsageError
+from .image import LOCATION_HELP, copy_between
+from .options import parse_size, platform_of
+
+
+def add_parser(sub) -> None:
+    o = sub.add_parser("optimize", help="reorder an image's layers by what its workload reads first (ctr-remote image optimize)",
+                       description="Mount SRC lazily, run its workload under runc for --period seconds recording the "
+                                   "files it reads, and write SRC to DST with every layer converted to eStargz, those "
+                                   "files first (before .prefetch.landmark). The workload is the image's ENTRYPOINT "
+                                   "and CMD, or the command after `--`. Images are " + LOCATION_HELP + ".")
+    o.add_argument("src", metavar="SRC", help=LOCATION_HELP)
+    o.add_argument("dst", metavar="DST", help=LOCATION_HELP)
+    o.add_argument("--period", type=float, default=10.0, metavar="S",
+                   help="how long the workload runs before it is stopped (default 10 s, as ctr-remote)")
+    o.add_argument("--platform", metavar="P", help="os/arch[/variant] to take from a multi-platform image (default: this machine's)")
+    o.add_argument("--insecure", action="store_true", help="skip TLS verification (plain HTTP is automatic for loopback registries)")
+    o.add_argument("--zstdchunked", action="store_true", help="eStargz with zstd instead of gzip")
+    o.add_argument("--estargz-compression-level", "--zstdchunked-compression-level", type=int, dest="level", metavar="L",
+                   help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
+    o.add_argument("--estargz-chunk-size", type=parse_size, default=estargz.DEFAULT_CHUNK_SIZE, dest="chunk_size",
+                   metavar="N", help="payload chunk size (default 4MiB)")
+    o.add_argument("--record-out", metavar="FILE",
+                   help="also write the files read, as JSON lines {\"path\", \"layer\"} (what --estargz-record-in takes)")
+    o.add_argument("--cache", metavar="DIR", default=CACHE_DIR, help="the lazy mount's chunk cache")
+    o.set_defaults(func=optimize, workload=[])
+
+
+def _log(message: str) -> None:
+    print(f"lazybuild: {message}", file=sys.stderr)
+
+
+def optimize(args) -> int:
+    from ..transfer import ConvertOptions, Location
+
+    src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
+    if args.period <= 0:
+        raise UsageError(f"--period {args.period:g}: the workload needs a positive number of seconds")
+    config, digest = _image_config(src_loc, args)
+    if src_loc.is_registry:  # the image measured is the image converted, even if the tag moves meanwhile
+        src_loc = Location(src_loc.kind, ref=src_loc.ref.with_digest(digest))
+    reads = _record(src_loc, config, args)
+    for i, paths in sorted(reads.items()):
+        _log(f"optimize: layer {i}: {len(paths)} files read by the workload")
+    if args.record_out:
+        _write_record(args.record_out, reads)
+    convert = ConvertOptions("zstdchunked" if args.zstdchunked else "estargz", args.level, args.chunk_size,
+                             force=True, prioritized_by_layer=reads)
+    digest = copy_between(src_loc, dst_loc, args, convert)
+    print(json.dumps({"source": str(src_loc), "destination": str(dst_loc), "digest": digest,
+                      "filesRead": {str(i): len(p) for i, p in sorted(reads.items())}}))
+    return 0
+
+
+def _image_config(loc, args) -> tuple[dict, str]:
+    """The image's config, and its manifest's digest (of the platform chosen)."""
+    from ..transfer import open_source
+
+    src = open_source(loc, args.insecure)
+    try:
+        images = src.manifests(platform_of(args), False)
+        if not images:
+            raise DataError(f"{loc}: no image for this platform")
+        manifest = images[0][0]
+        raw = src.read(manifest.config)
+    finally:
+        src.close()
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{loc}: its config is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{loc}: its config is not a JSON object")
+    return config, manifest.digest
+
+
+def _record(loc, config: dict, args) -> dict[int, list[str]]:
+    """Mount LOC (a registry's image as it is; a local one served on loopback) and record its workload's reads."""
+    from lazybuild.exporter.optimize import record_workload
+
+    if loc.is_registry:
+        return record_workload(str(loc.ref), config, args.workload, args.period, insecure=args.insecure,
+                               chunk_cache=args.cache, log=_log, platform=platform_of(args))
+    from ..localregistry import LocalRegistry
+    from ..transfer import LocalImage
+
+    with LocalImage(loc, platform_of(args)) as image, LocalRegistry(image.layout, image.manifest) as registry:
+        return record_workload(registry.reference, config, args.workload, args.period, chunk_cache=args.cache,
+                               log=_log)
+
+
+def _write_record(path: str, reads: dict[int, list[str]]) -> None:
+    from ..layout import write_atomic
+
+    lines = [json.dumps({"path": p, "layer": i}) for i, paths in sorted(reads.items()) for p in paths]
+    write_atomic(path, ("\n".join(lines) + "\n").encode() if lines else b"")

@@ -62,10 +62,12 @@ class KeptLayer:
 class ConvertedLayer:
     """A base image's layer that is not eStargz, made eStargz here: fetched from `source` by its digest
     (verified, cut off at its size) and converted with the new layers' compression. eStargz adds the
-    TOC and landmark entries to the tar, so the diff_id is the new blob's, not the base config's."""
+    TOC and landmark entries to the tar, so the diff_id is the new blob's, not the base config's.
+    Its prioritized files (a workload's, say) lead it, as a new layer's do; those it lacks are passed over."""
 
     descriptor: Descriptor
     source: Source
+    prioritized_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ def export_image(layers: list[NewLayer | KeptLayer | ConvertedLayer], config: di
                 fetched = os.path.join(work_dir, f"{i}.fetched")
                 with open(fetched, "wb") as f:
                     layer.source.fetch(layer.descriptor, f)  # verified against its digest before it is read
-                blob = convert_file(fetched, blob_path, compression=compression, tmpdir=work_dir)
+                blob = convert_file(fetched, blob_path, compression=compression, tmpdir=work_dir,
+                                    prioritized_files=list(layer.prioritized_files), allow_prioritized_not_found=True)
                 os.unlink(fetched)
                 log(f"  layer {i}: base layer {layer.descriptor.digest[:19]} ({layer.descriptor.size} bytes) -> "
                     f"{blob.size} bytes ({compression} eStargz) {blob.digest[:19]}")

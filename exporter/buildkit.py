@@ -214,7 +214,7 @@ def export(states_dir: str, settings: ExportSettings, out_dir: str) -> str:
     if settings.prioritized_list:
         with open(settings.prioritized_list) as f:
             prioritized = tuple(line.strip() for line in f if line.strip())
-    layers: list[NewLayer | KeptLayer] = []
+    layers: list[NewLayer | KeptLayer | ConvertedLayer] = []
     previous = None  # the state the next layer is a change from
     if settings.base_repository:
         layers += base_layers(settings)

@@ -401,3 +401,26 @@ def test_buildkit_history_of_a_base_buildkit_built_made_one_layer():
     kept = buildkit.history(buildkit.ExportSettings(2, False, {"history": history}, base_repository="r/base",
                                                     base_digest="sha256:" + "1" * 64))
     assert kept == history
+
+
+def test_a_converted_base_layer_is_led_by_its_prioritized_files(tmp_path):
+    layout = OCILayout(str(tmp_path / "base"), create=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:  # the parent directories too: a real layer has them
+        for name, data in (("etc", None), ("etc/os-release", b"ID=test\n"), ("bin", None), ("bin/sh", b"#!shell\n")):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            else:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    blob = gzip.compress(buf.getvalue())
+    layer = Descriptor(DOCKER_LAYER_GZIP, layout.put_bytes(blob), len(blob))
+    source = OCISource(str(tmp_path / "base"), "")
+    image = export_image([ConvertedLayer(layer, source, prioritized_files=("bin/sh", "not/here"))], {})
+    try:
+        with LayerReader.open_file(image.layers[0].blob_path) as r:
+            names = [e.name for e in r.entries]
+    finally:
+        image.close()
+    assert names.index("bin/sh") < names.index(".prefetch.landmark") < names.index("etc/os-release")

@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
                     help="unix socket to serve on (default /run/lazybuild/snapshotter.sock)")
     sn.add_argument("--root", metavar="DIR", default="/var/lib/lazybuild-snapshotter",
                     help="snapshots, metadata, kept TOCs, chunk cache, FUSE mount (default /var/lib/lazybuild-snapshotter)")
-    sn.add_argument("--config", metavar="FILE", help="TOML: cache, prefetch, registry mirrors and plain-HTTP hosts")
+    sn.add_argument("--config", metavar="FILE", help="TOML: cache, prefetch, registry mirrors and plain-HTTP hosts; "
+                    "stargz-snapshotter's config.toml keys are read too (default: /etc/lazybuild/snapshotter.toml "
+                    "if it exists)")
     sn.add_argument("--no-lazy", action="store_true", help="no remote snapshots: a plain overlayfs snapshotter")
     sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sn.set_defaults(func=snapshotter)
@@ -44,6 +46,13 @@ def snapshotter(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    import logging  # (configured by now)
+
+    log = logging.getLogger("lazybuild.snapshotter")
+    if cfg.path:
+        log.info("config %s", cfg.path)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     return server.serve(args.address, args.root, cfg, lazy_layers=not args.no_lazy)
 
 

@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 import grpc
 import pytest
@@ -290,11 +291,30 @@ def registry(tmp_path_factory):
     reg.stop()
 
 
+# Users coming from stargz-snapshotter bring its config.toml: this one is read as it is (its keys are
+# aliases, tuning accepted with a warning), with one of ours beside them.
+STARGZ_CONFIG = """\
+background_idle_seconds = 1.0
+no_background_fetch = true
+allow_no_verification = false
+disable_verification = false
+max_concurrency = 4
+[blob]
+fetching_timeout_sec = 300
+[directory_cache]
+direct = true
+[resolver]
+request_timeout_sec = 20
+"""
+
+
 @pytest.fixture(scope="module")
 def daemons(tmp_path_factory, registry):
     d = tmp_path_factory.mktemp("bk-daemons")
-    sn = Snapshotter(str(d / "snapshotter"))
-    os.makedirs(sn.workdir)
+    os.makedirs(d / "snapshotter")
+    with open(d / "snapshotter" / "stargz-config.toml", "w") as f:
+        f.write(STARGZ_CONFIG)
+    sn = Snapshotter(str(d / "snapshotter"), config=str(d / "snapshotter" / "stargz-config.toml"))
     sn.start()
     os.makedirs(d / "containerd")
     ctd = Containerd(str(d / "containerd"), sn.sock, plugin=PLUGIN)
@@ -455,3 +475,25 @@ def test_buildkit_sequence_falls_back_for_a_plain_gzip_layer(daemons, registry, 
                     assert f.read() == b"hello from the top layer\n"
         finally:
             bk.close()
+
+
+def test_stargz_snapshotter_config_starts_the_snapshotter(daemons, registry):
+    """The daemon above runs on a stargz-snapshotter config.toml: its tuning keys are reported as without
+    effect, and no_background_fetch holds (nothing is fetched after a second of quiet, which would
+    otherwise start the background fetch of every layer)."""
+    sn, ctd = daemons
+    proxy, _ = registry
+    logs = sn.logs()
+    assert "stargz-config.toml" in logs
+    assert "max_concurrency, blob.fetching_timeout_sec, directory_cache.direct have no effect here" in logs, logs
+    ref, layers, diff_ids = image(proxy, "esgz")
+    with Registry(proxy.host, insecure=True) as reg:
+        bk = BuildKit(ctd.sock, reg, "bk/img")
+        try:
+            bk.extract([Layer(ref, layers, diff_ids, i) for i in range(len(layers))])  # (or found by Stat)
+        finally:
+            bk.close()
+    assert {layer["digest"] for layer in sn.status()["layers"].values()} >= {layer.digest for layer in layers}
+    sent = proxy.blob_bytes_sent
+    time.sleep(2.5)
+    assert proxy.blob_bytes_sent == sent

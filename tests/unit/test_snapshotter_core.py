@@ -55,7 +55,7 @@ def test_config_file(tmp_path):
     assert [(h.host, h.insecure) for h in cfg.candidates("registry.example.com")] == \
         [("mirror:5000", True), ("registry.example.com", False)]
     assert [(h.host, h.insecure) for h in cfg.candidates("10.0.0.5:5000")] == [("10.0.0.5:5000", True)]
-    for text, needle in (("prefetch = 1\n", "prefetch must be a bool"),
+    for text, needle in (("prefetch = 1\n", "prefetch must be true or false"),
                          ("cache_limit = 5\n", "unknown setting(s) cache_limit"),
                          ('[resolver.host."h:1"]\ninsecure = true\nprefetch = false\n', "top-level settings go before"),
                          ("prefetch = \n", "bad.toml")):

@@ -22,9 +22,11 @@ Each module keeps its own specific classes (`estargz.ChunkDigestMismatch`, `regi
 | MountError      | 5    | a lazy mount could not be made or served               | mounter LayerError                          |
 | SnapshotterError| 5    | the containerd snapshotter could not do what was asked | snapshotter SnapshotError                   |
 | MissingExtra    | 5    | an optional dependency is not installed                | (`pip install 'lazybuild[mount]'`)          |
+| (a HostError)   | 5    | a dependency of lazybuild itself does not import       | (`pip install --force-reinstall lazybuild`) |
 
-Beside them the command line exits 1 for a file the system refused (OSError: no such file, permission
-denied) and 130 when interrupted (Ctrl-C, SIGTERM during a build).
+Beside them the command line exits 2 for argparse's usage errors (an unknown flag, a missing argument, a
+value not among the choices), 1 for a file the system refused (OSError: no such file, permission denied),
+130 when interrupted (Ctrl-C, SIGTERM during a build) and 70 for a bug (EXIT_* below).
 
 InputError is also a ValueError: the parsers reported bad values with ValueError before this
 hierarchy existed, and code that catches ValueError around them keeps working.
@@ -34,13 +36,22 @@ from __future__ import annotations
 
 import importlib
 
+# The exit codes, one per area (the classes below carry theirs); README's "Errors and exit codes" lists them.
+EXIT_INPUT = 1  # a value, file or data the user gave; also a file the system refused
+EXIT_USAGE = 2  # the command line (argparse's usage errors too)
+EXIT_REMOTE = 3  # a registry, containerd or BuildKit
+EXIT_BUILD = 4  # a build step or its export
+EXIT_HOST = 5  # this machine lacks something, an extra included
+EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error, never a user's
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 class LazybuildError(Exception):
     """An error for the person running lazybuild. `hint` says what to try; `exit_code` is the command's status.
 
     Raise a subclass, with `hint=` when this case knows better than its class what to try."""
 
-    exit_code = 1
+    exit_code = EXIT_INPUT
     hint = ""  # may name `{command}`: the boundary puts in the command that was run
 
     def __init__(self, *args, hint: str | None = None):
@@ -52,14 +63,14 @@ class LazybuildError(Exception):
 class UsageError(LazybuildError):
     """Flags or arguments that do not fit together (argparse itself exits 2 for unknown flags)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
     hint = "`lazybuild {command} --help` lists its arguments and flags"
 
 
 class InputError(LazybuildError, ValueError):
     """A value or file the user gave that lazybuild cannot take: a reference, a platform, a digest, a config."""
 
-    exit_code = 1
+    exit_code = EXIT_INPUT
     hint = "correct the value named above; `lazybuild {command} --help` says what each argument takes"
 
 
@@ -72,7 +83,7 @@ class BadDockerfile(InputError):
 class DataError(LazybuildError):
     """Bytes that are not what their format or their digest says: a layer, a layout, an image document."""
 
-    exit_code = 1
+    exit_code = EXIT_INPUT
     hint = ("the data named above is damaged, was changed, or is not in the format lazybuild expects: produce or "
             "fetch it again (`lazybuild layer verify BLOB` checks a layer)")
 
@@ -80,7 +91,7 @@ class DataError(LazybuildError):
 class RemoteError(LazybuildError):
     """A registry, containerd or BuildKit refused the request, answered nonsense or could not be reached."""
 
-    exit_code = 3
+    exit_code = EXIT_REMOTE
     hint = ("check the address, the network and the login (lazybuild reads ~/.docker/config.json as `docker login` "
             "writes it); loopback registries speak plain HTTP, --insecure skips TLS verification")
 
@@ -88,14 +99,14 @@ class RemoteError(LazybuildError):
 class BuildFailure(LazybuildError):
     """A build that cannot go on: a RUN step exited non-zero, a COPY source is missing, the export failed."""
 
-    exit_code = 4
+    exit_code = EXIT_BUILD
     hint = "the log above shows the failing step; steps that finished stay cached for the next build"
 
 
 class HostError(LazybuildError):
     """This machine lacks something lazybuild needs to run or mount: FUSE, overlayfs, runc, root."""
 
-    exit_code = 5
+    exit_code = EXIT_HOST
     hint = "lazybuild build, mount and snapshotter need root, /dev/fuse, overlayfs and runc on this machine"
 
 
@@ -126,12 +137,23 @@ class MissingExtra(HostError):
 # ModuleNotFoundError for one of them is a missing install, not a bug. trio comes with pyfuse3.
 EXTRA_OF_MODULE = {"pyfuse3": "mount", "trio": "mount"}
 
+# The top-level modules of lazybuild's own dependencies (pyproject's dependencies): if one is missing, the
+# install is broken, and that is said as such rather than as a bug's traceback.
+DEPENDENCY_MODULES = frozenset({"zlib_ng", "zstandard", "httpx", "httpcore", "h11", "grpc", "google", "tqdm"})
 
-def missing_extra(error: ImportError, command: str) -> MissingExtra | None:
-    """The MissingExtra an ImportError of an optional module stands for, or None for any other import error."""
+
+def missing_extra(error: ImportError, command: str) -> HostError | None:
+    """What an ImportError of a module lazybuild does not ship stands for: a MissingExtra for an optional
+    module, a HostError for one of lazybuild's dependencies, None for any other import error (a bug)."""
     module = (error.name or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(module)
-    return MissingExtra(command, module, extra, str(error)) if extra else None
+    if extra:
+        return MissingExtra(command, module, extra, str(error))
+    if module in DEPENDENCY_MODULES:
+        return HostError(f"{command} needs {module}, which lazybuild depends on: {error}",
+                         hint="the install is incomplete: reinstall lazybuild with its dependencies (pip install "
+                              "--force-reinstall lazybuild, or `pip install -e .` in a checkout)")
+    return None
 
 
 def require_extra(module: str, command: str) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
 
 import grpc
@@ -200,9 +199,3 @@ def _unpack(ctd: Containerd, reg: Registry, ref: Reference, snapshotter: str, la
             pass
         raise
     return "downloaded"
-
-
-def main_report(report: dict) -> None:
-    for layer in report["layers"]:
-        print(f"{layer['digest']}: {layer['how']}", file=sys.stderr)
-    print(json.dumps(report))

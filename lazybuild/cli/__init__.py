@@ -1,8 +1,10 @@
 """The `lazybuild` command line: one module per command, assembled here, and the one error boundary.
 
-Commands print results on stdout and progress on stderr. They raise a LazybuildError (lazybuild/errors.py)
-for anything a person can fix; `main` prints it as `lazybuild: error: ...` with its hint and exits with its
-code. Any other exception is a bug in lazybuild: it prints its traceback and exits 70.
+Commands hand their result to `output.emit` (stdout: text, or one JSON document with --format json) and say
+everything else on stderr (`progress.py` for progress, Python logging for messages). They raise a
+LazybuildError (lazybuild/errors.py) for anything a person can fix; `main` prints it as `lazybuild: error: ...`
+with its hint and exits with its code; usage errors are said the same way by `options.Parser` (exit 2). Any
+other exception is a bug in lazybuild: it prints its traceback and exits 70.
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ import sys
 import traceback
 
 from .. import __version__
-from ..errors import LazybuildError, missing_extra
-from . import build, dockerfile, image, layer, mount, optimize, profiles, snapshotter
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error, never a user's
+from ..errors import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, LazybuildError, missing_extra
+from . import build, completion, dockerfile, image, layer, mount, optimize, output, profiles, progress, snapshotter
+from .options import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
+    p = Parser(prog="lazybuild", description="Lazy container builds and starts with eStargz.")
     p.add_argument("--version", action="version", version=f"lazybuild {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     layer.add_parser(sub)
     image.add_parser(sub)  # pull, push, convert
     dockerfile.add_parser(sub)
@@ -34,7 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_parser(sub)
     build.add_parser(sub)
     profiles.add_parser(sub)  # profile ls, show, push, rm
+    completion.add_parser(sub)
+    _add_version_parser(sub)
     return p
+
+
+def _add_version_parser(sub) -> None:
+    v = sub.add_parser("version", help="print lazybuild's version (and Python's)")
+    v.set_defaults(func=_version)
+
+
+def _version(args) -> int:
+    python = ".".join(map(str, sys.version_info[:3]))
+    output.emit(args, output.Result({"version": __version__, "python": python}, f"lazybuild {__version__}",
+                                    primary=__version__))
+    return 0
 
 
 def _bounded_malloc() -> None:
@@ -71,20 +85,34 @@ def _report_os_error(error: OSError) -> int:
     _say("error", f"{error.strerror or error}{where}")
     if error.errno in (errno.EPERM, errno.EACCES):
         _say("hint", "mounting, building and serving snapshots need root; other files need read access")
-    return 1
+    return EXIT_INPUT
+
+
+def _command_argv(argv: list[str]) -> list[str]:
+    """ARGV from the command name on: global options given before the name are left out."""
+    for i, word in enumerate(argv):
+        if not word.startswith("-") and (i == 0 or argv[i - 1] not in ("--log-level", "--format")):
+            return argv[i:]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
     _bounded_malloc()
     argv = sys.argv[1:] if argv is None else list(argv)
     workload = []
-    if argv[:1] in (["build"], ["optimize"]) and "--" in argv:  # `build|optimize ... -- CMD ARGS`: the workload
+    if _command_argv(argv)[:1] in (["build"], ["optimize"]) and "--" in argv:  # `... -- CMD ARGS`: the workload
         workload = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    try:
+        args = build_parser().parse_args(argv)  # usage errors: options.Parser says them and exits 2
+    except SystemExit as e:  # --help, --version, a usage error: argparse is done
+        return e.code if isinstance(e.code, int) else 0
     if workload:
         args.workload = workload
-    command = " ".join(filter(None, (args.command, getattr(args, "layer_command", None))))  # e.g. `layer ls`
+    output.configure_logging(args.log_level, args.debug)
+    progress.configure(args.progress)
+    command = " ".join([args.command] + [value for name, value in vars(args).items()
+                                         if name.endswith("_command") and value])  # e.g. `layer ls`
     try:
         return args.func(args)
     except BrokenPipeError:  # `lazybuild layer ls | head`: the reader has gone, which is fine

@@ -13,6 +13,8 @@ from lazybuild.defaults import CACHE_DIR, STATE_DIR
 from lazybuild.errors import UsageError
 from lazybuild.timings import NoTimings, Timings
 
+from . import output, progress
+
 # The builder and the exporter are imported by run(): every other command (and `--help`) starts without them.
 
 
@@ -29,7 +31,6 @@ def add_parser(sub) -> None:
     b.add_argument("--secret", action="append", default=[], metavar="id=X,src=FILE")
     b.add_argument("-o", "--output", default="", metavar="SPEC",
                    help="type=stargz|oci|tar|local[,compression=gzip|zstd][,dest=PATH][,push=true]")
-    b.add_argument("--progress", choices=("auto", "plain", "quiet"), default="auto")
     b.add_argument("--debug-timings", action="store_true",
                    help="print where the time went (resolve, mount, each step, export, teardown) on stderr")
     b.add_argument("--source-date-epoch", type=int, default=None,
@@ -84,8 +85,7 @@ def run(args) -> int:
     from lazybuild.exporter.output import OutputSpec
     from lazybuild.exporter.rootfs import write_rootfs
 
-    quiet = args.progress == "quiet"
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = progress.log  # step lines and what was fetched: lines, JSON events or nothing, as --progress says
     try:
         spec = OutputSpec.parse(args.output) if args.output else None
         if spec and spec.push and not args.tag:
@@ -141,13 +141,15 @@ def run(args) -> int:
             with timings.phase("export"):
                 image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
                                      optimize=optimize, kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
+        metadata = {**image.summary(), "bytesFetched": fetched} if image is not None else {"bytesFetched": fetched}
         if args.metadata_file and image is not None:
             tmp = args.metadata_file + ".partial"
             with open(tmp, "w") as f:
-                json.dump({**image.summary(), "bytesFetched": fetched}, f, indent=1)
+                json.dump(metadata, f, indent=1)
             os.replace(tmp, args.metadata_file)
-        if image is not None:
-            print(image.digest)
+        # The result: the metadata document with --format json; the image digest (none without an image)
+        output.emit(args, output.Result(metadata, image.digest if image is not None else "",
+                                        primary=image.digest if image is not None else None))
         return 0
     finally:
         if teardown is not None:

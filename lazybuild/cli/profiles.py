@@ -3,13 +3,13 @@ base image, kept in the state dir by base manifest digest and pushed beside the 
 
 from __future__ import annotations
 
-import json
-import sys
+import logging
 
 from ..digest import check_digest, is_digest
 from ..errors import InputError
 from ..defaults import STATE_DIR
 from ..image import size_text
+from . import output
 from .options import platform_of
 
 # lazybuild.profiles (and the registry client under it) is imported by the commands that use it, so that
@@ -23,10 +23,11 @@ def add_parser(sub) -> None:
     psub = p.add_subparsers(dest="profile_command", required=True)
 
     ls = psub.add_parser("ls", help="list the local profiles: base manifest digest, files, size")
-    ls.add_argument("--json", action="store_true", help="one JSON object per profile")
+    ls.add_argument("--json", action="store_true", help="deprecated: --format json (a JSON array of the profiles)")
     ls.set_defaults(func=list_profiles)
 
-    show = psub.add_parser("show", help="print a profile as JSON: the local one, else the registry's for a reference")
+    show = psub.add_parser("show", help="print a profile (all of it with --format json): the local one, else the "
+                                        "registry's for a reference")
     show.add_argument("what", metavar="REF|DIGEST", help="an image reference, or a base manifest digest (local only)")
     show.set_defaults(func=show_profile)
 
@@ -49,14 +50,14 @@ def add_parser(sub) -> None:
 def list_profiles(args) -> int:
     from ..profiles import ProfileStore
 
+    rows, lines = [], []
     for sp in ProfileStore(args.state_dir).list():
         files = sp.profile.file_count if sp.profile else None
-        if args.json:
-            print(json.dumps({"base": sp.base, "files": files, "size": sp.size, "path": sp.path,
-                              **({"error": sp.error} if sp.error else {})}))
-        else:
-            print(f"{sp.base}  {files if files is not None else '?':>6} files  {size_text(sp.size):>9}"
-                  + (f"  (unusable: {sp.error})" if sp.error else ""))
+        rows.append({"base": sp.base, "files": files, "size": sp.size, "path": sp.path,
+                     **({"error": sp.error} if sp.error else {})})
+        lines.append(f"{sp.base}  {files if files is not None else '?':>6} files  {size_text(sp.size):>9}"
+                     + (f"  (unusable: {sp.error})" if sp.error else ""))
+    output.emit(args, output.Result(rows, "\n".join(lines)))
     return 0
 
 
@@ -92,10 +93,20 @@ def show_profile(args) -> int:
                     raise InputError(f"no profile of {ref} ({base}), neither in {store.dir} nor in its registry",
                                      hint="`lazybuild build` records one for each base image it mounts")
                 profile = found[0]
-                print(f"profile from {found[1]}", file=sys.stderr)
-    json.dump(profile.to_json(), sys.stdout, indent=1)
-    print()
+                logging.getLogger(__name__).info("profile from %s", found[1])
+    document = profile.to_json()
+    output.emit(args, output.Result(document, _profile_text(document)))
     return 0
+
+
+def _profile_text(document: dict) -> str:
+    """The base, then per layer its files in the order builds read them."""
+    lines = [f"profile of {document.get('base', '?')}"]
+    for layer in document.get("layers", []):
+        files = layer.get("files", [])
+        lines.append(f"  layer {layer.get('digest', '?')}: {len(files)} files")
+        lines += [f"    {f}" for f in files]
+    return "\n".join(lines)
 
 
 def push_local(args) -> int:
@@ -112,8 +123,9 @@ def push_local(args) -> int:
                                   "`lazybuild profile ls`")
         digest = push_profile(registry, ref.repository, profile,
                               Subject(manifest.media_type, manifest.digest, len(manifest.raw)))
-    print(json.dumps({"base": manifest.digest, "files": profile.file_count,
-                      "pushed": f"{ref.host}/{ref.repository}:{profile_tag(manifest.digest)}", "digest": digest}))
+    pushed = f"{ref.host}/{ref.repository}:{profile_tag(manifest.digest)}"
+    output.emit(args, output.Result({"base": manifest.digest, "files": profile.file_count, "pushed": pushed,
+                                     "digest": digest}, f"{pushed}@{digest}", primary=digest))
     return 0
 
 
@@ -124,5 +136,5 @@ def remove(args) -> int:
     digest = check_digest(args.digest, "profile rm DIGEST")
     if not store.remove(digest):
         raise InputError(f"no local profile of {digest} in {store.dir}", hint="`lazybuild profile ls` lists them")
-    print(f"removed the profile of {digest}", file=sys.stderr)
+    output.emit(args, output.Result({"removed": digest}, f"removed the profile of {digest}"))
     return 0

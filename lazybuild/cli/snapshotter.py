@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 from ..errors import EXTRA_OF_MODULE, MissingExtra, RemoteError
+from . import output
 from .options import platform_of
 
 
@@ -21,7 +20,7 @@ def add_parser(sub) -> None:
                     "stargz-snapshotter's config.toml keys are read too (default: /etc/lazybuild/snapshotter.toml "
                     "if it exists)")
     sn.add_argument("--no-lazy", action="store_true", help="no remote snapshots: a plain overlayfs snapshotter")
-    sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # --log-level (debug shows each request) is the global option every command has
     sn.set_defaults(func=snapshotter)
 
     rp = sub.add_parser("rpull", help="pull an image into containerd with remote-snapshot labels, so a lazy "
@@ -43,9 +42,6 @@ def snapshotter(args) -> int:
     cfg = config.load(args.config)  # before anything starts: a bad config is an InputError naming the file
     if not args.no_lazy:  # lazy layers are served by one FUSE mount
         _require_installed("pyfuse3", "lazybuild snapshotter (without --no-lazy)")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="lazybuild snapshotter: %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     import logging  # (configured by now)
 
     log = logging.getLogger("lazybuild.snapshotter")
@@ -78,5 +74,6 @@ def rpull(args) -> int:
         raise RemoteError(f"containerd at {args.address} answered {e.code().name}: {e.details()}",
                           hint="is containerd running, with the snapshotter named by --snapshotter in its config "
                                "(a proxy plugin)?") from None
-    pull.main_report(report)
+    text = "\n".join([report["image"]] + [f"  {layer['digest']}: {layer['how']}" for layer in report["layers"]])
+    output.emit(args, output.Result(report, text))
     return 0

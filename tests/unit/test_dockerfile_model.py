@@ -158,7 +158,7 @@ def test_inspect_dockerfile_cli(tmp_path):
     (tmp_path / ".dockerignore").write_text(".git\n")
     lb = shutil.which("lazybuild")
     p = subprocess.run([lb, "inspect-dockerfile", str(tmp_path), "--build-arg", "TAG=sid", "--target", "build",
-                        "--platform", "linux/arm64"], capture_output=True, text=True)
+                        "--platform", "linux/arm64", "--format", "json"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["target"] == "build" and out["stages"][0]["base"] == "debian:sid" and out["dockerignore"] == [".git"]

@@ -187,8 +187,8 @@ def load(path: str | None, default_path: str = DEFAULT_PATH) -> Config:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(_OURS))}, "
                           "resolver.host, and stargz-snapshotter's keys (README: `lazybuild snapshotter`)")
     if tuning:
-        cfg.warnings.append(f"{path}: stargz-snapshotter setting(s) {', '.join(tuning)} have no effect here (lazybuild's "
-                            "reader has no such knob); ignored")
+        cfg.warnings.append(f"{path}: stargz-snapshotter setting(s) {', '.join(tuning)} have no effect here "
+                            "(lazybuild's reader has no such knob); ignored")
     if cfg.cache_dir:
         cfg.cache_dir = os.path.abspath(cfg.cache_dir)
     return cfg

@@ -147,8 +147,8 @@ class BuildKit:
         self.answers: dict[str, str] = {}
         lease = "buildkit-" + secrets.token_hex(6)  # a build runs under a lease (leaseutil.WithLease)
         expire = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.api.call(self.api.leases.Create, leases_pb2.CreateRequest(id=lease, labels={"containerd.io/gc.expire": expire}),
-                      "lease")
+        self.api.call(self.api.leases.Create,
+                      leases_pb2.CreateRequest(id=lease, labels={"containerd.io/gc.expire": expire}), "lease")
         self.api.metadata.append(("containerd-lease", lease))
 
     def close(self) -> None:
@@ -229,7 +229,8 @@ class BuildKit:
             tmp.seek(0)
             self.api.write([tmp.read()], top.desc.size, top.desc.digest, {})
         key = f"extract-{secrets.token_hex(13)} {top.snapshot_id}"
-        self._call("Prepare", snapshots_pb2.PrepareSnapshotRequest(snapshotter=PLUGIN, key=key, parent=top.parent_id), key)
+        self._call("Prepare", snapshots_pb2.PrepareSnapshotRequest(snapshotter=PLUGIN, key=key, parent=top.parent_id),
+                   key)
         mounts = self._call("Mounts", snapshots_pb2.MountsRequest(snapshotter=PLUGIN, key=key), key).mounts
         self.api.call(self.api.diff.Apply, diff_pb2.ApplyRequest(diff=descriptor(top.desc), mounts=mounts), "apply")
         self._call("Commit", snapshots_pb2.CommitSnapshotRequest(snapshotter=PLUGIN, name=top.snapshot_id, key=key),

@@ -262,10 +262,34 @@ def test_bash_completion_completes_commands_options_and_choices():
     assert p.stdout.strip() == "complete -o default -F _lazybuild lazybuild", p.stderr
 
 
-def test_zsh_completion_is_the_bash_functions_through_bashcompinit():
+# An interactive zsh in a pseudo-terminal (zsh/zpty): type `lazybuild la`, TAB, then run `echo` on the line
+# the completion left, so the completed words come back as output.
+ZSH_SESSION = r"""
+zmodload zsh/zpty
+zpty z 'zsh -f -i'
+zpty -w z 'PS1="> "; autoload -U compinit; compinit -u; source {script}; echo READY'
+zpty -r z line '*READY*'
+zpty -w -n z $'lazybuild {typed}\t'
+sleep 1
+zpty -w -n z $'\x01echo COMPLETED: \x05\n'
+sleep 1
+out=""
+while zpty -r -t z chunk 2>/dev/null; do out+=$chunk; done
+print -r -- "$out"
+zpty -d z
+"""
+
+
+def test_zsh_completion_completes_through_bashcompinit(tmp_path):
     script = cli("completion", "zsh", code=0).stdout
     assert "bashcompinit" in script and "_lazybuild_commands()" in script
     assert script.split("bashcompinit\n", 1)[1] == cli("completion", "bash", code=0).stdout.split("\n", 2)[2]
+    (tmp_path / "lazybuild.zsh").write_text(script)
+    for typed, completed in (("la", "layer"), ("layer v", "layer verify"), ("build --progr", "build --progress")):
+        session = ZSH_SESSION.format(script=tmp_path / "lazybuild.zsh", typed=typed)
+        p = subprocess.run(["zsh", "-f", "-c", session], capture_output=True, text=True, timeout=60)
+        lines = [line.strip() for line in p.stdout.replace("\r", "").splitlines()]
+        assert f"COMPLETED: lazybuild {completed}" in lines, p.stdout
 
 
 # --- A missing optional module names the extra ---------------------------------------------------------

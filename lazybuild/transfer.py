@@ -555,8 +555,9 @@ class OCIArchiveDest(OCIDest):
         fd, tmp = tempfile.mkstemp(prefix=".lazybuild-", suffix=".partial", dir=os.path.dirname(os.path.abspath(self.path)))
         try:
             with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tf:
-                for name in sorted(os.listdir(self.work)):
-                    tf.add(os.path.join(self.work, name), name)
+                # the layout's own files only: a copy stages its blobs in a temporary directory beside them
+                for name in ("oci-layout", "index.json", "blobs"):
+                    tf.add(os.path.join(self.work, name), name, filter=_no_staging)
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
         finally:
@@ -566,6 +567,10 @@ class OCIArchiveDest(OCIDest):
 
     def close(self):
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _no_staging(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    return None if os.path.basename(info.name).startswith(".") else info
 
 
 class ArchiveDest(Dest):

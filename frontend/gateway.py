@@ -1,28 +1,29 @@
-"""The gateway side of a BuildKit frontend: stdio relay and an LLBBridge client.
+"""The gateway side of a BuildKit frontend: an LLBBridge client on stdin/stdout.
 
-buildkitd runs the frontend image with gRPC (HTTP/2 cleartext, prior knowledge) on its stdin/stdout.
-grpcio cannot dial a pair of pipes, so two daemon threads relay them to an abstract Unix socket that
-grpcio dials. The threads must be daemons: buildkitd takes the result when the process exits and never
+buildkitd runs the frontend image with gRPC (HTTP/2 cleartext, prior knowledge) on its stdin/stdout;
+`wire.Connection` speaks it there directly (grpcio cannot dial a pair of pipes, and importing it costs
+more than the client, on every build). buildkitd takes the result when the process exits and never
 closes stdin. Nothing may ever be written to stdout: it is the HTTP/2 stream.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
 from dataclasses import dataclass
-
-import grpc
 
 from lazybuild.errors import RemoteError
 
 from .llb.proto import gateway_pb2 as gw
-from .llb.proto import gateway_pb2_grpc as gw_grpc
 from .llb.proto import ops_pb2 as pb
 from .llb.proto import status_pb2
+from .wire import CallError, Connection
 
+SERVICE = "/moby.buildkit.v1.frontend.LLBBridge/"
+# Each call's answer type (the requests carry their own).
+ANSWERS = {"Ping": gw.PongResponse, "Solve": gw.SolveResponse, "ReadFile": gw.ReadFileResponse,
+           "ReadDir": gw.ReadDirResponse, "StatFile": gw.StatFileResponse,
+           "ResolveImageConfig": gw.ResolveImageConfigResponse, "Inputs": gw.InputsResponse,
+           "Return": gw.ReturnResponse, "Warn": gw.WarnResponse}
 MAX_RECEIVE = 16 << 20  # ReadFile answers can be large
 REQUEST_LIMIT = 4 << 20  # grpc-go's default limit in BuildKit before v0.14 (Docker 20.10)
 
@@ -36,47 +37,6 @@ DEFAULT_LLB_CAPS = {"source.image", "source.local", "source.localunique", "sourc
 
 class GatewayError(RemoteError):
     """A gateway call failed; the message names the call and BuildKit's answer."""
-
-
-def _pump(read, write) -> None:
-    try:
-        while True:
-            data = read()
-            if not data:
-                break
-            write(data)
-    except OSError:
-        pass
-
-
-class StdioRelay:
-    """Accepts grpcio's one connection on an abstract Unix socket and copies bytes to/from fds 0/1."""
-
-    def __init__(self, stdin: int = 0, stdout: int = 1):
-        self.name = f"lazybuild-frontend-{os.getpid()}-{os.urandom(4).hex()}"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind("\0" + self.name)  # abstract: needs no writable directory in the image
-        self.listener.listen(1)
-        self.stdin, self.stdout = stdin, stdout
-        threading.Thread(target=self._serve, daemon=True, name="stdio-relay").start()
-
-    @property
-    def target(self) -> str:
-        return "unix-abstract:" + self.name
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
-
-        def write_out(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.stdout, view):]
-
-        threading.Thread(target=_pump, args=(lambda: os.read(self.stdin, 1 << 16), conn.sendall),
-                         daemon=True, name="stdin-to-grpc").start()
-        threading.Thread(target=_pump, args=(lambda: conn.recv(1 << 16), write_out),
-                         daemon=True, name="grpc-to-stdout").start()
 
 
 @dataclass
@@ -104,25 +64,20 @@ class Caps:
 class Bridge:
     """LLBBridge calls with errors turned into GatewayError."""
 
-    def __init__(self, channel: grpc.Channel):
-        self.stub = gw_grpc.LLBBridgeStub(channel)
+    def __init__(self, connection: Connection):
+        self.connection = connection
         self.caps: Caps | None = None
 
     @classmethod
     def from_stdio(cls) -> "Bridge":
-        relay = StdioRelay()
-        channel = grpc.insecure_channel(relay.target, options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE), ("grpc.max_send_message_length", MAX_RECEIVE)])
-        bridge = cls(channel)
-        bridge._keep = (relay, channel)
-        return bridge
+        return cls(Connection(0, 1, max_message=MAX_RECEIVE))
 
     def _call(self, name: str, request, what: str = ""):
         try:
-            return getattr(self.stub, name)(request)
-        except grpc.RpcError as e:
-            detail = e.details() if hasattr(e, "details") else str(e)
-            raise GatewayError(f"{name}{' ' + what if what else ''}: {detail}") from None
+            answer = self.connection.call(SERVICE + name, request.SerializeToString())
+        except CallError as e:
+            raise GatewayError(f"{name}{' ' + what if what else ''}: {e.message}") from None
+        return ANSWERS[name].FromString(answer)
 
     def ping(self) -> Caps:
         pong = self._call("Ping", gw.PingRequest())
@@ -179,6 +134,18 @@ class Bridge:
         if not self.caps or "frontend.inputs" not in self.caps.frontend:
             return {}
         return dict(self._call("Inputs", gw.InputsRequest()).Definitions)
+
+    def warn(self, vertex: str, short: str, detail: list[str], url: str, info: pb.SourceInfo | None = None,
+             lines: tuple[int, int] | None = None) -> None:
+        """A warning shown with the build's progress (`gateway.warnings`, BuildKit >= v0.11), attached to
+        VERTEX (an op digest of this build) and, with INFO, to LINES of that source."""
+        req = gw.WarnRequest(digest=vertex, level=1, short=short.encode(), detail=[d.encode() for d in detail], url=url)
+        if info is not None:
+            req.info.CopyFrom(info)
+        if lines is not None:
+            rng = req.ranges.add()
+            rng.start.line, rng.end.line = lines
+        self._call("Warn", req, "warning")
 
     def return_result(self, result: gw.Result) -> None:
         self._call("Return", gw.ReturnRequest(result=result))

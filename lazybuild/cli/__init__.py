@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except LazybuildError as e:
+        if args.debug:  # where it was raised, for a bug report
+            traceback.print_exc()
         return report(e, command)
     except ImportError as e:  # an optional module (pyfuse3): the install lacks an extra
         extra = missing_extra(e, f"lazybuild {command}")

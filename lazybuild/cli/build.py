@@ -141,8 +141,8 @@ def run(args) -> int:
             with timings.phase("export"):
                 image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
                                      optimize=optimize, kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
-        metadata = {**image.summary(), "bytesFetched": fetched} if image is not None else {"bytesFetched": fetched}
-        if args.metadata_file and image is not None:
+        metadata = {**_image_metadata(image, args.tag), "bytesFetched": fetched}
+        if args.metadata_file:  # for every output, as buildx writes one (an image's keys only with an image)
             tmp = args.metadata_file + ".partial"
             with open(tmp, "w") as f:
                 json.dump(metadata, f, indent=1)
@@ -161,6 +161,20 @@ def run(args) -> int:
         if args.debug_timings:
             for line in timings.report():
                 print(line, file=sys.stderr, flush=True)
+
+
+def _image_metadata(image, tags: list[str]) -> dict:
+    """The keys `docker buildx build --metadata-file` writes for an image (and ours: the config itself, the
+    layers); {} without an image (no --output, type=local|tar)."""
+    if image is None:
+        return {}
+    manifest = image.manifest
+    out = {**image.summary(), "containerimage.config.digest": manifest.config.digest,
+           "containerimage.descriptor": {"mediaType": manifest.media_type, "digest": manifest.digest,
+                                         "size": len(manifest.raw)}}
+    if tags:
+        out["image.name"] = ",".join(tags)
+    return out
 
 
 def _close(builder, timings: Timings) -> None:

@@ -29,22 +29,53 @@ class Result:
     primary: str | None = None
 
 
-def emit(args, result: Result) -> None:
-    """Print RESULT on stdout as ARGS ask: `-q` its primary value, `--format json` its document, else its text.
-
-    `--json` (the flag `layer ls` and `profile ls` had before --format) still works, as --format json,
-    with a line saying so."""
-    fmt = getattr(args, "output_format", "text")
+def wants_json(args) -> bool:
+    """Whether ARGS ask for JSON: `--format json`, or `--json` (the flag `layer ls` and `profile ls` had
+    before --format), which still works with a line saying so."""
     if getattr(args, "json", False):
-        logging.getLogger("lazybuild.cli").warning("--json is deprecated: use --format json")
-        fmt = "json"
+        if not getattr(args, "_json_deprecation_said", False):
+            logging.getLogger("lazybuild.cli").warning("--json is deprecated: use --format json")
+            args._json_deprecation_said = True
+        return True
+    return getattr(args, "output_format", "text") == "json"
+
+
+def emit(args, result: Result) -> None:
+    """Print RESULT on stdout as ARGS ask: `-q` its primary value, `--format json` its document, else its text."""
+    as_json = wants_json(args)
     if getattr(args, "quiet", False) and result.primary is not None:
         print(result.primary)
-    elif fmt == "json":
+    elif as_json:
         print(json.dumps(result.document, indent=JSON_INDENT, ensure_ascii=False))
     elif result.text:
         print(result.text)
     sys.stdout.flush()
+
+
+class Listing:
+    """A result made of rows: in text each row's line is printed as it comes (a listing can be long and
+    read through `head`); in JSON the rows are one array, printed when the listing closes.
+
+        with output.Listing(args) as listing:
+            for entry in entries:
+                listing.add(document, line)
+    """
+
+    def __init__(self, args):
+        self.args, self.rows, self.as_json = args, [], wants_json(args)
+
+    def add(self, document, text: str) -> None:
+        if self.as_json:
+            self.rows.append(document)
+        else:
+            print(text)
+
+    def __enter__(self) -> "Listing":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.as_json:
+            emit(self.args, Result(self.rows, ""))
 
 
 class _MessageFormatter(logging.Formatter):

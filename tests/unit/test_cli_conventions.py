@@ -158,6 +158,62 @@ def test_emit(capsys):
     assert out == 'the text\n{\n  "digest": "sha256:1"\n}\nsha256:1\n'
 
 
+def test_listing_streams_text_and_collects_json(capsys):
+    for fmt, want in (("text", "a\nb\n"), ("json", '[\n  {\n    "n": 1\n  },\n  {\n    "n": 2\n  }\n]\n')):
+        with output.Listing(argparse.Namespace(output_format=fmt)) as listing:
+            listing.add({"n": 1}, "a")
+            listing.add({"n": 2}, "b")
+        assert capsys.readouterr().out == want
+    with output.Listing(argparse.Namespace(output_format="json")) as listing:
+        pass
+    assert capsys.readouterr().out == "[]\n"
+
+
+def test_build_result_metadata_and_progress(tmp_path, monkeypatch):
+    """A build from scratch (no registry, no RUN): the digest in text, -q, the metadata document with
+    buildx's keys in --format json and in --metadata-file, for an image and for a local output."""
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "a.txt").write_text("hello\n")
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
+    env = {**ENV, "LAZYBUILD_STATE": str(tmp_path / "state"), "LAZYBUILD_CACHE": str(tmp_path / "cache")}
+    ctx, out, meta = str(tmp_path / "ctx"), str(tmp_path / "oci"), str(tmp_path / "meta.json")
+    p = cli("build", ctx, "-o", f"type=oci,dest={out}", "-t", "example.com/app:1", "--metadata-file", meta,
+            env=env, code=0)
+    digest = p.stdout.strip()
+    assert digest.startswith("sha256:") and len(digest) == 71 and "[stage-0 1/1] COPY a.txt /a.txt" in p.stderr
+    written = json.load(open(meta))
+    assert written["containerimage.digest"] == digest and written["image.name"] == "example.com/app:1"
+    assert written["containerimage.descriptor"]["digest"] == digest
+    assert written["containerimage.config.digest"].startswith("sha256:") and "bytesFetched" in written
+    p = cli("build", ctx, "-o", f"type=oci,dest={out}", "--format", "json", "--progress", "rawjson", env=env, code=0)
+    document = json.loads(p.stdout)  # a new digest: the config's `created` is the build's time
+    assert document["containerimage.digest"] == document["containerimage.descriptor"]["digest"] != digest
+    events = [json.loads(line) for line in p.stderr.splitlines()]
+    assert any(e.get("message", "").startswith("[stage-0 1/1] COPY") for e in events)
+    p = cli("build", ctx, "-o", f"type=oci,dest={out}", "-q", "--progress", "quiet", env=env, code=0)
+    assert p.stdout.startswith("sha256:") and len(p.stdout) == 72 and p.stderr == ""
+    p = cli("build", ctx, "-o", f"type=local,dest={tmp_path / 'root'}", "--metadata-file", meta, env=env, code=0)
+    assert p.stdout == "" and (tmp_path / "root" / "a.txt").read_text() == "hello\n"
+    assert set(json.load(open(meta))) == {"bytesFetched"}
+
+
+def test_texts_for_people():
+    from lazybuild.cli import texts
+
+    doc = {"reference": "127.0.0.1:5000/app:1", "digest": "sha256:" + "a" * 64,
+           "config": {"os": "linux", "architecture": "arm64", "created": "2026-01-01T00:00:00Z"},
+           "manifest": {"layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 4 << 20,
+                                    "digest": "sha256:" + "b" * 64,
+                                    "annotations": {"containerd.io/snapshot/stargz/toc.digest": "sha256:c"}}]}}
+    lines = texts.image(doc).splitlines()
+    assert lines[:3] == ["127.0.0.1:5000/app:1", "  digest    sha256:" + "a" * 64, "  platform  linux/arm64"]
+    assert lines[-1].split() == ["4", "MiB", "eStargz", "tar+gzip", "sha256:" + "b" * 64]
+    status = {"mountpoint": "/mnt", "pid": 7, "layers": [{"digest": "sha256:d", "size": 2048, "fetchedBytes": 1024,
+                                                          "fetchedPercent": 50.0}]}
+    assert texts.mount_status(status) == "/mnt (pid 7)\n  sha256:d  1 KiB of 2 KiB fetched (50.0%)"
+    assert texts.copied({"source": "a", "destination": "oci:b", "digest": "sha256:e"}) == "a -> oci:b\n  digest  sha256:e"
+
+
 # --- --progress ---------------------------------------------------------------------------------------
 
 def test_progress_tty_draws_bars_into_a_file_even_in_ci(layer_tar, tmp_path):

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -30,6 +31,7 @@ from .errors import DataError, InputError
 from .image import (
     INDEX_TYPES,
     MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
@@ -45,7 +47,7 @@ from .image import (
     sha256_digest,
     size_text,
 )
-from .layout import DockerArchive, LayoutError, OCILayout
+from .layout import DockerArchive, LayoutError, OCILayout, write_atomic
 from .registry import Reference, Registry, RegistryError
 
 
@@ -57,19 +59,18 @@ class ReferenceError(InputError):
     """An image argument that names no image we can read or write (exit 1, like any bad input)."""
 
     hint = ("an image is docker://HOST/REPO[:TAG|@DIGEST] (or HOST/REPO[:TAG] alone), oci:DIR[:TAG|@DIGEST], "
-            "oci-archive:FILE.tar[:TAG] or docker-archive:FILE.tar[:NAME:TAG]")
+            "oci-archive:FILE.tar[:TAG], docker-archive:FILE.tar[:NAME:TAG] or dir:DIR")
 
 
 # Where an image is, as skopeo and containers/image spell it: TRANSPORT:WHERE. A bare reference is docker://.
-REGISTRY, OCI, OCI_ARCHIVE, DOCKER_ARCHIVE = "registry", "oci", "oci-archive", "docker-archive"
-LOCAL_KINDS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE)
+REGISTRY, OCI, OCI_ARCHIVE, DOCKER_ARCHIVE, DIR = "registry", "oci", "oci-archive", "docker-archive", "dir"
+LOCAL_KINDS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE, DIR)
 LOCATION_SYNTAX = ("a registry reference (HOST[:PORT]/REPO[:TAG|@DIGEST], or docker://...), oci:DIR[:TAG|@DIGEST] "
                    "(an OCI image layout), oci-archive:FILE[:TAG] (an OCI layout in a tar, as `docker buildx build "
-                   "-o type=oci` writes) or docker-archive:FILE[:NAME:TAG] (as `docker save` writes)")
+                   "-o type=oci` writes), docker-archive:FILE[:NAME:TAG] (as `docker save` writes) or dir:DIR (skopeo's "
+                   "directory of blobs)")
 # Transports of skopeo/containers-image we do not read or write, with what to use instead.
 _OTHER_TRANSPORTS = {
-    "dir": "skopeo's dir: (loose blobs and a manifest.json) is not an image layout lazybuild reads or writes; "
-           "`skopeo copy dir:DIR oci:LAYOUT` makes an OCI layout of it, which lazybuild takes as oci:LAYOUT",
     "containers-storage": "lazybuild does not read podman's or CRI-O's image store; "
                           "`podman save --format oci-archive -o FILE IMAGE` then oci-archive:FILE",
     "docker-daemon": "lazybuild does not talk to dockerd; `docker save -o FILE IMAGE` then docker-archive:FILE",
@@ -84,8 +85,9 @@ _MAX_LOCATION_CHARS = 4096  # PATH_MAX: past it no path or reference names anyth
 
 @dataclass(frozen=True)
 class Location:
-    """An image's place: a registry reference, an OCI layout dir, an OCI layout tar or a docker-archive."""
-    kind: str  # REGISTRY | OCI | OCI_ARCHIVE | DOCKER_ARCHIVE
+    """An image's place: a registry reference, an OCI layout dir, an OCI layout tar, a docker-archive or a
+    skopeo dir."""
+    kind: str  # REGISTRY | OCI | OCI_ARCHIVE | DOCKER_ARCHIVE | DIR
     ref: Reference | None = None
     path: str = ""
     tag: str = ""  # OCI: the ref.name annotation; docker-archive: a RepoTags entry (NAME:TAG)
@@ -112,7 +114,7 @@ class Location:
                                      "the registry transport is docker://HOST/REPO[:TAG]")
             return cls(REGISTRY, ref=_reference(text[len("docker://"):], text))
         transport, colon, rest = text.partition(":")
-        if colon and transport in (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE):
+        if colon and transport in LOCAL_KINDS:
             return cls._local(transport, rest, text)
         if colon and transport in _OTHER_TRANSPORTS:
             raise ReferenceError(f"{_shown(text)}: {transport}: is not supported: {_OTHER_TRANSPORTS[transport]}")
@@ -136,6 +138,10 @@ class Location:
 
     @classmethod
     def _local(cls, transport: str, rest: str, text: str) -> "Location":
+        if transport == DIR:  # skopeo's dir:DIR: the rest is the path, colons and all; one image, no tag
+            if not rest:
+                raise ReferenceError(f"{_shown(text)}: dir: needs a directory (dir:DIR)")
+            return cls(DIR, path=rest)
         digest = ""
         if transport == OCI and "@" in rest:
             rest, digest = rest.rsplit("@", 1)
@@ -407,6 +413,66 @@ class ArchiveSource(Source):
             _copy_verified(f, out, desc, f"{self.archive.path}: member {self.paths[desc.digest]!r}")
 
 
+DIR_VERSION = b"Directory Transport Version: 1.1\n"
+
+
+class DirSource(Source):
+    """skopeo's dir:DIR: `manifest.json` (a manifest, or an index whose images are `<hex>.manifest.json`),
+    every blob as `<hex>`, a `version` file. Like a layout's, its files are opened without following
+    symlinks, only regular files, JSON capped before it is read whole, every digest checked."""
+
+    def __init__(self, path: str):
+        self.root = path
+        if not os.path.isdir(path):
+            raise TransferError(f"{path}: no such directory (dir:DIR names a directory skopeo wrote)")
+        if not os.path.lexists(os.path.join(path, "version")):
+            raise TransferError(f"{path}: no version file; not a directory skopeo's dir: transport wrote",
+                                hint=f"an OCI image layout directory is oci:{path}")
+
+    def _open(self, name: str, what: str) -> BinaryIO:
+        try:
+            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise TransferError(f"{self.root}: {what} is missing") from None
+        except OSError as e:
+            raise TransferError(f"{self.root}: cannot open {what} ({e.strerror}; a symlink is not followed)") from None
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise TransferError(f"{self.root}: {what} is not a regular file")
+        return f
+
+    def _manifest_bytes(self, name: str) -> bytes:
+        with self._open(name, name) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise TransferError(f"{self.root}: {name} is over the {size_text(MAX_MANIFEST_BYTES)} cap for manifests")
+        return raw
+
+    def manifests(self, platform, all_platforms):
+        try:
+            doc = parse_manifest_or_index(self._manifest_bytes("manifest.json"))
+            if isinstance(doc, Manifest):
+                return [(doc, None)]
+            chosen = doc.manifests if all_platforms else [doc.select(platform or Platform.host())]
+            out = []
+            for d in chosen:
+                if d.media_type in INDEX_TYPES:
+                    continue  # nested indexes (attestations and the like) are not images
+                raw = self._manifest_bytes(f"{digest_hex(d.digest)}.manifest.json")
+                if sha256_digest(raw) != d.digest:
+                    raise TransferError(f"{self.root}: {digest_hex(d.digest)}.manifest.json is corrupt (its content "
+                                        "has another digest)")
+                out.append((Manifest.parse(raw, d.media_type), d.platform))
+            return out
+        except (ValueError, LookupError) as e:  # a bad digest or size inside, or no such platform
+            raise TransferError(f"{self.root}: {e}") from None
+
+    def fetch(self, desc, out, progress=None):
+        with self._open(digest_hex(desc.digest), f"blob {desc.digest}") as f:
+            _copy_verified(f, out, desc, f"{self.root}: blob {desc.digest}")
+
+
 def _check_config_size(desc: Descriptor) -> None:
     if desc.size > MAX_CONFIG_BYTES:
         raise TransferError(f"config {desc.digest}: its descriptor says {desc.size} bytes, over the "
@@ -433,6 +499,8 @@ def open_source(loc: Location, insecure: bool = False) -> Source:
         return OCISource(loc.path, loc.tag, loc.digest)
     if loc.kind == OCI_ARCHIVE:
         return OCIArchiveSource(loc.path, loc.tag, loc.digest)
+    if loc.kind == DIR:
+        return DirSource(loc.path)
     return ArchiveSource(loc.path, loc.tag)
 
 
@@ -616,6 +684,37 @@ class ArchiveDest(Dest):
         shutil.rmtree(self.blobs, ignore_errors=True)
 
 
+class DirDest(Dest):
+    """skopeo's dir:DIR, as `skopeo copy` writes it: blobs as `<hex>`, `manifest.json` (with several platforms
+    the index, each image as `<hex>.manifest.json`), the `version` file; every file under a temporary name."""
+
+    def __init__(self, path: str):
+        os.makedirs(path, exist_ok=True)
+        self.root = self.staging_dir = path
+
+    def put_blob(self, desc, path):
+        os.chmod(path, 0o644)
+        os.replace(path, os.path.join(self.root, digest_hex(desc.digest)))
+        return "stored"
+
+    def put_manifest(self, manifest):
+        pass  # written by finish(): one image is manifest.json itself
+
+    def finish(self, images):
+        if len(images) == 1:
+            m = images[0][0]
+            write_atomic(os.path.join(self.root, "manifest.json"), m.raw)
+            digest = m.digest
+        else:
+            for m, _ in images:
+                write_atomic(os.path.join(self.root, f"{digest_hex(m.digest)}.manifest.json"), m.raw)
+            index = Index.build([m.descriptor(p) for m, p in images])
+            write_atomic(os.path.join(self.root, "manifest.json"), index.raw)
+            digest = index.digest
+        write_atomic(os.path.join(self.root, "version"), DIR_VERSION)
+        return digest
+
+
 def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = None) -> Dest:
     if loc.digest:
         raise ReferenceError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
@@ -627,20 +726,22 @@ def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = No
         return OCIDest(loc.path, loc.tag)
     if loc.kind == OCI_ARCHIVE:
         return OCIArchiveDest(loc.path, loc.tag)
+    if loc.kind == DIR:
+        return DirDest(loc.path)
     return ArchiveDest(loc.path, loc.tag)
 
 
 class LocalImage:
     """One image of a local location as an OCI layout on disk, for readers that serve it (`lazybuild mount` and
     `optimize` through lazybuild.localregistry): a layout directory as it is, an oci-archive unpacked, a
-    docker-archive copied into a temporary layout. `close()` removes what was made."""
+    docker-archive or a skopeo dir copied into a temporary layout. `close()` removes what was made."""
 
     def __init__(self, loc: Location, platform: Platform | None = None):
         self.temp = None
-        if loc.kind == DOCKER_ARCHIVE:
+        if loc.kind in (DOCKER_ARCHIVE, DIR):
             self.temp = tempfile.mkdtemp(prefix="lazybuild-local-")
             try:
-                src, dst = ArchiveSource(loc.path, loc.tag), OCIDest(self.temp, "image")
+                src, dst = open_source(loc), OCIDest(self.temp, "image")
                 try:
                     copy_image(src, dst, platform=platform)
                 finally:

@@ -12,7 +12,7 @@ from .options import parse_size, platform_of, read_prioritized_files
 from .progress import progress_bar
 
 LOCATION_HELP = ("docker://HOST/REPO[:TAG|@DIGEST] (or HOST/REPO[:TAG] alone), oci:DIR[:TAG|@DIGEST], "
-                 "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]")
+                 "oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] or dir:DIR")
 
 # verb -> (what SRC must be, what DST must be): True a registry, False local, None either.
 DIRECTIONS = {"copy": (None, None), "pull": (True, False), "push": (False, True), "convert": (None, None)}
@@ -20,9 +20,9 @@ DIRECTIONS = {"copy": (None, None), "pull": (True, False), "push": (False, True)
 
 def add_parser(sub) -> None:
     for name, func, helptext in (
-            ("copy", copy, "copy an image from anywhere to anywhere (registry, OCI layout or tar, docker-archive)"),
-            ("pull", copy, "copy an image from a registry into an OCI layout, an OCI tar or a docker-archive"),
-            ("push", copy, "copy an image from an OCI layout, an OCI tar or a docker-archive to a registry"),
+            ("copy", copy, "copy an image from anywhere to anywhere (registry, OCI layout or tar, docker-archive, dir)"),
+            ("pull", copy, "copy an image from a registry into an OCI layout, an OCI tar, a docker-archive or a dir"),
+            ("push", copy, "copy an image from an OCI layout, an OCI tar, a docker-archive or a dir to a registry"),
             ("convert", convert, "copy an image turning its layers into eStargz (default), zstd:chunked or zstd")):
         c = sub.add_parser(name, help=helptext, description=helptext + ". Images are " + LOCATION_HELP + ".")
         c.add_argument("src", metavar="SRC", help=LOCATION_HELP)

@@ -16,8 +16,8 @@ from .options import parse_size, platform_of
 def add_parser(sub) -> None:
     mnt = sub.add_parser("mount", help="mount an image's root filesystem lazily (FUSE, read-only)")
     mnt.add_argument("ref_or_dir", metavar="IMAGE",
-                     help="a registry reference, oci:DIR[:TAG|@DIGEST], oci-archive:FILE[:TAG] or docker-archive:FILE "
-                          "(with --status: the mount point)")
+                     help="a registry reference, oci:DIR[:TAG|@DIGEST], oci-archive:FILE[:TAG], docker-archive:FILE or "
+                          "dir:DIR (with --status: the mount point)")
     mnt.add_argument("dir", metavar="DIR", nargs="?")
     mnt.add_argument("--platform", metavar="P")
     mnt.add_argument("--cache", metavar="DIR", default=CACHE_DIR,

@@ -59,6 +59,16 @@ def test_copy_pull_push_and_their_directions(registry, archive, tmp_path):
     again = _json(lazybuild("copy", f"oci-archive:{tmp_path}/skopeo.tar:s", f"oci:{tmp_path}/from-skopeo:s"))
     assert again["digest"] == theirs["digest"]
 
+    # skopeo's dir: both ways, through the registry
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{src}", f"dir:{tmp_path}/skopeo-dir"],
+                   check=True, capture_output=True)
+    from_dir = f"{registry.host}/transports/from-dir:v1"
+    assert _json(lazybuild("push", f"dir:{tmp_path}/skopeo-dir", from_dir))["digest"] == pushed["digest"]
+    assert _json(lazybuild("pull", from_dir, f"dir:{tmp_path}/our-dir"))["digest"] == pushed["digest"]
+    info = json.loads(subprocess.run(["skopeo", "inspect", f"dir:{tmp_path}/our-dir"], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["Digest"] == pushed["digest"]
+
 
 def _mounted(path) -> bool:
     with open("/proc/self/mountinfo") as f:
@@ -78,7 +88,7 @@ def big_archive(tars, tmp_path_factory) -> str:
     return docker_archive([tars["ustar"], big], str(d / "image.tar"))
 
 
-@pytest.mark.parametrize("kind", ["oci", "oci-archive", "docker-archive"])
+@pytest.mark.parametrize("kind", ["oci", "oci-archive", "docker-archive", "dir"])
 def test_mount_and_inspect_local_images(big_archive, tmp_path, kind):
     archive = big_archive
     if kind == "docker-archive":
@@ -89,6 +99,9 @@ def test_mount_and_inspect_local_images(big_archive, tmp_path, kind):
         if kind == "oci-archive":
             lazybuild("copy", image, f"oci-archive:{tmp_path}/esgz.tar:v1")
             image = f"oci-archive:{tmp_path}/esgz.tar:v1"
+        elif kind == "dir":  # copied into a temporary layout at mount, then served as lazily as a layout
+            lazybuild("copy", image, f"dir:{tmp_path}/esgz-dir")
+            image = f"dir:{tmp_path}/esgz-dir"
     inspected = _json(lazybuild("inspect", image))
     assert inspected["reference"] == image and len(inspected["manifest"]["layers"]) == 2
 

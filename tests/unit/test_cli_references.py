@@ -48,7 +48,9 @@ BAD = [
     (["copy", "foo:bar/x", "oci:o"], 1, ["foo: is not a transport lazybuild knows"], ["oci:DIR"]),
     (["copy", "http://example.com/x", "oci:o"], 1, ["http:// is not a transport"], ["docker://"]),
     (["copy", "docker:busybox", "oci:o"], 1, ["docker://HOST/REPO"], []),
-    (["copy", "dir:/tmp/x", "oci:o"], 1, ["dir: is not supported", "skopeo copy dir:DIR oci:LAYOUT"], []),
+    (["copy", "dir:", "oci:o"], 1, ["dir: needs a directory"], []),
+    (["inspect", "dir:/nonexistent/d"], 1, ["/nonexistent/d: no such directory"], []),
+    (["copy", "ostree:/x", "oci:o"], 1, ["ostree: is not supported"], []),
     (["copy", "containers-storage:x", "oci:o"], 1, ["podman save --format oci-archive"], []),
     (["copy", "oci:", "oci:o"], 1, ["oci: needs a path"], []),
     (["copy", "oci:x:bad tag", "oci:o"], 1, ["is not a tag"], []),
@@ -112,6 +114,8 @@ def test_registry_references_keep_their_host(text):
     ("oci-archive:/tmp/a.tar", "oci-archive", "/tmp/a.tar", "", ""),
     ("oci-archive:a.tar:v1", "oci-archive", "a.tar", "v1", ""),
     ("docker-archive:a.tar:app:v1", "docker-archive", "a.tar", "app:v1", ""),
+    ("dir:/x/d", "dir", "/x/d", "", ""),
+    ("dir:with:colons", "dir", "with:colons", "", ""),
 ])
 def test_local_transports(text, kind, path, tag, digest):
     loc = Location.parse(text)
@@ -170,6 +174,31 @@ def test_copy_between_local_transports(archive, tmp_path):
 
     p = run("inspect", f"oci-archive:{tmp_path}/img-oci.tar:nope", ok=False)
     assert p.returncode == 1 and "no image tagged 'nope'" in p.stderr
+
+
+def test_skopeo_dir_in_and_out(archive, tmp_path, canary):
+    out = json.loads(run("copy", f"docker-archive:{archive}", f"dir:{tmp_path}/d").stdout)
+    names = sorted(os.listdir(tmp_path / "d"))
+    assert "manifest.json" in names and "version" in names and len(names) == 4  # + config and layer, by hex
+    assert (tmp_path / "d/version").read_bytes() == b"Directory Transport Version: 1.1\n"
+    assert _inspect(f"dir:{tmp_path}/d")["digest"] == out["digest"]
+    assert json.loads(run("copy", f"dir:{tmp_path}/d", f"oci:{tmp_path}/o").stdout)["digest"] == out["digest"]
+
+    # a symlinked manifest.json is not followed; a blob that is not its digest is refused
+    os.replace(tmp_path / "d/manifest.json", tmp_path / "manifest.json")
+    os.symlink(canary.secret, tmp_path / "d/manifest.json")
+    p = run("inspect", f"dir:{tmp_path}/d", ok=False)
+    assert p.returncode == 1 and "a symlink is not followed" in p.stderr
+    os.unlink(tmp_path / "d/manifest.json")
+    os.replace(tmp_path / "manifest.json", tmp_path / "d/manifest.json")
+    layer = json.loads((tmp_path / "d/manifest.json").read_text())["layers"][0]["digest"][7:]
+    with open(tmp_path / "d" / layer, "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    p = run("copy", f"dir:{tmp_path}/d", f"oci:{tmp_path}/o2", ok=False)
+    assert p.returncode == 1 and "corrupt or changed" in p.stderr
+    p = run("inspect", f"dir:{tmp_path}", ok=False)
+    assert p.returncode == 1 and "no version file" in p.stderr and f"oci:{tmp_path}" in p.stderr
 
 
 def _layers(layout: str) -> list[dict]:

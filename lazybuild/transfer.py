@@ -55,7 +55,7 @@ class TransferError(DataError):
     pass
 
 
-class ReferenceError(InputError):
+class LocationError(InputError):
     """An image argument that names no image we can read or write (exit 1, like any bad input)."""
 
     hint = ("an image is docker://HOST/REPO[:TAG|@DIGEST] (or HOST/REPO[:TAG] alone), oci:DIR[:TAG|@DIGEST], "
@@ -65,10 +65,6 @@ class ReferenceError(InputError):
 # Where an image is, as skopeo and containers/image spell it: TRANSPORT:WHERE. A bare reference is docker://.
 REGISTRY, OCI, OCI_ARCHIVE, DOCKER_ARCHIVE, DIR = "registry", "oci", "oci-archive", "docker-archive", "dir"
 LOCAL_KINDS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE, DIR)
-LOCATION_SYNTAX = ("a registry reference (HOST[:PORT]/REPO[:TAG|@DIGEST], or docker://...), oci:DIR[:TAG|@DIGEST] "
-                   "(an OCI image layout), oci-archive:FILE[:TAG] (an OCI layout in a tar, as `docker buildx build "
-                   "-o type=oci` writes), docker-archive:FILE[:NAME:TAG] (as `docker save` writes) or dir:DIR (skopeo's "
-                   "directory of blobs)")
 # Transports of skopeo/containers-image we do not read or write, with what to use instead.
 _OTHER_TRANSPORTS = {
     "containers-storage": "lazybuild does not read podman's or CRI-O's image store; "
@@ -99,63 +95,66 @@ class Location:
 
     @classmethod
     def parse(cls, text: str) -> "Location":
-        """TEXT as one of the transports; a ReferenceError (an InputError) for anything else, naming what it
+        """TEXT as one of the transports; a LocationError (an InputError) for anything else, naming what it
         looks like (a path without a transport is told to say oci:, an unknown transport is named)."""
         if not isinstance(text, str) or not text:
-            raise ReferenceError("an image argument is empty")
+            raise LocationError("an image argument is empty")
         if len(text) > _MAX_LOCATION_CHARS or any(ord(c) < 32 or c == "\x7f" for c in text):
-            raise ReferenceError(f"{_shown(text)}: an image argument has no control characters and at most "
-                                 f"{_MAX_LOCATION_CHARS} characters")
+            raise LocationError(f"{_shown(text)}: an image argument has no control characters and at most "
+                                f"{_MAX_LOCATION_CHARS} characters")
         scheme = _SCHEME_RE.match(text)
         if scheme:
             name = scheme.group(1)
             if name != "docker":
-                raise ReferenceError(f"{_shown(text)}: {name}:// is not a transport lazybuild knows; "
-                                     "the registry transport is docker://HOST/REPO[:TAG]")
+                raise LocationError(f"{_shown(text)}: {name}:// is not a transport lazybuild knows; "
+                                    "the registry transport is docker://HOST/REPO[:TAG]")
             return cls(REGISTRY, ref=_reference(text[len("docker://"):], text))
         transport, colon, rest = text.partition(":")
         if colon and transport in LOCAL_KINDS:
             return cls._local(transport, rest, text)
         if colon and transport in _OTHER_TRANSPORTS:
-            raise ReferenceError(f"{_shown(text)}: {transport}: is not supported: {_OTHER_TRANSPORTS[transport]}")
+            raise LocationError(f"{_shown(text)}: {transport}: is not supported: {_OTHER_TRANSPORTS[transport]}")
         if colon and transport == "docker":
-            raise ReferenceError(f"{_shown(text)}: the registry transport is written docker://HOST/REPO[:TAG]")
+            raise LocationError(f"{_shown(text)}: the registry transport is written docker://HOST/REPO[:TAG]")
         if _looks_like_path(text):
-            raise ReferenceError(f"{_shown(text)} looks like a path, not a registry reference", hint=_path_hint(text))
+            raise LocationError(f"{_shown(text)} looks like a path, not a registry reference", hint=_path_hint(text))
         host = text.split("/", 1)[0]
         if colon and "/" in text and ":" in host and not host.startswith("[") and not host.rsplit(":", 1)[1].isdigit():
             # `foo:bar/baz`: not a host:port (the port is a number), so a transport we do not know.
-            raise ReferenceError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
+            raise LocationError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
         if colon and "/" not in text and not rest.replace(".", "").replace("-", "").replace("_", "").isalnum():
             # `foo:bar` with something no tag can be after the colon (`foo:/x`, `foo:a b`): a transport.
-            raise ReferenceError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
+            raise LocationError(f"{_shown(text)}: {transport}: is not a transport lazybuild knows")
         try:
             return cls(REGISTRY, ref=_reference(text, text))
-        except ReferenceError as e:
+        except LocationError as e:
             if os.path.exists(text):  # `pull REF mydir`: a relative path that also spells a bad reference
-                raise ReferenceError(f"{e}; {text!r} is also a path here", hint=_path_hint(text)) from None
+                raise LocationError(f"{e}; {text!r} is also a path here", hint=_path_hint(text)) from None
             raise
 
     @classmethod
     def _local(cls, transport: str, rest: str, text: str) -> "Location":
         if transport == DIR:  # skopeo's dir:DIR: the rest is the path, colons and all; one image, no tag
             if not rest:
-                raise ReferenceError(f"{_shown(text)}: dir: needs a directory (dir:DIR)")
+                raise LocationError(f"{_shown(text)}: dir: needs a directory (dir:DIR)")
             return cls(DIR, path=rest)
         digest = ""
         if transport == OCI and "@" in rest:
             rest, digest = rest.rsplit("@", 1)
-            digest = _checked(lambda: check_digest(digest, f"{text!r}: the digest after @"))
+            try:
+                check_digest(digest, f"{_shown(text)}: the digest after @")
+            except InputError as e:
+                raise LocationError(str(e)) from None
         path, _, tag = rest.partition(":")  # as skopeo: the path ends at the first colon
         forms = {OCI: "oci:DIR[:TAG|@DIGEST]", OCI_ARCHIVE: "oci-archive:FILE[:TAG]",
                  DOCKER_ARCHIVE: "docker-archive:FILE[:NAME:TAG]"}
         if not path:
-            raise ReferenceError(f"{_shown(text)}: {transport}: needs a path ({forms[transport]})")
+            raise LocationError(f"{_shown(text)}: {transport}: needs a path ({forms[transport]})")
         if tag and digest:
-            raise ReferenceError(f"{_shown(text)}: give a tag or a digest, not both ({forms[transport]})")
+            raise LocationError(f"{_shown(text)}: give a tag or a digest, not both ({forms[transport]})")
         if transport != DOCKER_ARCHIVE and tag and not _OCI_TAG_RE.fullmatch(tag):
-            raise ReferenceError(f"{_shown(text)}: {tag!r} is not a tag (letters, digits, and . _ - + / @ inside, "
-                                 "at most 128)")
+            raise LocationError(f"{_shown(text)}: {tag!r} is not a tag (letters, digits, and . _ - + / @ inside, "
+                                "at most 128)")
         if transport == DOCKER_ARCHIVE and tag:
             _reference(tag, text)  # RepoTags entries are registry references (name:tag)
         return cls(transport, path=path, tag=tag, digest=digest)
@@ -175,18 +174,11 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 200 else text[:200] + "...")
 
 
-def _checked(fn):
-    try:
-        return fn()
-    except InputError as e:
-        raise ReferenceError(str(e)) from None
-
-
 def _reference(text: str, original: str) -> Reference:
     try:
         return Reference.parse(text)
     except (InputError, ValueError, UnicodeError) as e:  # InvalidDigest is an InputError too
-        raise ReferenceError(str(e) if original == text else f"{_shown(original)}: {e}") from None
+        raise LocationError(str(e) if original == text else f"{_shown(original)}: {e}") from None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -299,7 +291,8 @@ class OCIArchiveSource(OCISource):
     --format oci-archive` write). Only the members a layout reads are copied out, into a temporary layout:
     `oci-layout`, `index.json` and `blobs/sha256/<64 hex>`, regular files named exactly so; no other name
     from the archive becomes a path. Their digests are checked like any layout's as they are read, and what
-    is copied is bounded by the archive itself (sparse members, which could expand past it, are refused)."""
+    is copied is bounded by the archive itself (compressed archives and sparse members, which could expand
+    past it, are refused)."""
 
     MEMBER_RE = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[0-9a-f]{64})")
 
@@ -316,7 +309,9 @@ class OCIArchiveSource(OCISource):
     def _unpack(self, path: str) -> None:
         os.makedirs(os.path.join(self.work, "blobs", "sha256"))
         try:
-            with tarfile.open(path, "r:*") as tf:
+            # Uncompressed only (what every writer of OCI archives makes): what is copied out is then bounded
+            # by the archive's own size, where a compressed one could expand without end.
+            with tarfile.open(path, "r:") as tf:
                 for info in tf:
                     m = self.MEMBER_RE.fullmatch(info.name)
                     if not m:
@@ -717,10 +712,10 @@ class DirDest(Dest):
 
 def open_dest(loc: Location, insecure: bool = False, mount_from: str | None = None) -> Dest:
     if loc.digest:
-        raise ReferenceError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
+        raise LocationError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
     if loc.kind == REGISTRY:
         if loc.ref.digest:
-            raise ReferenceError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
+            raise LocationError(f"{loc}: a destination is named by a tag, not a digest (the digest is what the copy makes)")
         return RegistryDest(loc.ref, insecure, mount_from)
     if loc.kind == OCI:
         return OCIDest(loc.path, loc.tag)
@@ -754,7 +749,7 @@ class LocalImage:
         elif loc.kind in (OCI, OCI_ARCHIVE):
             self.source = open_source(loc)
         else:
-            raise ReferenceError(f"{loc} is in a registry, not a local image")
+            raise LocationError(f"{loc} is in a registry, not a local image")
         try:
             images = self.source.manifests(platform, False)
             if not images:
@@ -957,5 +952,5 @@ def as_oci_layer(d: Descriptor) -> Descriptor:
     return Descriptor(mt, d.digest, d.size, d.annotations, d.platform, d.urls)
 
 
-__all__ = ["ConvertOptions", "Dest", "LocalImage", "Location", "OCIArchiveDest", "OCIArchiveSource", "ReferenceError", "OCIDest", "RegistryDest", "Source",
+__all__ = ["ConvertOptions", "Dest", "LocalImage", "Location", "OCIArchiveDest", "OCIArchiveSource", "LocationError", "OCIDest", "RegistryDest", "Source",
            "TransferError", "as_oci_layer", "copy_image", "open_dest", "open_source", "RegistryError", "LayoutError"]

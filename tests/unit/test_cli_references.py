@@ -309,7 +309,12 @@ def test_hostile_oci_archives(good_members, tmp_path, canary):
     members = [(n, d if n != blob else d[:-1] + bytes([d[-1] ^ 1]), k) for n, d, k in good_members]
     p = run("copy", f"oci-archive:{_oci_tar(tmp_path / 'bad.tar', members)}", f"oci:{tmp_path}/out2", ok=False)
     assert p.returncode == 1 and "corrupt or changed" in p.stderr and "Traceback" not in p.stderr
-    # not a tar at all; a docker-archive named as an oci-archive
+    # a compressed archive (it could expand without bound) is refused before anything is copied out
+    good = _oci_tar(tmp_path / "good.tar", good_members)
+    (tmp_path / "good.tar.gz").write_bytes(gzip.compress(open(good, "rb").read()))
+    p = run("inspect", f"oci-archive:{tmp_path}/good.tar.gz", ok=False)
+    assert p.returncode == 1 and "not a readable tar" in p.stderr
+    # not a tar at all
     (tmp_path / "junk.tar").write_bytes(gzip.compress(b"junk" * 100))
     p = run("inspect", f"oci-archive:{tmp_path}/junk.tar", ok=False)
     assert p.returncode == 1 and "not a readable tar" in p.stderr

@@ -18,9 +18,20 @@ DOCKER = "/usr/bin/docker"  # the 20.10 CLI; another `docker` on PATH may need b
 
 
 class Dockerd:
-    def __init__(self, workdir: str, extra_args: list[str] = ()):
+    def __init__(self, workdir: str, extra_args: list[str] = (), *, insecure_entitlement: bool = False):
+        """INSECURE_ENTITLEMENT: let builds that ask for it run steps with security.insecure (daemon.json
+        `"builder": {"entitlements": {"security-insecure": true}}`, Docker 20.10's setting). The classic
+        `docker build` never asks for it: such a build goes through BuildKit's control API (as buildx's
+        docker driver does) with the entitlement in its request."""
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
+        env = None
+        if insecure_entitlement:
+            config = os.path.join(workdir, "daemon.json")
+            with open(config, "w") as f:
+                json.dump({"builder": {"entitlements": {"security-insecure": True}}}, f)
+            extra_args = [*extra_args, "--config-file", config]
+            env = dict(os.environ, PATH=_capped_runc(workdir) + os.pathsep + os.environ.get("PATH", ""))
         self.socket = os.path.join(workdir, "docker.sock")
         # The exec root holds containerd's socket path, which must stay under 108 bytes: keep it short.
         self.exec_root = tempfile.mkdtemp(prefix="lbd-", dir="/run")
@@ -30,7 +41,7 @@ class Dockerd:
              "--data-root", os.path.join(workdir, "data"), "--exec-root", self.exec_root,
              "--pidfile", os.path.join(workdir, "dockerd.pid"), "-H", f"unix://{self.socket}",
              "--storage-driver=overlay2", "--log-level=warn", *extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -87,14 +98,62 @@ class Dockerd:
         shutil.rmtree(self.exec_root, ignore_errors=True)
 
 
+# An insecure step asks runc for every capability BuildKit knows (its list is fixed); where this process's
+# bounding set lacks one (a sandboxed CI or VM), runc fails with "unable to apply caps". The daemon that
+# grants security.insecure finds this runc first on its PATH: it keeps only the capabilities the machine
+# has, then runs the real one. Specs that ask for no more than that are passed on untouched.
+_RUNC_WRAPPER = """#!/usr/bin/python3
+import json, os, sys
+REAL = {real!r}
+args = sys.argv[1:]
+bundle = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--bundle", "-b")), None)
+if bundle and os.path.exists(os.path.join(bundle, "config.json")):
+    with open("/proc/self/status") as f:
+        bnd = int(next(l for l in f if l.startswith("CapBnd:")).split()[1], 16)
+    names = {{"CAP_" + n.upper(): i for i, n in enumerate({names!r})}}
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        spec = json.load(f)
+    caps = (spec.get("process") or {{}}).get("capabilities") or {{}}
+    kept = {{k: [c for c in v if c not in names or bnd >> names[c] & 1] for k, v in caps.items() if isinstance(v, list)}}
+    if any(len(kept[k]) != len(caps[k]) for k in kept):
+        caps.update(kept)
+        with open(path + ".tmp", "w") as f:
+            json.dump(spec, f)
+        os.replace(path + ".tmp", path)
+os.execv(REAL, [REAL] + args)
+"""
+# capability(7) numbers 0..40, by name
+_CAP_NAMES = ["chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid", "setpcap",
+              "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw", "ipc_lock", "ipc_owner",
+              "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+              "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write", "audit_control",
+              "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm", "block_suspend", "audit_read",
+              "perfmon", "bpf", "checkpoint_restore"]
+
+
+def _capped_runc(workdir: str) -> str:
+    """A directory holding the runc wrapper above (see there); returns it."""
+    real = shutil.which("runc")
+    if real is None:
+        raise RuntimeError("runc not found on PATH")
+    bindir = os.path.join(workdir, "runc-capped")
+    os.makedirs(bindir, exist_ok=True)
+    path = os.path.join(bindir, "runc")
+    with open(path, "w") as f:
+        f.write(_RUNC_WRAPPER.format(real=real, names=_CAP_NAMES))
+    os.chmod(path, 0o755)
+    return bindir
+
+
 # The checkout this package runs from (an editable install): push_frontend_image needs its Dockerfile and scripts/.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE_IMAGE = "lazybuild-test/python:bookworm"  # Debian bookworm minbase + python3 + python3-venv
 
 
-def start_with_base(workdir: str) -> Dockerd:
+def start_with_base(workdir: str, *, insecure_entitlement: bool = False) -> Dockerd:
     """A daemon with the Debian test base image (debootstrap, cached) imported as BASE_IMAGE."""
-    d = Dockerd(workdir)
+    d = Dockerd(workdir, insecure_entitlement=insecure_entitlement)
     try:
         d.import_rootfs(debootstrap_rootfs(("python3", "python3-venv")), BASE_IMAGE)
     except Exception:

@@ -18,4 +18,5 @@ RUN --mount=type=bind,source=dist/frontend-wheels,target=/wheels \
 LABEL moby.buildkit.frontend.network.none="true" \
       moby.buildkit.frontend.caps="moby.buildkit.frontend.inputs,moby.buildkit.frontend.subrequests,moby.buildkit.frontend.contexts"
 # BuildKit runs the ENTRYPOINT (CMD is ignored) with no default PATH: the interpreter path is absolute.
-ENTRYPOINT ["/opt/lazybuild/bin/python3", "-m", "lazybuild.frontend"]
+# -I: no PYTHON* variables, no user site, and no import from the working directory (`-m` would put it first).
+ENTRYPOINT ["/opt/lazybuild/bin/python3", "-I", "-m", "lazybuild.frontend"]

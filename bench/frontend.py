@@ -107,7 +107,7 @@ def main() -> int:
         shutil.copy(os.path.join(here, "forward_frontend.py"), fctx)
         with open(os.path.join(fctx, "Dockerfile"), "w") as f:
             f.write(f"FROM {ref}\nCOPY forward_frontend.py /forward.py\n"
-                    "ENTRYPOINT [\"/opt/lazybuild/bin/python3\", \"/forward.py\"]\n")
+                    "ENTRYPOINT [\"/opt/lazybuild/bin/python3\", \"-I\", \"/forward.py\"]\n")
         dockerd.build(fctx, "-t", forward)
         dockerd.docker("push", forward)
         with open(os.path.join(ctx, "Dockerfile.forward"), "w") as f:

@@ -16,7 +16,7 @@ import threading
 
 from lazybuild.errors import RemoteError
 
-from .hpack import Decoder, HpackError
+from .hpack import Decoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 5, 6, 7, 8, 9
@@ -153,8 +153,11 @@ class Connection:
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.wfd, view):]
+        try:
+            while view:
+                view = view[os.write(self.wfd, view):]
+        except OSError as e:
+            raise CallError(f"gateway connection lost: {e}", UNAVAILABLE) from None
 
     def _read_loop(self) -> None:
         buf = bytearray()
@@ -214,8 +217,8 @@ class Connection:
                 elif kind == PUSH_PROMISE:
                     raise ProtocolError("PUSH_PROMISE, which we disabled")
                 # PRIORITY, SETTINGS/PING acks and unknown kinds need nothing
-        except (OSError, EOFError, ProtocolError, HpackError, ValueError, IndexError) as e:
-            self._goaway(-1, f"gateway connection lost: {e}")
+        except Exception as e:  # a dead reader would leave every call waiting: fail them instead
+            self._goaway(-1, f"gateway connection lost: {type(e).__name__}: {e}")
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -68,6 +67,8 @@ class Reference:
         name = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host[1:].split("]")[0]
         if name == "localhost":
             return True
+        import ipaddress  # here, not at the top: the BuildKit frontend imports this module on every build
+
         try:
             return ipaddress.ip_address(name).is_loopback
         except ValueError:

@@ -319,3 +319,43 @@ def test_hostile_oci_archives(good_members, tmp_path, canary):
     p = run("inspect", f"oci-archive:{tmp_path}/junk.tar", ok=False)
     assert p.returncode == 1 and "not a readable tar" in p.stderr
     canary.check()
+
+
+def _two_platform_layout(root) -> dict[str, str]:
+    """An OCI layout whose one tag is an index of a linux/amd64 and a linux/arm64 image; their manifest digests."""
+    from lazybuild.image import OCI_INDEX, Descriptor, Index, Manifest, Platform
+    from lazybuild.layout import OCILayout
+
+    layout = OCILayout(str(root), create=True)
+    digests = {}
+    for arch in ("amd64", "arm64"):
+        data = arch.encode() * 1000
+        layer = Descriptor("application/vnd.oci.image.layer.v1.tar", layout.put_bytes(data), len(data))
+        config = json.dumps({"architecture": arch, "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [layer.digest]}}).encode()
+        cfg = Descriptor("application/vnd.oci.image.config.v1+json", layout.put_bytes(config), len(config))
+        manifest = Manifest.build(cfg, [layer])
+        layout.put_bytes(manifest.raw)
+        digests[arch] = manifest.digest
+    index = Index.build([Descriptor("application/vnd.oci.image.manifest.v1+json", d,
+                                    len(layout.read_blob(d)), platform=Platform("linux", a)) for a, d in digests.items()])
+    layout.put_bytes(index.raw)
+    layout.add_to_index(Descriptor(OCI_INDEX, index.digest, len(index.raw)), "multi")
+    return digests
+
+
+def test_several_platforms_through_dir_and_oci_archive(tmp_path):
+    digests = _two_platform_layout(tmp_path / "multi")
+    for dest in (f"dir:{tmp_path}/d", f"oci-archive:{tmp_path}/m.tar:multi"):
+        run("copy", "--all-platforms", f"oci:{tmp_path}/multi:multi", dest)
+        for arch, digest in digests.items():
+            assert _inspect_platform(dest, f"linux/{arch}") == digest, (dest, arch)
+    # skopeo's layout for several images: the index in manifest.json, each image as <hex>.manifest.json
+    names = set(os.listdir(tmp_path / "d"))
+    assert {f"{d[7:]}.manifest.json" for d in digests.values()} <= names and "manifest.json" in names
+    out = json.loads(run("copy", f"dir:{tmp_path}/d", f"oci:{tmp_path}/one", "--platform", "linux/arm64").stdout)
+    assert out["digest"] == digests["arm64"]
+
+
+def _inspect_platform(image: str, platform: str) -> str:
+    return json.loads(run("inspect", image, "--platform", platform).stdout)["digest"]

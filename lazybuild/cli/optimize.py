@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="how long the workload runs before it is stopped (default 10 s, as ctr-remote)")
     o.add_argument("--platform", metavar="P", help="os/arch[/variant] to take from a multi-platform image (default: this machine's)")
     o.add_argument("--insecure", action="store_true", help="skip TLS verification (plain HTTP is automatic for loopback registries)")
+    o.add_argument("--env", action="append", default=[], metavar="K=V", help="an environment variable of the workload (repeatable; over the image's)")
+    o.add_argument("--cwd", metavar="DIR", help="the workload's working directory (default the image's WorkingDir)")
+    o.add_argument("--user", metavar="USER[:GROUP]", help="the workload's user (default the image's User)")
     o.add_argument("--zstdchunked", action="store_true", help="eStargz with zstd instead of gzip")
     o.add_argument("--estargz-compression-level", "--zstdchunked-compression-level", type=int, dest="level", metavar="L",
                    help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)")
@@ -48,7 +51,11 @@ def optimize(args) -> int:
     src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
     if args.period <= 0:
         raise UsageError(f"--period {args.period:g}: the workload needs a positive number of seconds")
+    for item in args.env:
+        if not item.partition("=")[0] or "=" not in item:
+            raise UsageError(f"--env {item!r}: write it KEY=VALUE")
     config, digest = _image_config(src_loc, args)
+    config = _with_run_options(config, args)
     if src_loc.is_registry:  # the image measured is the image converted, even if the tag moves meanwhile
         src_loc = Location(src_loc.kind, ref=src_loc.ref.with_digest(digest))
     reads = _record(src_loc, config, args)
@@ -84,6 +91,19 @@ def _image_config(loc, args) -> tuple[dict, str]:
     if not isinstance(config, dict):
         raise DataError(f"{loc}: its config is not a JSON object")
     return config, manifest.digest
+
+
+def _with_run_options(config: dict, args) -> dict:
+    """CONFIG with --env, --cwd and --user put over the image's Env, WorkingDir and User (for the run only)."""
+    run = dict(config.get("config") or {})
+    if args.env:
+        names = {item.partition("=")[0] for item in args.env}
+        run["Env"] = [e for e in run.get("Env") or [] if e.partition("=")[0] not in names] + list(args.env)
+    if args.cwd:
+        run["WorkingDir"] = args.cwd
+    if args.user:
+        run["User"] = args.user
+    return {**config, "config": run}
 
 
 def _record(loc, config: dict, args) -> dict[int, list[str]]:

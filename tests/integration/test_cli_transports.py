@@ -158,9 +158,10 @@ def _before_landmark(blob: str) -> list[str]:
 
 def test_optimize_an_existing_image(debian_image, registry, oracle, tmp_path):
     dst = f"{registry.host}/optimize/debian:opt"
-    cmd = "cat " + " ".join("/" + f for f in WORKLOAD_FILES) + " > /dev/null"
+    # the workload's own environment and directory: $FIRST and a relative path name two of the files
+    cmd = "cat $FIRST common-licenses/GPL-3 /etc/os-release > /dev/null"
     p = lazybuild("optimize", debian_image, dst, "--period", "30", "--record-out", str(tmp_path / "record.ndjson"),
-                  "--", "/bin/sh", "-c", cmd)
+                  "--env", "FIRST=/etc/debian_version", "--cwd", "/usr/share", "--", "/bin/sh", "-c", cmd)
     out = _json(p)
     assert out["destination"] == dst and out["filesRead"]["0"] >= len(WORKLOAD_FILES)
     assert _json(lazybuild("inspect", dst))["digest"] == out["digest"]

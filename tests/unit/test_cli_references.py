@@ -64,6 +64,10 @@ BAD = [
     (["convert", REF, "oci:o", "--zstd-compression-level", "5"], 2, ["is for --zstd layers"], []),
     (["convert", REF, "oci:o", "--zstd", "--estargz-chunk-size", "1MiB"], 2, ["no chunks"], []),
     (["convert", REF, "oci:o", "--zstd", "--zstdchunked"], 2, ["not allowed with argument"], []),
+    (["optimize", REF, "oci:o", "--env", "NOEQUALS"], 2, ["write it KEY=VALUE"], []),
+    (["optimize", REF, "oci:o", "--period", "0"], 2, ["positive number of seconds"], []),
+    (["optimize", "./here", "oci:o"], 1, ["looks like a path"], ["oci:./here"]),
+    (["mount", "image.tar", "/tmp/never-mounted"], 1, ["looks like a path"], ["oci-archive:image.tar"]),
 ]
 
 

@@ -58,7 +58,8 @@ class BuildOptions:
     insecure: bool = False
     state_dir: str = STATE_DIR
     chunk_cache: str = CACHE_DIR
-    network: str = "host"
+    network: str = "host"  # RUN steps without --network=: host or none (`lazybuild build --network`)
+    labels: dict[str, str] = field(default_factory=dict)  # `--label`: over the Dockerfile's LABELs
     record_base: str = ""  # append the base files RUN steps read here (NDJSON {path, layer})
     profile: str = "auto"  # build profiles: auto (use one found, save what was read), push (and push it), off
 
@@ -439,7 +440,10 @@ class Builder:
         config = {k: v for k, v in config.items() if k not in ("container", "container_config", "docker_version",
                                                                "created", "config", "history", "rootfs")}
         # Empty fields are left out, as Go's omitempty does in BuildKit's image config.
-        image_config = {k: v for k, v in build.target.config.items() if v not in ("", None, [], {})}
+        image_config = dict(build.target.config)
+        if self.opts.labels:  # --label, as buildx: over the Dockerfile's and the base's labels
+            image_config["Labels"] = {**(image_config.get("Labels") or {}), **self.opts.labels}
+        image_config = {k: v for k, v in image_config.items() if v not in ("", None, [], {})}
         config.update({"architecture": plat.architecture, "os": plat.os, "config": image_config,
                        "history": [dict(h) for h in build.target.history]})
         if plat.variant:
@@ -498,6 +502,8 @@ class Builder:
                 ident["source"] = self.source_identity(results, step.from_stage, step.from_image,
                                                        [src.text for src in step.sources])
             case RunStep():
+                if step.network not in ("none", "host") and self.opts.network != "host":
+                    ident["network"] = self.opts.network  # --network none: another result than the host's
                 ident["mountKeys"] = [self.source_identity(results, m.from_stage, m.from_image, [m.source])
                                       for m in step.mounts if isinstance(m, BindMount)]
         return ident

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -15,6 +16,14 @@ from lazybuild.timings import NoTimings, Timings
 
 from . import output, progress
 
+# Kept here (not imported from the exporter) so that `--help` starts without the exporter.
+OUTPUT_HELP = ("PATH (type=local), - (a tar on stdout), type=local|tar,dest=PATH; type=oci|docker[,dest=FILE|-]"
+               "[,tar=false][,name=REF] (tarballs; docker without dest: --load); type=image|registry[,name=REF]"
+               "[,push=true]; type=stargz[,dest=PATH][,push=true]; compression=gzip|estargz|zstd|zstd:chunked "
+               "(layers are always eStargz: gzip/estargz are eStargz-gzip, zstd/zstd:chunked eStargz-zstd)")
+NETWORKS = ("default", "host", "none")
+MAX_DOCKERFILE = 16 << 20  # as the builder reads a Dockerfile from a context
+
 # The builder and the exporter are imported by run(): every other command (and `--help`) starts without them.
 
 
@@ -22,15 +31,28 @@ def add_parser(sub) -> None:
     b = sub.add_parser("build", help="build a Dockerfile without a daemon: RUN steps on lazily mounted base images, "
                                      "output as optimized eStargz")
     b.add_argument("context", metavar="CONTEXT")
-    b.add_argument("-f", "--file", dest="dockerfile", default="", help="Dockerfile (default CONTEXT/Dockerfile)")
-    b.add_argument("-t", "--tag", action="append", default=[], help="name the image (with push=true: where to push)")
+    b.add_argument("-f", "--file", dest="dockerfile", default="",
+                   help="Dockerfile (default CONTEXT/Dockerfile; - reads it from stdin)")
+    b.add_argument("-t", "--tag", action="append", default=[],
+                   help="name the image (the names of image outputs without name=; with push=true: where to push)")
     b.add_argument("--target", default="", help="the stage to build (default: the last)")
     b.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     b.add_argument("--platform", default="", help="os/arch (this machine's; no emulation)")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
     b.add_argument("--secret", action="append", default=[], metavar="id=X,src=FILE")
-    b.add_argument("-o", "--output", default="", metavar="SPEC",
-                   help="type=stargz|oci|tar|local[,compression=gzip|zstd][,dest=PATH][,push=true]")
+    b.add_argument("-o", "--output", action="append", default=[], metavar="SPEC", help=OUTPUT_HELP)
+    b.add_argument("--push", action="store_true", help="push the image to every -t (--output type=registry)")
+    b.add_argument("--load", action="store_true",
+                   help="load the image into Docker with `docker load` (--output type=docker); Docker's store drops "
+                        "the eStargz annotations")
+    b.add_argument("--iidfile", default="", metavar="FILE",
+                   help="write the image ID: the config digest, or the manifest digest when the image is pushed")
+    b.add_argument("--label", action="append", default=[], metavar="K=V", help="a label in the image config")
+    b.add_argument("--pull", action="store_true",
+                   help="resolve base images in their registry (lazybuild always does: it keeps no tag cache)")
+    b.add_argument("--network", choices=NETWORKS, default="default",
+                   help="RUN steps' network: default (the host's, as BuildKit's host-network workers), host, "
+                        "none (RUN --network= of a step wins)")
     b.add_argument("--debug-timings", action="store_true",
                    help="print where the time went (resolve, mount, each step, export, teardown) on stderr")
     b.add_argument("--source-date-epoch", type=int, default=None,
@@ -79,37 +101,49 @@ def _secrets(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from lazybuild.builder.executor import Builder, BuildOptions
-    from lazybuild.exporter.assemble import ExportError
-    from lazybuild.exporter.daemonless import Optimize, export_build
-    from lazybuild.exporter.output import OutputSpec
-    from lazybuild.exporter.rootfs import write_rootfs
+    from lazybuild.builder.executor import BuildOptions
+    from lazybuild.exporter.output import parse_outputs
 
     log = progress.log  # step lines and what was fetched: lines, JSON events or nothing, as --progress says
-    try:
-        spec = OutputSpec.parse(args.output) if args.output else None
-        if spec and spec.push and not args.tag:
-            raise UsageError("--output push=true needs -t REGISTRY/NAME:TAG")
-        workload = args.workload
-        if workload and not args.optimize:
-            raise UsageError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")
-        if args.optimize and not (spec and spec.type == "stargz" and spec.push):
-            raise UsageError("--optimize needs --output type=stargz,push=true: the pushed image is mounted lazily "
-                             "to record what its workload reads")
-        opts = BuildOptions(context=args.context, dockerfile=args.dockerfile, target=args.target,
-                            build_args=_kv(args.build_arg, "build-arg"), platform=args.platform,
-                            no_cache=args.no_cache, secrets=_secrets(args.secret), insecure=args.insecure,
-                            state_dir=args.state_dir, chunk_cache=args.cache,
-                            record_base=os.path.abspath(args.record_base) if args.record_base else "",
-                            profile=args.profile)
-    except ExportError as e:  # an --output spec that does not parse: a flag, not a failed export
-        raise UsageError(str(e)) from None
+    spec = parse_outputs(args.output, args.push, args.load)
+    if spec and spec.push and not spec.image_names(args.tag):
+        raise UsageError("pushing (--push, push=true, type=registry) needs -t REGISTRY/NAME:TAG or name=")
+    workload = args.workload
+    if workload and not args.optimize:
+        raise UsageError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")
+    if args.optimize and not (spec and spec.type == "stargz" and spec.push):
+        raise UsageError("--optimize needs --output type=stargz,push=true: the pushed image is mounted lazily "
+                         "to record what its workload reads")
+    if args.iidfile and not (spec and spec.is_image):
+        raise UsageError("--iidfile needs an image output (type=oci|docker|image|registry|stargz, --push, --load)")
+    labels = _kv(args.label, "label")
+    build_args = _kv(args.build_arg, "build-arg")
+    secrets = _secrets(args.secret)
+    if args.iidfile and os.path.exists(args.iidfile):  # as buildx: no stale ID is left if this build fails
+        os.unlink(args.iidfile)
     epoch = args.source_date_epoch if args.source_date_epoch is not None else (
         int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit() else None)
     def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no mount or container is left behind
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    with tempfile.TemporaryDirectory(prefix="lazybuild-input-") as inputs:
+        dockerfile = _stdin_dockerfile(inputs) if args.dockerfile == "-" else args.dockerfile
+        opts = BuildOptions(context=args.context, dockerfile=dockerfile, target=args.target,
+                            build_args=build_args, platform=args.platform, no_cache=args.no_cache, secrets=secrets,
+                            insecure=args.insecure, state_dir=args.state_dir, chunk_cache=args.cache,
+                            record_base=os.path.abspath(args.record_base) if args.record_base else "",
+                            profile=args.profile, network="host" if args.network == "default" else args.network,
+                            labels=labels)
+        return _build(args, opts, spec, workload, epoch, log)
+
+
+def _build(args, opts, spec, workload, epoch, log) -> int:
+    from lazybuild.builder.executor import Builder
+    from lazybuild.exporter.daemonless import Optimize, export_build
+    from lazybuild.exporter.output import copy_to_stdout
+    from lazybuild.exporter.rootfs import write_rootfs
+
     start = time.monotonic()
     timings = Timings() if args.debug_timings else NoTimings()
     builder = Builder(opts, log, timings)
@@ -130,23 +164,38 @@ def run(args) -> int:
             log("no --output: the result stays in the step cache")
         elif not spec.is_image:
             with timings.phase("export (rootfs)"):
-                write_rootfs(builder.view(result.target.layers, "output"), spec.dest, spec.type == "tar", log)
+                view = builder.view(result.target.layers, "output")
+                if spec.to_stdout:  # complete first, then streamed: a failure sends nothing half-written
+                    with tempfile.TemporaryDirectory(prefix="lazybuild-out-") as tmp:
+                        write_rootfs(view, os.path.join(tmp, "rootfs.tar"), True, log)
+                        copy_to_stdout(os.path.join(tmp, "rootfs.tar"))
+                else:
+                    write_rootfs(view, spec.dest, spec.type == "tar", log)
         else:
             # An image is exported from the steps' upper dirs and the base's descriptors, not from the
             # mounts: the lazy mounts are taken down while it is written.
             teardown = threading.Thread(target=_close, args=(builder, timings), name="teardown")
             teardown.start()
             log("exporting layers")
+            if spec.loads:
+                log("--load: Docker's image store keeps the layers but drops the manifest's eStargz annotations; "
+                    "push (--push) or write type=oci to keep them")
+            elif spec.type == "image" and not spec.push:
+                log("type=image without push=true: the image is assembled and not stored anywhere (lazybuild "
+                    "has no image store); --push, --load or type=oci keep it")
             optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
             with timings.phase("export"):
                 image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
                                      optimize=optimize, kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
-        metadata = {**_image_metadata(image, args.tag), "bytesFetched": fetched}
+        names = spec.image_names(args.tag) if spec is not None else list(args.tag)
+        metadata = {**_image_metadata(image, names), "bytesFetched": fetched}
         if args.metadata_file:  # for every output, as buildx writes one (an image's keys only with an image)
-            tmp = args.metadata_file + ".partial"
-            with open(tmp, "w") as f:
-                json.dump(metadata, f, indent=1)
-            os.replace(tmp, args.metadata_file)
+            _write_atomic(args.metadata_file, json.dumps(metadata, indent=1))
+        if args.iidfile and image is not None:
+            # buildx's image ID: the config digest (what `docker images` shows), the manifest digest once pushed
+            _write_atomic(args.iidfile, image.digest if spec.push else image.manifest.config.digest)
+        if spec is not None and spec.to_stdout:
+            return 0  # stdout holds the output itself
         # The result: the metadata document with --format json; the image digest (none without an image)
         output.emit(args, output.Result(metadata, image.digest if image is not None else "",
                                         primary=image.digest if image is not None else None))
@@ -161,6 +210,27 @@ def run(args) -> int:
         if args.debug_timings:
             for line in timings.report():
                 print(line, file=sys.stderr, flush=True)
+
+
+def _stdin_dockerfile(directory: str) -> str:
+    """`-f -`: the Dockerfile read from stdin into DIRECTORY (outside the context, so no .dockerignore of its own)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("-f -: the Dockerfile is read from stdin, which is a terminal",
+                         hint="pipe it in: lazybuild build -f - CONTEXT < Dockerfile")
+    data = sys.stdin.buffer.read(MAX_DOCKERFILE + 1)
+    if len(data) > MAX_DOCKERFILE:
+        raise UsageError(f"-f -: the Dockerfile on stdin is over {MAX_DOCKERFILE >> 20} MiB")
+    path = os.path.join(directory, "Dockerfile")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _image_metadata(image, tags: list[str]) -> dict:

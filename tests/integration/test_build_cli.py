@@ -1,0 +1,149 @@
+"""`lazybuild build` as a buildx user drives it: every output type, --push, --load into a real dockerd, --iidfile,
+--label, --network, -f -, against the test registry and the Debian test base (mounted lazily).
+
+One state dir for the module: the first build runs the steps, the others answer from the step cache and only
+export, so each test checks one output for real without building again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+from lazybuild.registry import Reference, Registry
+from test_build import lazy_base  # noqa: F401  (the fixture: the Debian test base in the registry as eStargz)
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    return tmp_path_factory.mktemp("build-cli-state")
+
+
+@pytest.fixture(scope="module")
+def ctx(lazy_base, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("build-cli-ctx")
+    (d / "f.txt").write_text("from the context\n")
+    (d / "Dockerfile").write_text(f"FROM {lazy_base}\nLABEL from.dockerfile=yes\n"
+                                  "RUN echo hello > /hello && ls /sys/class/net > /nets\nCOPY f.txt /f.txt\n")
+    return d
+
+
+def build(state, ctx, *args, env=None, stdin=None, ok=True, text=True):
+    p = subprocess.run(["lazybuild", "build", "--progress", "plain", "--state-dir", str(state), *args, str(ctx)],
+                       capture_output=True, text=text, input=stdin, env={**os.environ, **(env or {})}, timeout=900)
+    if ok:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def oci_index_and_config(layout_files: dict[str, bytes]) -> tuple[dict, dict]:
+    index = json.loads(layout_files["index.json"])
+    [entry] = index["manifests"]
+    manifest = json.loads(layout_files["blobs/sha256/" + entry["digest"].split(":")[1]])
+    config = json.loads(layout_files["blobs/sha256/" + manifest["config"]["digest"].split(":")[1]])
+    return entry, config
+
+
+def tar_files(path: str) -> dict[str, bytes]:
+    with tarfile.open(path) as tf:
+        return {m.name.lstrip("./"): tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+
+
+def test_output_path_is_the_root_filesystem(state, ctx, tmp_path):
+    out = tmp_path / "outdir"
+    p = build(state, ctx, "-o", str(out))
+    assert (out / "hello").read_text() == "hello\n" and (out / "f.txt").read_text() == "from the context\n"
+    assert (out / "etc/debian_version").exists()
+    assert p.stdout == ""  # no image, no digest
+
+
+def test_output_dash_is_a_tar_on_stdout(state, ctx):
+    p = build(state, ctx, "-o", "-", text=False)
+    names = subprocess.run(["tar", "t"], input=p.stdout, capture_output=True, check=True).stdout.decode().split()
+    assert "./hello" in names and "./f.txt" in names and "./etc/debian_version" in names
+
+
+def test_type_oci_is_a_tarball_named_as_buildx_names_it(state, ctx, tmp_path, registry):
+    out = tmp_path / "image.tar"
+    iid = tmp_path / "iid"
+    meta = tmp_path / "meta.json"
+    p = build(state, ctx, "-t", "127.0.0.1:5000/app", "-o", f"type=oci,dest={out}", "--label", "from.cli=1",
+              "--iidfile", str(iid), "--metadata-file", str(meta))
+    assert tarfile.is_tarfile(out)
+    entry, config = oci_index_and_config(tar_files(str(out)))
+    assert entry["annotations"] == {"org.opencontainers.image.ref.name": "latest",
+                                    "io.containerd.image.name": "127.0.0.1:5000/app:latest"}
+    assert config["config"]["Labels"]["from.cli"] == "1" and config["config"]["Labels"]["from.dockerfile"] == "yes"
+    metadata = json.loads(meta.read_text())
+    assert iid.read_text() == metadata["containerimage.config.digest"]  # not pushed: the image ID
+    assert metadata["containerimage.digest"] == entry["digest"] == p.stdout.strip()
+    assert metadata["image.name"] == "127.0.0.1:5000/app"
+    assert sorted(os.listdir(tmp_path)) == ["iid", "image.tar", "meta.json"]  # no staging left
+
+
+def test_type_oci_tar_false_is_a_layout_and_dest_dash_is_stdout(state, ctx, tmp_path):
+    layout = tmp_path / "layout"
+    build(state, ctx, "-o", f"type=oci,dest={layout},tar=false", "--source-date-epoch", "1")
+    files = {os.path.relpath(os.path.join(d, n), layout): open(os.path.join(d, n), "rb").read()
+             for d, _, names in os.walk(layout) for n in names}
+    entry, config = oci_index_and_config(files)
+    assert "oci-layout" in files and entry["annotations"] == {"org.opencontainers.image.ref.name": "latest"}
+    p = build(state, ctx, "-o", "type=oci,dest=-", "--source-date-epoch", "1", text=False)
+    (tmp_path / "from-stdout.tar").write_bytes(p.stdout)
+    entry2, _ = oci_index_and_config(tar_files(str(tmp_path / "from-stdout.tar")))
+    assert entry2["digest"] == entry["digest"]  # the same image (same epoch): one export path
+
+
+def test_type_docker_and_load_into_dockerd(state, ctx, tmp_path, dockerd):
+    out = tmp_path / "docker.tar"
+    build(state, ctx, "-t", "lazy/app:v1", "-o", f"type=docker,dest={out}")
+    saved = tar_files(str(out))
+    [entry] = json.loads(saved["manifest.json"])
+    assert entry["RepoTags"] == ["docker.io/lazy/app:v1"]
+    iid = tmp_path / "iid"
+    p = build(state, ctx, "-t", "lazy/app:loaded", "--load", "--iidfile", str(iid), env=dockerd.env())
+    assert "drops the manifest's eStargz annotations" in p.stderr
+    inspected = dockerd.image_config("lazy/app:loaded")
+    assert inspected["Id"] == iid.read_text()  # --iidfile holds Docker's image ID
+    assert inspected["Config"]["Labels"]["from.dockerfile"] == "yes"
+    run = dockerd.docker("run", "--rm", "--network", "none", "lazy/app:loaded", "cat", "/hello", "/f.txt")
+    assert run.stdout.decode() == "hello\nfrom the context\n"
+
+
+def test_load_to_an_unreachable_daemon_says_so(state, ctx, tmp_path):
+    p = build(state, ctx, "--load", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"}, ok=False)
+    assert p.returncode == 5 and "lazybuild: error: docker load failed" in p.stderr
+    assert "is the Docker daemon running" in p.stderr
+
+
+def test_push_and_registry_outputs(state, ctx, tmp_path, registry):
+    iid = tmp_path / "iid"
+    ref = f"{registry.host}/cli/pushed:1"
+    p = build(state, ctx, "-t", ref, "--push", "--iidfile", str(iid))
+    digest = p.stdout.strip()
+    assert iid.read_text() == digest  # pushed: the manifest digest
+    with Registry(registry.host) as r:
+        raw, _ = r.get_manifest(Reference.parse(ref))
+        manifest = json.loads(raw)
+        assert any("containerd.io/snapshot/stargz/toc.digest" in (lay.get("annotations") or {})
+                   for lay in manifest["layers"])
+    other = f"{registry.host}/cli/named:2"
+    p = build(state, ctx, "-o", f"type=registry,name={other},compression=zstd:chunked")
+    with Registry(registry.host) as r:
+        raw, _ = r.get_manifest(Reference.parse(other))
+    layers = json.loads(raw)["layers"]
+    assert layers[-1]["mediaType"].endswith("+zstd")
+
+
+def test_dockerfile_from_stdin_and_network_none(state, ctx, tmp_path, lazy_base):  # noqa: F811
+    out = tmp_path / "rootfs"
+    text = f"FROM {lazy_base}\nRUN ls /sys/class/net > /nets\n"
+    build(state, ctx, "-f", "-", "-o", str(out), stdin=text)
+    host_nets = (out / "nets").read_text().split()
+    assert len(host_nets) > 1  # the host's interfaces
+    out2 = tmp_path / "rootfs-none"
+    build(state, ctx, "-f", "-", "--network", "none", "-o", str(out2), stdin=text)
+    assert (out2 / "nets").read_text().split() == ["lo"]  # its own namespace: not the cached host result

@@ -158,7 +158,7 @@ def test_restart_keeps_snapshots_and_serves_from_cache_without_registry(tmp_path
     reported unavailable instead of failing the daemon."""
     reg = RegistryProcess(str(tmp_path / "registry"))
     ref = f"{reg.host}/sn/py:esgz"
-    lazybuild("push", f"{images.host}/sn/py:esgz", ref)
+    lazybuild("copy", f"{images.host}/sn/py:esgz", ref)  # registry to registry
     sn = Snapshotter(str(tmp_path / "snapshotter"))
     os.makedirs(sn.workdir)
     sn.start()

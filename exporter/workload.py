@@ -6,13 +6,13 @@ CAP_SYS_ADMIN). One forked recorder process does the work, so the exporter itsel
 namespace and no stray process:
 
 - recorder: new mount and PID namespaces; a tmpfs holding an overlay whose only lower is the final
-  state (read-only, never written: the workload's writes land on the tmpfs), with /dev bound from the
-  container and the container's resolv.conf and hosts bound over the image's; a fanotify group with a
+  state (read-only, never written: the workload's writes land on the tmpfs), a minimal /dev (the usual
+  nodes bound from the container's) and the container's resolv.conf and hosts bound over the image's; a fanotify group with a
   FAN_MARK_FILESYSTEM mark on the overlay (the workload's own mount namespace holds copies of the
   overlay mount, which a per-mount mark would miss; the superblock is the same);
 - workload (PID 1 of the new PID namespace): its own mount namespace, a fresh /proc, pivot_root into
   the overlay (no way back to the container's root, which a chroot would leave), the capability
-  bounding set cut to Docker's default, no_new_privs, the image's USER (looked up in the image's own
+  bounding set cut to Docker's default less CAP_MKNOD, no_new_privs, the image's USER (looked up in the image's own
   /etc/passwd), WORKDIR and Env, then exec;
 - the recorder reads events until the period ends or the workload exits, then kills the workload
   (PID 1's death takes every process of its namespace along), maps each event's file descriptor to its
@@ -57,9 +57,12 @@ PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL =
 SYS_PIVOT_ROOT = 155  # x86_64; other architectures below
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 
-# Docker's default capabilities (the set a RUN step gets): everything else leaves the bounding set.
-DEFAULT_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
-# SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
+# Docker's default capabilities (the set a RUN step gets) less CAP_MKNOD: an insecure step's cgroup may
+# allow every device, so the workload makes none. Everything else leaves the bounding set.
+DEFAULT_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31}  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
+# SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT AUDIT_WRITE SETFCAP
+# The device nodes the workload gets (bound from the export step's /dev), as a container's minimal /dev.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 LAST_CAP_FALLBACK = 40
 
 MAX_PATHS = 100_000  # a bound on what one recording keeps (and sends to the exporter)
@@ -277,6 +280,21 @@ def _workload_child(merged: str, start: _Start, workload: Workload, err_fd: int)
             os._exit(127)
 
 
+def _minimal_dev(dev: str) -> None:
+    """A tmpfs /dev with the usual nodes only: the export step's own /dev may hold the host's devices."""
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
+    for name in DEVICES:
+        if os.path.exists(os.path.join("/dev", name)):
+            open(os.path.join(dev, name), "w").close()
+            _mount(os.path.join("/dev", name), os.path.join(dev, name), None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
+        os.symlink(target, os.path.join(dev, name))
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(os.path.join(dev, name), 0o755)
+    _mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=64m")
+
+
 def _prepare(state: str, work: str) -> str:
     """The overlay of STATE (lower, untouched) with /dev and the name-service files; returns its root."""
     _mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks out of this namespace
@@ -285,8 +303,7 @@ def _prepare(state: str, work: str) -> str:
     for d in (upper, wdir, merged):
         os.mkdir(d, 0o755)
     _mount("overlay", merged, "overlay", 0, f"lowerdir={state},upperdir={upper},workdir={wdir}")
-    dev = inroot.mkdir_all(merged, "/dev")
-    _mount("/dev", dev, None, MS_BIND | MS_REC)
+    _minimal_dev(inroot.mkdir_all(merged, "/dev"))
     for name in ("/etc/resolv.conf", "/etc/hosts"):
         _bind_file(name, merged, name)
     return merged

@@ -104,7 +104,7 @@ def test_the_recorder_runs_a_workload_on_a_tree_it_leaves_untouched(tmp_path):
         os.close(wfd)
     out = os.read(r, 65536).decode()
     os.close(r)
-    assert out.split()[0] == "65534" and "00000000a80425fb" in out and "/app" in out, out
+    assert out.split()[0] == "65534" and "00000000a00425fb" in out and "/app" in out, out
 
 
 def test_the_workloads_files_lead_their_layers_and_a_lazy_start_asks_less(insecure_dockerd, frontend_image, registry,

@@ -92,8 +92,8 @@ def test_the_recorder_runs_a_workload_on_a_tree_it_leaves_untouched(tmp_path):
     with open("/proc/self/mountinfo") as f:
         assert "lazybuild-workload-" not in f.read()
     # The workload ran as the image's user, in its working directory, with none of the export step's powers.
-    w = Workload(("/bin/sh", "-c", "id -u; grep CapBnd /proc/self/status; pwd"), ("PATH=/usr/bin:/bin",),
-                 "/app", "nobody", 10)
+    w = Workload(("/bin/sh", "-c", "id -u; grep CapBnd /proc/self/status; pwd; ls /dev | tr '\\n' ,"),
+                 ("PATH=/usr/bin:/bin",), "/app", "nobody", 10)
     r, wfd = os.pipe()
     saved = os.dup(2)
     os.dup2(wfd, 2)  # the workload's output goes to the build log: stderr
@@ -104,7 +104,9 @@ def test_the_recorder_runs_a_workload_on_a_tree_it_leaves_untouched(tmp_path):
         os.close(wfd)
     out = os.read(r, 65536).decode()
     os.close(r)
-    assert out.split()[0] == "65534" and "00000000a00425fb" in out and "/app" in out, out
+    assert out.split()[0] == "65534" and "00000000a00425fb" in out and "/app" in out, out  # default caps less MKNOD
+    assert set(out.split()[-1].strip(",").split(",")) == {"fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm",
+                                                          "stderr", "stdin", "stdout", "tty", "urandom", "zero"}, out
 
 
 def test_the_workloads_files_lead_their_layers_and_a_lazy_start_asks_less(insecure_dockerd, frontend_image, registry,

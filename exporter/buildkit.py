@@ -25,11 +25,11 @@ import sys
 from dataclasses import dataclass, replace
 
 from lazybuild import inroot
-from lazybuild.estargz import TOC_DIGEST_ANNOTATION, EStargzError
+from lazybuild.estargz import EStargzError
 from lazybuild.image import Descriptor, Platform
 from lazybuild.layout import LayoutError
 from lazybuild.registry import Reference, RegistryAuthError, RegistryError
-from lazybuild.transfer import OCIDest, RegistrySource, Source, TransferError
+from lazybuild.transfer import OCIDest, RegistrySource, Source, TransferError, is_estargz
 
 from .assemble import ConvertedLayer, ExportError, KeptLayer, NewLayer, export_image
 from .tree_diff import TreeDiff, _same  # _same: the test a layer tar is written with
@@ -84,13 +84,6 @@ class ExportSettings:
                    meta.get("prioritized", ""), base.get("repository", ""), base.get("digest", ""),
                    base.get("platform", ""), base_convert=base.get("convert", True) is not False,
                    optimize=Optimize.load(meta.get("optimize")), diffs_dir=str(meta.get("diffs") or ""))
-
-
-def is_estargz(layer: Descriptor) -> bool:
-    """The test `lazybuild convert` makes (transfer.copy_image, without --force): a layer whose descriptor
-    carries the TOC digest annotation is eStargz already. (A registry's Docker schema 2 manifest has no
-    layer annotations: its layers are converted, as `lazybuild convert` would.)"""
-    return TOC_DIGEST_ANNOTATION in layer.annotations
 
 
 def keep_or_convert(layers: list[Descriptor], diff_ids: list[str], source: Source,

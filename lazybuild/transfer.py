@@ -776,6 +776,15 @@ class LocalImage:
 # --- the loop -------------------------------------------------------------------------------------------
 
 
+
+def is_estargz(layer: Descriptor) -> bool:
+    """Whether a layer is eStargz already, by its descriptor: the TOC digest annotation (a registry's Docker
+    schema 2 manifest has no layer annotations, so its layers count as not eStargz). `convert` and the
+    in-BuildKit export step keep such layers as they are."""
+    from .estargz import TOC_DIGEST_ANNOTATION
+
+    return TOC_DIGEST_ANNOTATION in layer.annotations
+
 @dataclass
 class ConvertOptions:
     """What `convert` makes of each layer (nerdctl's names): eStargz with gzip, eStargz with zstd
@@ -796,11 +805,9 @@ class ConvertOptions:
         """Whether LAYER is to be converted (a layer already in the format is kept unless forced)."""
         if self.force:
             return True
-        from .estargz import TOC_DIGEST_ANNOTATION
-
         if self.format == "zstd":
-            return not layer.media_type.endswith("zstd") or TOC_DIGEST_ANNOTATION in layer.annotations
-        return TOC_DIGEST_ANNOTATION not in layer.annotations
+            return not layer.media_type.endswith("zstd") or is_estargz(layer)
+        return not is_estargz(layer)
 
     def prioritized(self, index: int) -> list[str]:
         if self.prioritized_by_layer is not None:

@@ -166,6 +166,16 @@ def _is_archive(path: str) -> bool:
         return False
 
 
+def unpack_archive(archive: str, dest_dir: str, label: str, limit: int) -> None:
+    """A remote build context's archive into DEST_DIR, by the rules of ADD's extraction below, refusing
+    to write more than LIMIT bytes of file content (a small archive may inflate without bound)."""
+    try:
+        with tarfile.open(archive) as tf:
+            _unpack_members(tf, dest_dir, "", label, limit)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise CopyError(f"{label}: not a readable archive: {e}") from None
+
+
 def _unpack(archive: str, dest_root: str, rel_dir: str, label: str) -> None:
     """ADD of a local archive: extract it into REL_DIR inside DEST_ROOT, keeping owners and modes.
 
@@ -181,8 +191,9 @@ def _unpack(archive: str, dest_root: str, rel_dir: str, label: str) -> None:
         raise CopyError(f"{label}: not a readable archive: {e}") from None
 
 
-def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: str) -> None:
+def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: str, limit: int | None = None) -> None:
     made_links: set[str] = set()
+    written = 0
     while True:
         m = tf.next()
         if m is None:
@@ -190,6 +201,9 @@ def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: st
         # A negative size (GNU base-256) would send tarfile's next offset backwards, forever.
         if m.size < 0:
             raise CopyError(f"{label}: entry {m.name!r} has a negative size")
+        written += m.size if m.isreg() else 0
+        if limit is not None and written > limit:
+            raise CopyError(f"{label}: unpacks to over {limit >> 20} MiB, the cap")
         name = posixpath.normpath(m.name.lstrip("/"))
         if name == "." or not name:
             continue

@@ -30,7 +30,9 @@ MAX_DOCKERFILE = 16 << 20  # as the builder reads a Dockerfile from a context
 def add_parser(sub) -> None:
     b = sub.add_parser("build", help="build a Dockerfile without a daemon: RUN steps on lazily mounted base images, "
                                      "output as optimized eStargz")
-    b.add_argument("context", metavar="CONTEXT")
+    b.add_argument("context", metavar="CONTEXT",
+                   help="a directory, an http(s) URL of a tar archive or a Dockerfile, or a git URL "
+                        "(git://..., git@..., https://....git) with #REF:SUBDIR")
     b.add_argument("-f", "--file", dest="dockerfile", default="",
                    help="Dockerfile (default CONTEXT/Dockerfile; - reads it from stdin)")
     b.add_argument("-t", "--tag", action="append", default=[],
@@ -101,6 +103,7 @@ def _secrets(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
+    from lazybuild.builder import remote_context
     from lazybuild.builder.executor import BuildOptions
     from lazybuild.exporter.output import parse_outputs
 
@@ -128,8 +131,14 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     with tempfile.TemporaryDirectory(prefix="lazybuild-input-") as inputs:
-        dockerfile = _stdin_dockerfile(inputs) if args.dockerfile == "-" else args.dockerfile
-        opts = BuildOptions(context=args.context, dockerfile=dockerfile, target=args.target,
+        # a URL or git context is fetched into INPUTS and built as a directory; -f then names a file in it
+        context = remote_context.prepare(args.context, inputs, log)
+        dockerfile = args.dockerfile
+        if dockerfile == "-":
+            dockerfile = _stdin_dockerfile(inputs)
+        elif dockerfile and context != args.context and not os.path.isabs(dockerfile):
+            dockerfile = os.path.join(context, dockerfile)
+        opts = BuildOptions(context=context, dockerfile=dockerfile, target=args.target,
                             build_args=build_args, platform=args.platform, no_cache=args.no_cache, secrets=secrets,
                             insecure=args.insecure, state_dir=args.state_dir, chunk_cache=args.cache,
                             record_base=os.path.abspath(args.record_base) if args.record_base else "",

@@ -6,10 +6,16 @@ export, so each test checks one output for real without building again."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import io
 import json
 import os
+import socket
 import subprocess
 import tarfile
+import threading
+import time
 
 import pytest
 
@@ -147,3 +153,78 @@ def test_dockerfile_from_stdin_and_network_none(state, ctx, tmp_path, lazy_base)
     out2 = tmp_path / "rootfs-none"
     build(state, ctx, "-f", "-", "--network", "none", "-o", str(out2), stdin=text)
     assert (out2 / "nets").read_text().split() == ["lo"]  # its own namespace: not the cached host result
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A loopback http.server over a directory."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_context(state, tmp_path, served, lazy_base):  # noqa: F811
+    root, base = served
+    with tarfile.open(root / "ctx.tar.gz", "w:gz") as tf:
+        for name, data in (("Dockerfile", f"FROM {lazy_base}\nCOPY app.txt /app.txt\nRUN cat /app.txt\n"),
+                           ("app.txt", "from a URL\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data.encode())
+            tf.addfile(info, io.BytesIO(data.encode()))
+    out = tmp_path / "out"
+    p = build(state, f"{base}/ctx.tar.gz", "-o", str(out))
+    assert (out / "app.txt").read_text() == "from a URL\n" and "| from a URL" in p.stderr
+
+
+@pytest.fixture
+def git_daemon(tmp_path):
+    """A git daemon on loopback serving every repository under its base path (git://127.0.0.1:PORT/NAME)."""
+    base = tmp_path / "git"
+    base.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={base}",
+                             "--listen=127.0.0.1", f"--port={port}", str(base)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield base, f"git://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_git_context_with_ref_and_subdir(state, tmp_path, git_daemon, lazy_base):  # noqa: F811
+    base, url = git_daemon
+    repo = base / "app.git"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *a],  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (repo / "svc").mkdir()
+    (repo / "svc" / "Dockerfile").write_text(f"FROM {lazy_base}\nCOPY . /src\n")
+    (repo / "svc" / "v").write_text("one\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    git("tag", "v1")
+    (repo / "svc" / "v").write_text("two\n")
+    git("commit", "-qam", "two")
+    out = tmp_path / "out"
+    build(state, f"{url}/app.git#v1:svc", "-o", str(out))
+    assert (out / "src/v").read_text() == "one\n" and not (out / "src/.git").exists()
+    out2 = tmp_path / "out2"
+    build(state, f"{url}/app.git#:svc", "-o", str(out2))  # no ref: the default branch
+    assert (out2 / "src/v").read_text() == "two\n"
+    p = build(state, f"{url}/app.git#v1:../..", "-o", str(tmp_path / "out3"), ok=False)
+    # `..` stops at the clone's top (resolved inside it): the repository's root, which has no Dockerfile
+    assert p.returncode == 1 and "Dockerfile: no such file" in p.stderr, p.stderr

@@ -184,21 +184,29 @@ def _holds(diff: TreeDiff, rel: str) -> bool:
 def order_by_workload(layers: list, recorded: list[str], listed: tuple[str, ...] = ()) -> list:
     """LAYERS with each new layer led by the recorded files it provides, in first-open order, then by the
     LISTED ones (LAZYBUILD_PRIORITIZED_FILES, which every new layer takes as before). A file leads the
-    topmost layer that writes it: the one a lazy mount reads it from. Files the base provides stay where
-    they are when its layers are kept as they are, or converted (their conversion takes no list yet)."""
+    topmost layer that writes it: the one a lazy mount reads it from. A recorded file no new layer writes
+    comes from the base: each converted base layer is led by those it holds (which base layer holds a
+    file is only known while converting, so a file several of them hold leads each); base layers kept
+    as they are cannot be reordered."""
     new = [i for i, layer in enumerate(layers) if isinstance(layer, NewLayer) and isinstance(layer.diff, TreeDiff)]
     per_layer: dict[int, list[str]] = {i: [] for i in new}
+    from_base: list[str] = []
     for path in recorded:
         for i in reversed(new):
             if _holds(layers[i].diff, path):
                 per_layer[i].append(path)
                 break
+        else:
+            from_base.append(path)
     out = list(layers)
     for i in new:
         lead = per_layer[i]
         taken = set(lead)
         rest = [p for p in listed if p not in taken]
         out[i] = replace(layers[i], prioritized_files=tuple(lead + rest))
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ConvertedLayer):
+            out[i] = replace(layer, prioritized_files=tuple(from_base))
     return out
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from lazybuild.exporter.assemble import KeptLayer, NewLayer
+from lazybuild.exporter.assemble import ConvertedLayer, KeptLayer, NewLayer
 from lazybuild.exporter.buildkit import ExportError, ExportSettings, Optimize, order_by_workload
 from lazybuild.exporter.tree_diff import TreeDiff
 from lazybuild.exporter.workload import (EVENT, FAN_OPEN, FANOTIFY_METADATA_VERSION, Event, Recording, Workload,
@@ -99,6 +99,13 @@ def test_each_recorded_file_leads_the_topmost_layer_that_writes_it(tmp_path):
     assert out[2].prioritized_files == ("etc/conf", "app/one", "listed", "app/two")
     assert out[3].prioritized_files == ("app/two", "listed")
     assert [lay.diff for lay in out[1:]] == [lay.diff for lay in layers[1:]]
+    # A base converted to eStargz: the recorded files no new layer writes lead each converted layer
+    # (each takes those it holds when it is converted); a kept one stays as it is.
+    converted = ConvertedLayer(None, None)
+    out = order_by_workload([kept, converted, NewLayer(TreeDiff(s0, s1))], recorded)
+    assert out[0] is kept
+    assert out[1].prioritized_files == ("app/two", "usr/bin/tool", "tmp/made-by-the-workload", "bin/tool", "lib/old")
+    assert out[2].prioritized_files == ("etc/conf", "app/one")
 
 
 def test_a_symlink_on_the_way_in_a_lower_state_is_not_followed(tmp_path):

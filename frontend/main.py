@@ -340,7 +340,9 @@ class Frontend:
                         "LAZYBUILD_OPTIMIZE runs the workload under fanotify, which needs the security.insecure "
                         "entitlement: allow it on the daemon (dockerd: \"builder\": {\"entitlements\": "
                         "{\"security-insecure\": true}}; buildkitd --allow-insecure-entitlement security.insecure) "
-                        f"and in the build (buildx build --allow security.insecure); the daemon said: {e}", 0, 0) from None
+                        "and in the build (buildx build --allow security.insecure, buildctl build --allow "
+                        "security.insecure; Docker 20.10's classic docker build cannot ask for it); "
+                        f"the daemon said: {e}", 0, 0) from None
                 raise
         return result
 

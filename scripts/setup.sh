@@ -10,8 +10,9 @@ shared=${LAZYBUILD_SHARED:-$here/../shared}
 # image; Go + the upstream estargz library for the oracle; docker.io (dockerd 20.10 with BuildKit v0.8)
 # for the frontend tests, which start their own daemon, plus git, curl and ssh-agent for their sources;
 # containerd 1.6 + runc for the snapshotter tests (which also build ctr-remote from the same Go source),
-# iptables + iproute2 for the slow-link benches; bash and zsh for the completion tests.
-pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev docker.io containerd runc git curl openssh-client iptables iproute2 bash zsh"
+# iptables + iproute2 for the slow-link benches; bash and zsh for the completion tests; BuildKit's control
+# API packages as Debian ships them for the test client that asks for entitlements (tests/support/buildkit_solve).
+pkgs="zstd tar attr openssl apache2-utils docker-registry skopeo umoci fuse3 libfuse3-dev pkg-config debootstrap golang-go golang-github-containerd-stargz-snapshotter-dev docker.io containerd runc git curl openssh-client iptables iproute2 bash zsh golang-github-docker-docker-dev golang-github-gofrs-flock-dev golang-github-google-shlex-dev golang-github-tonistiigi-fsutil-dev golang-github-grpc-ecosystem-grpc-opentracing-dev"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

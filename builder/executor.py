@@ -178,6 +178,7 @@ class Builder:
         self.mounts: list[str] = []  # everything we mounted, unmounted in reverse at the end
         self.images: dict[str, BaseImage] = {}
         self.views: dict[str, str] = {}
+        self.step_keys: list[str] = []  # every step of this build, cached or run, in order (for --cache-to)
         for d in (self.run_dir, self.steps_dir, self.cache_mounts, self.empty, self.empty2):
             os.makedirs(d, exist_ok=True)
         self.context = os.path.abspath(opts.context)
@@ -474,6 +475,7 @@ class Builder:
             with self.timings.phase(f"[{label} {n}/{len(steps)}] {step.text}: cache key"):
                 key = _sha(key, self.step_identity(step, results))
             keys.append(key)
+            self.step_keys.append(key)
             if base is not None and not self._cached(key):
                 self.start_mount(base)
         for n, (step, key) in enumerate(zip(steps, keys), 1):

@@ -166,12 +166,13 @@ def _is_archive(path: str) -> bool:
         return False
 
 
-def unpack_archive(archive: str, dest_dir: str, label: str, limit: int) -> None:
-    """A remote build context's archive into DEST_DIR, by the rules of ADD's extraction below, refusing
-    to write more than LIMIT bytes of file content (a small archive may inflate without bound)."""
+def unpack_archive(archive: str, dest_dir: str, label: str, limit: int, xattrs: tuple[str, ...] = ()) -> None:
+    """An archive from elsewhere (a remote build context, an imported cache step) into DEST_DIR, by the
+    rules of ADD's extraction below, refusing to write more than LIMIT bytes of file content (a small
+    archive may inflate without bound) and setting only the extended attributes named in XATTRS."""
     try:
         with tarfile.open(archive) as tf:
-            _unpack_members(tf, dest_dir, "", label, limit)
+            _unpack_members(tf, dest_dir, "", label, limit, xattrs)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
         raise CopyError(f"{label}: not a readable archive: {e}") from None
 
@@ -191,7 +192,8 @@ def _unpack(archive: str, dest_root: str, rel_dir: str, label: str) -> None:
         raise CopyError(f"{label}: not a readable archive: {e}") from None
 
 
-def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: str, limit: int | None = None) -> None:
+def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: str, limit: int | None = None,
+                    xattrs: tuple[str, ...] = ()) -> None:
     made_links: set[str] = set()
     written = 0
     while True:
@@ -217,6 +219,15 @@ def _unpack_members(tf: tarfile.TarFile, dest_root: str, rel_dir: str, label: st
         parent = _makedirs(dest_root, posixpath.join(rel_dir, *parts[:-1]), None)
         path = os.path.join(parent, parts[-1])
         _unpack_member(tf, m, path, dest_root, rel_dir, label)
+        if xattrs and not m.issym() and not m.islnk():
+            for attr in xattrs:
+                value = m.pax_headers.get("SCHILY.xattr." + attr)
+                if value is not None:
+                    try:
+                        data = value.encode("latin-1")
+                    except UnicodeEncodeError:
+                        raise CopyError(f"{label}: entry {m.name!r}: {attr} is not a byte string") from None
+                    os.setxattr(path, attr, data, follow_symlinks=False)
         if m.issym():
             made_links.add(name)
         else:

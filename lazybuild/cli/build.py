@@ -55,6 +55,11 @@ def add_parser(sub) -> None:
     b.add_argument("--network", choices=NETWORKS, default="default",
                    help="RUN steps' network: default (the host's, as BuildKit's host-network workers), host, "
                         "none (RUN --network= of a step wins)")
+    b.add_argument("--cache-to", action="append", default=[], metavar="SPEC",
+                   help="export the build's steps: type=local,dest=DIR (an OCI layout) or type=registry,ref=REF "
+                        "(an OCI artifact); inline, gha and s3 are not supported")
+    b.add_argument("--cache-from", action="append", default=[], metavar="SPEC",
+                   help="import steps before building: type=local,src=DIR or type=registry,ref=REF (or REF)")
     b.add_argument("--debug-timings", action="store_true",
                    help="print where the time went (resolve, mount, each step, export, teardown) on stderr")
     b.add_argument("--source-date-epoch", type=int, default=None,
@@ -104,6 +109,7 @@ def _secrets(items: list[str]) -> dict[str, str]:
 
 def run(args) -> int:
     from lazybuild.builder import remote_context
+    from lazybuild.builder.cache_transfer import CacheSpec
     from lazybuild.builder.executor import BuildOptions
     from lazybuild.exporter.output import parse_outputs
 
@@ -119,6 +125,8 @@ def run(args) -> int:
                          "to record what its workload reads")
     if args.iidfile and not (spec and spec.is_image):
         raise UsageError("--iidfile needs an image output (type=oci|docker|image|registry|stargz, --push, --load)")
+    cache_to = [CacheSpec.parse(c, "to") for c in args.cache_to]
+    cache_from = [CacheSpec.parse(c, "from") for c in args.cache_from]
     labels = _kv(args.label, "label")
     build_args = _kv(args.build_arg, "build-arg")
     secrets = _secrets(args.secret)
@@ -144,10 +152,11 @@ def run(args) -> int:
                             record_base=os.path.abspath(args.record_base) if args.record_base else "",
                             profile=args.profile, network="host" if args.network == "default" else args.network,
                             labels=labels)
-        return _build(args, opts, spec, workload, epoch, log)
+        return _build(args, opts, spec, workload, epoch, log, cache_from, cache_to)
 
 
-def _build(args, opts, spec, workload, epoch, log) -> int:
+def _build(args, opts, spec, workload, epoch, log, cache_from=(), cache_to=()) -> int:
+    from lazybuild.builder.cache_transfer import export_steps, import_steps
     from lazybuild.builder.executor import Builder
     from lazybuild.exporter.daemonless import Optimize, export_build
     from lazybuild.exporter.output import copy_to_stdout
@@ -159,11 +168,17 @@ def _build(args, opts, spec, workload, epoch, log) -> int:
     image = None
     teardown = None
     try:
+        for cache in cache_from:  # before the keys are looked up: an imported step is a cached step
+            with timings.phase(f"cache import ({cache})"):
+                import_steps(cache, builder.steps_dir, insecure=args.insecure, log=log)
         try:
             result = builder.run()
         except BaseException:  # what a failed build read is still worth prefetching (and --record-base wants it)
             builder.save_profiles()
             raise
+        for cache in cache_to:
+            with timings.phase(f"cache export ({cache})"):
+                export_steps(builder.step_keys, builder.steps_dir, cache, insecure=args.insecure, log=log)
         builder.save_profiles(push=args.profile == "push")  # before any export reads the bases
         log(f"build done in {time.monotonic() - start:.1f} s")
         fetched = result.bytes_fetched()

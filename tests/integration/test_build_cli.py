@@ -228,3 +228,20 @@ def test_git_context_with_ref_and_subdir(state, tmp_path, git_daemon, lazy_base)
     p = build(state, f"{url}/app.git#v1:../..", "-o", str(tmp_path / "out3"), ok=False)
     # `..` stops at the clone's top (resolved inside it): the repository's root, which has no Dockerfile
     assert p.returncode == 1 and "Dockerfile: no such file" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("kind", ["local", "registry"])
+def test_cache_to_and_from_on_a_fresh_state_dir(ctx, tmp_path, registry, kind):
+    spec_to, spec_from = ((f"type=local,dest={tmp_path / 'cache'}", f"type=local,src={tmp_path / 'cache'}")
+                          if kind == "local" else
+                          (f"type=registry,ref={registry.host}/cli/cache:build",) * 2)
+    first = tmp_path / "state-a"
+    p = build(first, ctx, "--cache-to", spec_to, "-o", str(tmp_path / "a"))
+    assert "cache: 2 steps exported" in p.stderr
+    fresh = tmp_path / "state-b"
+    p = build(fresh, ctx, "--cache-from", spec_from, "-o", str(tmp_path / "b"))
+    assert "cache: 2 steps imported" in p.stderr
+    step_lines = [line for line in p.stderr.splitlines() if "] RUN " in line or "] COPY " in line]
+    assert step_lines and all(line.endswith("(cached)") for line in step_lines), step_lines  # no step ran
+    assert (tmp_path / "b/hello").read_text() == "hello\n" and (tmp_path / "b/f.txt").exists()
+    assert (tmp_path / "b/nets").read_text() == (tmp_path / "a/nets").read_text()  # the imported result

@@ -6,14 +6,14 @@
 # PYTHON_IMAGE may be any Debian bookworm image with python3 and python3-venv. Of lazybuild's dependencies
 # the frontend needs protobuf (it speaks gRPC itself, frontend/wire.py), its in-build exporter
 # (LAZYBUILD_OUTPUT=stargz) zlib-ng, zstandard and httpx (to fetch a base image's layers); grpcio and
-# tqdm stay out.
+# tqdm stay out, and so do pip and setuptools (whose .pth file would run at every interpreter start).
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 RUN --mount=type=bind,source=dist/frontend-wheels,target=/wheels \
     python3 -m venv /opt/lazybuild \
  && /opt/lazybuild/bin/python3 -m pip install --quiet --no-index --no-compile --find-links /wheels --no-deps lazybuild \
  && /opt/lazybuild/bin/python3 -m pip install --quiet --no-index --no-compile --find-links /wheels protobuf zlib-ng zstandard httpx \
- && /opt/lazybuild/bin/python3 -m pip uninstall --quiet --yes pip \
+ && /opt/lazybuild/bin/python3 -m pip uninstall --quiet --yes setuptools pip \
  && /opt/lazybuild/bin/python3 -m compileall -q /opt/lazybuild/lib >/dev/null
 LABEL moby.buildkit.frontend.network.none="true" \
       moby.buildkit.frontend.caps="moby.buildkit.frontend.inputs,moby.buildkit.frontend.subrequests,moby.buildkit.frontend.contexts"

@@ -93,16 +93,16 @@ class Connection:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost"),
                    ("content-type", "application/grpc"), ("te", "trailers")]
         block = b"".join(b"\0" + _string(n) + _string(v) for n, v in headers)  # literals, never indexed
-        stream = _Stream(0)
-        with self._write_lock:  # ids must reach the peer in increasing order
-            with self._state:
-                if self._closed:
-                    raise CallError(self._closed, UNAVAILABLE)
-                sid, self._next_id = self._next_id, self._next_id + 2
-                stream.send_window = self._peer_initial_window
-                self._streams[sid] = stream
-            self._write(self._frame(HEADERS, END_HEADERS, sid, block))
+        stream, sid = _Stream(0), 0
         try:
+            with self._write_lock:  # ids must reach the peer in increasing order
+                with self._state:
+                    if self._closed:
+                        raise CallError(self._closed, UNAVAILABLE)
+                    sid, self._next_id = self._next_id, self._next_id + 2
+                    stream.send_window = self._peer_initial_window
+                    self._streams[sid] = stream
+                self._write(self._frame(HEADERS, END_HEADERS, sid, block))
             self._send_data(sid, stream, body)
             with self._state:
                 while not stream.done:

@@ -107,3 +107,25 @@ def test_answer_over_the_limit_is_refused(tmp_path, bridge):
     with pytest.raises(GatewayError, match="over 1048576 bytes"):
         bridge.read_file("", str(2 << 20))
     assert bridge.read_file("", "1024") == bytes(range(256)) * 4  # the connection goes on
+
+
+def test_a_peer_that_goes_away_fails_the_calls_instead_of_hanging():
+    ours, theirs = socket.socketpair()
+    bridge = Bridge(Connection(ours.fileno(), ours.fileno()))
+    failed = []
+
+    def call() -> None:
+        try:
+            bridge.ping()
+        except GatewayError as e:
+            failed.append(str(e))
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert theirs.recv(24) == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    theirs.close()
+    t.join(10)
+    assert not t.is_alive() and failed and "gateway connection lost" in failed[0]
+    with pytest.raises(GatewayError, match="gateway connection lost"):
+        bridge.ping()  # and the next call is refused at once
+    ours.close()

@@ -37,6 +37,7 @@ from lazybuild.runtime.overlay import mount_overlay, unmount
 from lazybuild.timings import NoTimings, Timings
 
 from . import filecopy
+from .ssh_forward import AgentRelay
 
 RUN_DIR = "/run/lazybuild/b"
 STUB_PATHS = ("/etc/resolv.conf", "/etc/hosts", "/proc", "/sys", "/dev")
@@ -60,6 +61,7 @@ class BuildOptions:
     chunk_cache: str = CACHE_DIR
     network: str = "host"  # RUN steps without --network=: host or none (`lazybuild build --network`)
     labels: dict[str, str] = field(default_factory=dict)  # `--label`: over the Dockerfile's LABELs
+    ssh: dict[str, str] = field(default_factory=dict)  # `--ssh`: agent id -> the host's agent socket
     record_base: str = ""  # append the base files RUN steps read here (NDJSON {path, layer})
     profile: str = "auto"  # build profiles: auto (use one found, save what was read), push (and push it), off
 
@@ -179,6 +181,7 @@ class Builder:
         self.images: dict[str, BaseImage] = {}
         self.views: dict[str, str] = {}
         self.step_keys: list[str] = []  # every step of this build, cached or run, in order (for --cache-to)
+        self.relays: list[AgentRelay] = []  # the running step's ssh agent relays
         for d in (self.run_dir, self.steps_dir, self.cache_mounts, self.empty, self.empty2):
             os.makedirs(d, exist_ok=True)
         self.context = os.path.abspath(opts.context)
@@ -617,8 +620,14 @@ class Builder:
             finally:
                 _remove_stubs(root, stubs)
         finally:
+            self._close_relays()
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _close_relays(self) -> None:
+        for relay in self.relays:
+            relay.close()
+        self.relays.clear()
 
     def run_mounts(self, step: RunStep, results) -> tuple[list[runc.Mount], list[str]]:
         """The step's mounts as runc mounts, and the scratch dirs to remove after the run."""
@@ -642,6 +651,7 @@ class Builder:
             for m in step.mounts:
                 out.append(self.run_mount(m, step, results, scratch))
         except BaseException:
+            self._close_relays()
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
             raise
@@ -690,7 +700,15 @@ class Builder:
                 os.chmod(path, m.mode)
                 return runc.Mount(m.target, path, "bind", ["rbind", "ro"])
             case SshMount():
-                raise BuildError(f"line {line}: RUN --mount=type=ssh is not supported by lazybuild build")
+                upstream = self.opts.ssh.get(m.id)
+                if upstream is None:
+                    if m.required:
+                        raise BuildError(f"line {line}: ssh agent {m.id!r} is required but was not given "
+                                         f"(--ssh {m.id}=SOCKET, or --ssh {m.id} for $SSH_AUTH_SOCK)")
+                    return None  # as BuildKit: an optional agent that was not given is no mount
+                path = os.path.join(scratch("ssh-"), "agent.sock")
+                self.relays.append(AgentRelay(upstream, path, m.uid, m.gid, m.mode))
+                return runc.Mount(m.target, path, "bind", ["rbind", "rw"])
         raise BuildError(f"line {line}: RUN --mount of {type(m).__name__} is not supported by lazybuild build")
 
 

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     b.add_argument("--platform", default="", help="os/arch (this machine's; no emulation)")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
     b.add_argument("--secret", action="append", default=[], metavar="id=X,src=FILE")
+    b.add_argument("--ssh", action="append", default=[], metavar="default|ID[=SOCKET]",
+                   help="an SSH agent for RUN --mount=type=ssh (default and an ID alone: $SSH_AUTH_SOCK), relayed "
+                        "into the step on a socket of its own")
     b.add_argument("-o", "--output", action="append", default=[], metavar="SPEC", help=OUTPUT_HELP)
     b.add_argument("--push", action="store_true", help="push the image to every -t (--output type=registry)")
     b.add_argument("--load", action="store_true",
@@ -111,6 +114,7 @@ def run(args) -> int:
     from lazybuild.builder import remote_context
     from lazybuild.builder.cache_transfer import CacheSpec
     from lazybuild.builder.executor import BuildOptions
+    from lazybuild.builder.ssh_forward import parse_ssh
     from lazybuild.exporter.output import parse_outputs
 
     log = progress.log  # step lines and what was fetched: lines, JSON events or nothing, as --progress says
@@ -127,6 +131,7 @@ def run(args) -> int:
         raise UsageError("--iidfile needs an image output (type=oci|docker|image|registry|stargz, --push, --load)")
     cache_to = [CacheSpec.parse(c, "to") for c in args.cache_to]
     cache_from = [CacheSpec.parse(c, "from") for c in args.cache_from]
+    ssh = parse_ssh(args.ssh)
     labels = _kv(args.label, "label")
     build_args = _kv(args.build_arg, "build-arg")
     secrets = _secrets(args.secret)
@@ -151,7 +156,7 @@ def run(args) -> int:
                             insecure=args.insecure, state_dir=args.state_dir, chunk_cache=args.cache,
                             record_base=os.path.abspath(args.record_base) if args.record_base else "",
                             profile=args.profile, network="host" if args.network == "default" else args.network,
-                            labels=labels)
+                            labels=labels, ssh=ssh)
         return _build(args, opts, spec, workload, epoch, log, cache_from, cache_to)
 
 

@@ -245,3 +245,40 @@ def test_cache_to_and_from_on_a_fresh_state_dir(ctx, tmp_path, registry, kind):
     assert step_lines and all(line.endswith("(cached)") for line in step_lines), step_lines  # no step ran
     assert (tmp_path / "b/hello").read_text() == "hello\n" and (tmp_path / "b/f.txt").exists()
     assert (tmp_path / "b/nets").read_text() == (tmp_path / "a/nets").read_text()  # the imported result
+
+
+AGENT_QUERY = ("import os, socket, struct; s = socket.socket(socket.AF_UNIX); s.connect(os.environ['SSH_AUTH_SOCK']); "
+               "s.sendall(struct.pack('>IB', 1, 11)); n, t = struct.unpack('>IB', s.recv(5)); "
+               "open('/tmp/keys', 'w').write(str(struct.unpack('>I', s.recv(4))[0]) if t == 12 else 'bad')")
+
+
+def test_ssh_agent_forwarded_into_a_run_step(state, tmp_path, lazy_base):  # noqa: F811
+    sock = str(tmp_path / "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while not os.path.exists(sock) and time.time() < deadline:
+            time.sleep(0.05)
+        for name in ("a", "b"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+            subprocess.run(["ssh-add", "-q", str(tmp_path / name)], env={**os.environ, "SSH_AUTH_SOCK": sock},
+                           check=True, capture_output=True)
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        # a user that is not root reaches the agent: the step's socket is the mount's uid's, mode 0600
+        (ctx / "Dockerfile").write_text(f'FROM {lazy_base}\nUSER 1000\n'
+                                        f'RUN --mount=type=ssh,uid=1000 python3 -c "{AGENT_QUERY}"\n')
+        out = tmp_path / "out"
+        build(state, ctx, "--ssh", "default", "-o", str(out), env={"SSH_AUTH_SOCK": sock})
+        assert (out / "tmp/keys").read_text() == "2"  # the host agent's keys, reached through the relay
+        assert not os.path.exists(out / "run/buildkit/ssh_agent.0")  # the mount stub is gone
+        (ctx / "Dockerfile").write_text(f'FROM {lazy_base}\nUSER 1000\n'
+                                        f'RUN --mount=type=ssh python3 -c "{AGENT_QUERY}"\n')  # root's socket
+        p = build(state, ctx, "--ssh", "default", "-o", str(tmp_path / "out1"), env={"SSH_AUTH_SOCK": sock}, ok=False)
+        assert p.returncode == 4 and "PermissionError" in p.stderr
+        (ctx / "Dockerfile").write_text(f"FROM {lazy_base}\nRUN --mount=type=ssh,id=deploy,required true\n")
+        p = build(state, ctx, "-o", str(tmp_path / "out2"), ok=False)
+        assert p.returncode == 4 and "ssh agent 'deploy' is required but was not given" in p.stderr
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)

@@ -47,7 +47,8 @@ REFUSED_TYPES = {"inline": "the cache in the image config needs BuildKit's cache
 
 
 class CacheSpecError(UsageError):
-    hint = "--cache-to type=local,dest=DIR | type=registry,ref=REF; --cache-from type=local,src=DIR | type=registry,ref=REF"
+    hint = ("--cache-to type=local,dest=DIR | type=registry,ref=REF; "
+            "--cache-from type=local,src=DIR | type=registry,ref=REF")
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def import_steps(spec: CacheSpec, steps_dir: str, *, insecure: bool = False, log
             log(f"cache: nothing imported from {spec}: {e}")
             return 0
         if manifest.config.media_type != CONFIG_MEDIA_TYPE:
-            raise TransferError(f"--cache-from {spec}: not a lazybuild step cache (config {manifest.config.media_type})")
+            raise TransferError(f"--cache-from {spec}: not a lazybuild step cache "
+                                f"(config {manifest.config.media_type})")
         for desc in manifest.layers:
             key = desc.annotations.get(KEY_ANNOTATION, "")
             if desc.media_type != STEP_MEDIA_TYPE or not KEY_RE.fullmatch(key):

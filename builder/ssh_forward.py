@@ -17,7 +17,8 @@ CHUNK = 64 << 10
 
 
 class SshError(InputError):
-    hint = "give --ssh default (the agent of $SSH_AUTH_SOCK) or --ssh ID=SOCKET; start one with `eval $(ssh-agent)` and `ssh-add KEY`"
+    hint = ("give --ssh default (the agent of $SSH_AUTH_SOCK) or --ssh ID=SOCKET; start one with "
+            "`eval $(ssh-agent)` and `ssh-add KEY`")
 
 
 def parse_ssh(items: list[str], environ=os.environ) -> dict[str, str]:
@@ -32,7 +33,8 @@ def parse_ssh(items: list[str], environ=os.environ) -> dict[str, str]:
             if not path:
                 raise SshError(f"--ssh {item}: $SSH_AUTH_SOCK is not set (no agent to forward)")
         if "," in path:
-            raise SshError(f"--ssh {item}: several key files are not supported; add them to an agent and give its socket")
+            raise SshError(f"--ssh {item}: several key files are not supported; add them to an agent and "
+                           "give its socket")
         try:
             mode = os.stat(path).st_mode
         except OSError as e:

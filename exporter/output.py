@@ -121,14 +121,16 @@ class OutputSpec:
             want = "DIR" if self.type == "local" else "FILE or dest=-"
             raise OutputError(f"--output {text}: type={self.type} needs dest={want}")
         if self.type == "local" and self.dest == STDOUT:
-            raise OutputError(f"--output {text}: type=local writes a directory; for a tar on stdout use -o - or type=tar,dest=-")
+            raise OutputError(f"--output {text}: type=local writes a directory; for a tar on stdout use -o - "
+                              "or type=tar,dest=-")
         if not self.tar and self.dest == STDOUT:
             raise OutputError(f"--output {text}: tar=false writes a directory, not stdout")
         if self.type == "docker" and not self.tar:
             raise OutputError(f"--output {text}: type=docker writes a docker-archive, a tar; "
                               "for a directory use type=oci,tar=false")
         if self.type == "stargz" and self.dest == STDOUT:
-            raise OutputError(f"--output {text}: type=stargz writes an OCI layout; for a tar on stdout use type=oci,dest=-")
+            raise OutputError(f"--output {text}: type=stargz writes an OCI layout; for a tar on stdout use "
+                              "type=oci,dest=-")
 
     @property
     def is_image(self) -> bool:
@@ -193,7 +195,8 @@ def image_destinations(spec: OutputSpec, tags: list[str], insecure: bool = False
         full = str(first) if first is not None and spec.type == "oci" else ""
         shown = "stdout" if spec.to_stdout else spec.dest
         if spec.to_stdout:
-            out.append((StdoutDest(lambda path: NamedOCIArchiveDest(path, tag, full)), f"wrote an OCI tarball to {shown}"))
+            out.append((StdoutDest(lambda path: NamedOCIArchiveDest(path, tag, full)),
+                        f"wrote an OCI tarball to {shown}"))
         elif spec.tar:
             out.append((NamedOCIArchiveDest(spec.dest, tag, full), f"wrote an OCI tarball {shown} ({tag})"))
         else:

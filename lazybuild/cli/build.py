@@ -213,9 +213,10 @@ def _build(args, opts, spec, workload, epoch, log, cache_from=(), cache_to=()) -
                 log("type=image without push=true: the image is assembled and not stored anywhere (lazybuild "
                     "has no image store); --push, --load or type=oci keep it")
             optimize = Optimize(tuple(workload), args.optimize_period, args.cache) if args.optimize else None
-            with timings.phase("export"):
-                image = export_build(result, spec, args.tag, insecure=args.insecure, source_date_epoch=epoch,
-                                     optimize=optimize, kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
+            with timings.phase("export"):  # named by name= or else every -t (--optimize pushes to the first)
+                image = export_build(result, spec, spec.image_names(args.tag), insecure=args.insecure,
+                                     source_date_epoch=epoch, optimize=optimize,
+                                     kept_blobs=os.path.join(args.state_dir, "blobs"), log=log)
         names = spec.image_names(args.tag) if spec is not None else list(args.tag)
         metadata = {**_image_metadata(image, names), "bytesFetched": fetched}
         if args.metadata_file:  # for every output, as buildx writes one (an image's keys only with an image)

@@ -208,8 +208,10 @@ def test_git_context_with_ref_and_subdir(state, tmp_path, git_daemon, lazy_base)
     base, url = git_daemon
     repo = base / "app.git"
     repo.mkdir()
-    git = lambda *a: subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *a],  # noqa: E731
-                                    check=True, capture_output=True)
+    def git(*a):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                       check=True, capture_output=True)
+
     git("init", "-q")
     (repo / "svc").mkdir()
     (repo / "svc" / "Dockerfile").write_text(f"FROM {lazy_base}\nCOPY . /src\n")

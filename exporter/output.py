@@ -204,7 +204,9 @@ def image_destinations(spec: OutputSpec, tags: list[str], insecure: bool = False
     elif spec.type == "docker":
         tag = str(first) if first is not None else ""
         if spec.loads:
-            out.append((DockerLoadDest(tag), f"loaded into Docker{' as ' + tag if tag else ''}"))
+            also = [str(r) for r in refs[1:]]
+            shown = f" as {', '.join([tag, *also])}" if tag else ""
+            out.append((DockerLoadDest(tag, also), f"loaded into Docker{shown}"))
         elif spec.to_stdout:
             out.append((StdoutDest(lambda path: ArchiveDest(path, tag)), "wrote a docker-archive to stdout"))
         else:
@@ -301,7 +303,8 @@ class DockerLoadDest(_FileThenDest):
     $DOCKER_HOST, as the docker CLI chooses it). Docker's store keeps the layers but not the manifest's
     annotations: the image it holds is no longer recognizable as eStargz by a lazy puller."""
 
-    def __init__(self, tag: str):
+    def __init__(self, tag: str, also: list[str] = ()):
+        self.also = list(also)  # a docker-archive names one image: the other names are `docker tag`s after the load
         docker = shutil.which("docker")
         if docker is None:
             raise HostError("--load (type=docker without dest) needs the docker CLI on PATH: it pipes the image "
@@ -316,3 +319,7 @@ class DockerLoadDest(_FileThenDest):
             raise HostError(f"docker load failed: {(p.stderr or p.stdout).strip()}",
                             hint="is the Docker daemon running and reachable (DOCKER_HOST, the docker socket)? "
                                  "-o type=docker,dest=FILE writes the archive instead")
+        for name in self.also:
+            p = subprocess.run([self.docker, "tag", self.inner.tag, name], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise HostError(f"docker tag {self.inner.tag} {name} failed: {(p.stderr or p.stdout).strip()}")

@@ -121,6 +121,9 @@ def run(args) -> int:
     spec = parse_outputs(args.output, args.push, args.load)
     if spec and spec.push and not spec.image_names(args.tag):
         raise UsageError("pushing (--push, push=true, type=registry) needs -t REGISTRY/NAME:TAG or name=")
+    if spec and spec.to_stdout and sys.stdout.isatty():  # as buildx: no tar on a terminal
+        raise UsageError("-o -/dest=-: refusing to write a tar to a terminal",
+                         hint="redirect stdout (> out.tar, | tar t) or give dest=FILE")
     workload = args.workload
     if workload and not args.optimize:
         raise UsageError(f"unexpected arguments {' '.join(workload)!r} (a workload after -- goes with --optimize)")

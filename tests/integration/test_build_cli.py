@@ -110,10 +110,12 @@ def test_type_docker_and_load_into_dockerd(state, ctx, tmp_path, dockerd):
     [entry] = json.loads(saved["manifest.json"])
     assert entry["RepoTags"] == ["docker.io/lazy/app:v1"]
     iid = tmp_path / "iid"
-    p = build(state, ctx, "-t", "lazy/app:loaded", "--load", "--iidfile", str(iid), env=dockerd.env())
+    p = build(state, ctx, "-t", "lazy/app:loaded", "-t", "lazy/app:also", "--load", "--iidfile", str(iid),
+              env=dockerd.env())
     assert "drops the manifest's eStargz annotations" in p.stderr
     inspected = dockerd.image_config("lazy/app:loaded")
     assert inspected["Id"] == iid.read_text()  # --iidfile holds Docker's image ID
+    assert dockerd.image_config("lazy/app:also")["Id"] == inspected["Id"]  # every -t names it
     assert inspected["Config"]["Labels"]["from.dockerfile"] == "yes"
     run = dockerd.docker("run", "--rm", "--network", "none", "lazy/app:loaded", "cat", "/hello", "/f.txt")
     assert run.stdout.decode() == "hello\nfrom the context\n"

@@ -4,6 +4,7 @@ and every bad value refused through the console script (exit 2, one `lazybuild: 
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 
 import pytest
@@ -158,3 +159,33 @@ def test_help_lists_the_outputs_and_flags():
     for word in ("--push", "--load", "--iidfile", "--label", "--pull", "--network", "type=registry",
                  "zstd:chunked", "- reads it from stdin"):
         assert word in text, word
+
+
+def test_load_names_every_tag():
+    dests = image_destinations(OutputSpec("docker"), ["app:1", "127.0.0.1:5000/app:2"])
+    try:
+        [(dest, done)] = dests
+        assert isinstance(dest, DockerLoadDest) and dest.inner.tag == "docker.io/library/app:1"
+        assert dest.also == ["127.0.0.1:5000/app:2"]
+        assert done == "loaded into Docker as docker.io/library/app:1, 127.0.0.1:5000/app:2"
+    finally:
+        _close(dests)
+
+
+def test_no_tar_on_a_terminal(tmp_path):
+    """`-o -` with stdout on a terminal is refused (as buildx), before anything is built."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdout is the pseudo-terminal
+        os.execv(LAZYBUILD, [LAZYBUILD, "build", "--state-dir", str(tmp_path / "s"), "-o", "-", str(tmp_path)])
+    out = b""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert b"refusing to write a tar to a terminal" in out and not (tmp_path / "s").exists()

@@ -9,6 +9,7 @@ closes stdin. Nothing may ever be written to stdout: it is the HTTP/2 stream.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 
 from lazybuild.errors import RemoteError
@@ -64,13 +65,31 @@ class Caps:
 class Bridge:
     """LLBBridge calls with errors turned into GatewayError."""
 
+    _stdio: "Bridge | None" = None  # stdin/stdout carry one connection: every caller shares it
+
     def __init__(self, connection: Connection):
         self.connection = connection
         self.caps: Caps | None = None
+        self._early_ping: threading.Thread | None = None
+        self._early_pong: gw.PongResponse | Exception | None = None
 
     @classmethod
     def from_stdio(cls) -> "Bridge":
-        return cls(Connection(0, 1, max_message=MAX_RECEIVE))
+        if cls._stdio is None:
+            cls._stdio = cls(Connection(0, 1, max_message=MAX_RECEIVE))
+        return cls._stdio
+
+    def start_ping(self) -> None:
+        """Send Ping now, on a thread, for the next ping() to take: its round trip (the first call also waits
+        for buildkitd's side of the connection) then overlaps whatever the caller does meanwhile."""
+        def ping() -> None:
+            try:
+                self._early_pong = self._call("Ping", gw.PingRequest())
+            except Exception as e:  # raised by ping(), in the caller's thread
+                self._early_pong = e
+
+        self._early_ping = threading.Thread(target=ping, daemon=True, name="early-ping")
+        self._early_ping.start()
 
     def _call(self, name: str, request, what: str = ""):
         try:
@@ -80,7 +99,13 @@ class Bridge:
         return ANSWERS[name].FromString(answer)
 
     def ping(self) -> Caps:
-        pong = self._call("Ping", gw.PingRequest())
+        if self._early_ping is not None:
+            self._early_ping.join()
+            pong, self._early_ping, self._early_pong = self._early_pong, None, None
+            if isinstance(pong, Exception):
+                raise pong
+        else:
+            pong = self._call("Ping", gw.PingRequest())
         fcaps = {c.ID for c in pong.FrontendAPICaps if c.Enabled} if pong.FrontendAPICaps else set(DEFAULT_FRONTEND_CAPS)
         lcaps = {c.ID for c in pong.LLBCaps if c.Enabled} if pong.LLBCaps else set(DEFAULT_LLB_CAPS)
         workers = [{"id": w.ID, "platforms": list(w.platforms)} for w in pong.Workers]

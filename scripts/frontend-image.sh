@@ -16,6 +16,10 @@ while [ $# -gt 0 ]; do
 done
 docker=${DOCKER:-/usr/bin/docker}
 wheels=$here/dist/frontend-wheels
+# One build at a time per checkout: the wheels directory is shared (tests and benches may run together).
+mkdir -p "$here/dist"
+exec 9>"$here/dist/.frontend-image.lock"
+flock 9
 rm -rf "$wheels.partial" && mkdir -p "$wheels.partial"
 python3 -m pip wheel -q --disable-pip-version-check "$here" -w "$wheels.partial"
 rm -rf "$wheels" && mv "$wheels.partial" "$wheels"

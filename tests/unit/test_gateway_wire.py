@@ -129,3 +129,19 @@ def test_a_peer_that_goes_away_fails_the_calls_instead_of_hanging():
     with pytest.raises(GatewayError, match="gateway connection lost"):
         bridge.ping()  # and the next call is refused at once
     ours.close()
+
+
+def test_an_early_ping_is_taken_by_the_next_ping(bridge):
+    bridge.start_ping()
+    assert bridge.ping().llb and bridge._early_ping is None
+    assert bridge.ping().llb  # a call of its own
+
+
+def test_an_early_ping_that_failed_fails_the_next_ping():
+    ours, theirs = socket.socketpair()
+    bridge = Bridge(Connection(ours.fileno(), ours.fileno()))
+    theirs.close()
+    bridge.start_ping()
+    with pytest.raises(GatewayError, match="gateway connection lost"):
+        bridge.ping()
+    ours.close()

@@ -154,7 +154,7 @@ class Toolchain:
         self.registry_host = registry_host
 
     def add(self, tag: str) -> int:
-        info = json.loads(subprocess.run([*LAZYBUILD, "inspect", f"{self.registry_host}/toolchain:{tag}"], check=True,
+        info = json.loads(subprocess.run([*LAZYBUILD, "inspect", "--format", "json", f"{self.registry_host}/toolchain:{tag}"], check=True,
                                          capture_output=True, text=True).stdout)
         m = info["manifest"]
         self.blobs[tag] = [d["digest"] for d in [m["config"], *m["layers"]]]

@@ -110,7 +110,7 @@ def cold_lazy(ref: str, workload: str, work: str, record: str | None = None) -> 
     finally:
         subprocess.run(["umount", f"{ov}/merged"])
     time.sleep(0.5)  # the mount rewrites its status file every 0.25 s
-    fetched = sum(layer["fetchedBytes"] for layer in json.loads(lazybuild("mount", "--status", mnt))["layers"])
+    fetched = sum(layer["fetchedBytes"] for layer in json.loads(lazybuild("mount", "--status", "--format", "json", mnt))["layers"])
     lazybuild("umount", mnt)
     time.sleep(0.2)
     shutil.rmtree(d, ignore_errors=True)

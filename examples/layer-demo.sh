@@ -24,8 +24,8 @@ PY
 wc -l < "$out/prioritized.txt"
 
 echo "== 3. convert: gzip eStargz (prioritized files first, then .prefetch.landmark) and zstd"
-lazybuild layer convert "$out/stdlib.tar" "$out/stdlib.esgz" --prioritized-files "$out/prioritized.txt" | tee "$out/gzip.json"
-lazybuild layer convert "$out/stdlib.tar" "$out/stdlib.zst" --zstd --prioritized-files "$out/prioritized.txt" | tee "$out/zstd.json"
+lazybuild layer convert --format json "$out/stdlib.tar" "$out/stdlib.esgz" --prioritized-files "$out/prioritized.txt" | tee "$out/gzip.json"
+lazybuild layer convert --format json "$out/stdlib.tar" "$out/stdlib.zst" --zstd --prioritized-files "$out/prioritized.txt" | tee "$out/zstd.json"
 toc() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tocDigest"])' "$1"; }
 
 echo "== 4. verify: ours, then the reference library, against the TOC digest annotation"
@@ -39,9 +39,9 @@ for f in esgz zst; do
 done
 
 echo "== 5. the prefetch range: one Range request [0, .prefetch.landmark) warms the workload"
-lazybuild layer ls --json "$out/stdlib.esgz" | python3 -c '
+lazybuild layer ls --format json "$out/stdlib.esgz" | python3 -c '
 import json, os, sys
-es = [json.loads(line) for line in sys.stdin]
+es = json.load(sys.stdin)
 mark = next(e for e in es if e["path"] == ".prefetch.landmark")["offset"]
 size = os.path.getsize(sys.argv[1])
 warm = sum(1 for e in es if e["type"] == "reg" and e.get("offset", size) < mark)

@@ -4,10 +4,12 @@ tars) and docker-archives, every argument in the one reference syntax of `transf
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from .. import estargz
 from ..errors import DataError, UsageError
+from . import output, texts
 from .options import parse_size, platform_of, read_prioritized_files
 from .progress import progress_bar
 
@@ -64,7 +66,7 @@ def add_convert_flags(c) -> None:
 
 
 def add_inspect_parser(sub) -> None:
-    i = sub.add_parser("inspect", help="print the manifest and config of an image (registry, layout or archive) as JSON")
+    i = sub.add_parser("inspect", help="print an image's digest, platform and layers (its manifest and config with --format json)")
     i.add_argument("ref", metavar="IMAGE", help=LOCATION_HELP)
     i.add_argument("--platform", metavar="P")
     i.add_argument("--insecure", action="store_true")
@@ -72,7 +74,7 @@ def add_inspect_parser(sub) -> None:
 
 
 def _log(message: str) -> None:
-    print(f"lazybuild: {message}", file=sys.stderr)
+    logging.getLogger(__name__).info(message)  # `lazybuild: MESSAGE`, as --log-level allows
 
 
 def deprecated(old: str, new: str) -> None:
@@ -108,7 +110,8 @@ def copy(args, convert=None) -> int:
     src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
     check_direction(args.verb, src_loc, dst_loc)
     digest = copy_between(src_loc, dst_loc, args, convert)
-    print(json.dumps({"source": str(src_loc), "destination": str(dst_loc), "digest": digest}))
+    copied = {"source": str(src_loc), "destination": str(dst_loc), "digest": digest}
+    output.emit(args, output.Result(copied, texts.copied(copied), primary=digest))
     return 0
 
 
@@ -172,7 +175,7 @@ def inspect(args) -> int:
         out = _inspect_registry(loc.ref, args)
     else:
         out = _inspect_local(loc, args)
-    print(json.dumps(out, indent=2))
+    output.emit(args, output.Result(out, texts.image(out), primary=out["digest"]))
     return 0
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
 
 from .. import estargz
+from . import output, texts
 from .options import parse_size, read_prioritized_files
 from .progress import progress_bar
 
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     layer = sub.add_parser("layer", help="convert, verify, list and extract single eStargz layers")
     lsub = layer.add_subparsers(dest="layer_command", required=True)
 
-    c = lsub.add_parser("convert", help="tar (plain, gzip or zstd) -> eStargz; prints the blob's digests as JSON")
+    c = lsub.add_parser("convert", help="tar (plain, gzip or zstd) -> eStargz; prints the blob's digests (all of its descriptor with --format json)")
     c.add_argument("input", metavar="IN.tar", help="input tar, plain/gzip/zstd, or - for stdin")
     c.add_argument("output", metavar="OUT", help="output blob (written under a temporary name, then renamed)")
     c.add_argument("--estargz", action="store_const", dest="format", const="estargz", default="estargz",
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 
     ls = lsub.add_parser("ls", help="list TOC entries")
     ls.add_argument("blob", metavar="BLOB")
-    ls.add_argument("--json", action="store_true", help="one JSON object per entry, with its compressed byte range")
+    ls.add_argument("--json", action="store_true", help="deprecated: --format json (a JSON array of the entries, with their compressed byte ranges)")
     ls.add_argument("--chunks", action="store_true", help="also list chunk entries")
     ls.set_defaults(func=list_entries)
 
@@ -85,14 +85,15 @@ def convert(args) -> int:
         close()
     for path in blob.missed_prioritized:
         print(f"lazybuild: warning: prioritized file {path!r} is not in the layer", file=sys.stderr)
-    print(json.dumps(blob.to_json(), indent=None))
+    output.emit(args, output.Result(blob.to_json(), texts.blob(blob.to_json()), primary=blob.digest))
     return 0
 
 
 def verify(args) -> int:
     with estargz.LayerReader.open_file(args.blob) as r:
         files = r.verify(args.toc_digest)
-        print(f"ok: {args.blob}: {r.kind} eStargz, {len(r.entries)} TOC entries, {files} files verified, TOC {r.toc_digest}")
+        output.emit(args, output.Result({"blob": args.blob, "kind": r.kind, "entries": len(r.entries), "filesVerified": files, "tocDigest": r.toc_digest},
+                                        f"ok: {args.blob}: {r.kind} eStargz, {len(r.entries)} TOC entries, {files} files verified, TOC {r.toc_digest}"))
     if not args.toc_digest:
         print("lazybuild: note: no --toc-digest given: chunks were checked against the TOC, the TOC against nothing", file=sys.stderr)
     return 0
@@ -104,23 +105,23 @@ def _mode_string(e: estargz.TOCEntry) -> str:
 
 
 def list_entries(args) -> int:
-    with estargz.LayerReader.open_file(args.blob) as r:
+    with estargz.LayerReader.open_file(args.blob) as r, output.Listing(args) as listing:
         for e in r.entries:
             if e.type == "chunk" and not args.chunks:
                 continue
-            if args.json:
+            if listing.as_json:
                 d = e.to_go_dict()
                 d["path"] = e.path
                 if e.is_payload():
                     d["compressedRange"] = list(r.compressed_range(e))
-                print(json.dumps(d, ensure_ascii=False))
+                listing.add(d, "")
                 continue
             owner = f"{e.user_name or e.uid}:{e.group_name or e.gid}"
             size = f"{e.dev_major},{e.dev_minor}" if e.type in ("char", "block") else str(e.chunk_size if e.type == "chunk" else e.size)
             name = e.path + ("/" if e.type == "dir" and e.path else "")
             link = f" -> {e.link_name}" if e.type == "symlink" else f" link to {e.link_name}" if e.type == "hardlink" else ""
             extra = f" @{e.chunk_offset}" if e.type == "chunk" else ""
-            print(f"{_mode_string(e)} {owner:>15} {size:>10} {name or '.'}{link}{extra}")
+            listing.add(None, f"{_mode_string(e)} {owner:>15} {size:>10} {name or '.'}{link}{extra}")
     return 0
 
 

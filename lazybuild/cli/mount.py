@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 import tempfile
 
 from ..defaults import CACHE_DIR
 from ..errors import MountError, UsageError, require_extra
+from . import output, texts
 from .options import parse_size, platform_of
 
 
@@ -21,7 +20,7 @@ def add_parser(sub) -> None:
     mnt.add_argument("dir", metavar="DIR", nargs="?")
     mnt.add_argument("--platform", metavar="P")
     mnt.add_argument("--cache", metavar="DIR", default=CACHE_DIR,
-                     help="chunk cache shared by all mounts (default /var/cache/lazybuild)")
+                     help="chunk cache shared by all mounts (default %(default)s, $LAZYBUILD_CACHE)")
     mnt.add_argument("--cache-limit", type=parse_size, default=10 << 30, metavar="N", help="evict past this size (default 10GiB)")
     mnt.add_argument("--no-prefetch", action="store_true", help="do not fetch [0, .prefetch.landmark) at mount")
     mnt.add_argument("--no-background-fetch", action="store_true", help="fetch only what is read")
@@ -44,7 +43,8 @@ def mount(args) -> int:
     from .. import mounter
 
     if args.status:
-        print(json.dumps(mounter.status(args.ref_or_dir), indent=2))
+        status = mounter.status(args.ref_or_dir)
+        output.emit(args, output.Result(status, texts.mount_status(status)))
         return 0
     if not args.dir:
         raise UsageError("mount needs REF and DIR (or --status DIR)")
@@ -52,8 +52,6 @@ def mount(args) -> int:
 
     loc = Location.parse(args.ref_or_dir)  # a bad image argument is said before anything else is checked
     require_extra("pyfuse3", "lazybuild mount")
-    logging.basicConfig(level=logging.INFO, format="lazybuild mount: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     opts = mounter.MountOptions(platform=platform_of(args), cache_dir=args.cache, cache_limit_bytes=args.cache_limit,
                                 prefetch=not args.no_prefetch, background_fetch=not args.no_background_fetch,
                                 verify=not args.insecure_skip_verify, record=args.record, insecure=args.insecure,

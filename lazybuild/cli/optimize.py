@@ -6,12 +6,13 @@ files it read first put before `.prefetch.landmark`, the result written to DST."
 from __future__ import annotations
 
 import json
-import sys
+import logging
 
 from .. import estargz
 from ..defaults import CACHE_DIR
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, require_extra
 from .image import LOCATION_HELP, copy_between
+from . import output, texts
 from .options import parse_size, platform_of
 
 
@@ -42,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def _log(message: str) -> None:
-    print(f"lazybuild: {message}", file=sys.stderr)
+    logging.getLogger(__name__).info(message)  # `lazybuild: MESSAGE`, as --log-level allows
 
 
 def optimize(args) -> int:
@@ -51,6 +52,7 @@ def optimize(args) -> int:
     src_loc, dst_loc = Location.parse(args.src), Location.parse(args.dst)
     if args.period <= 0:
         raise UsageError(f"--period {args.period:g}: the workload needs a positive number of seconds")
+    require_extra("pyfuse3", "lazybuild optimize")  # the workload runs on a lazy mount: said before any work
     for item in args.env:
         if not item.partition("=")[0] or "=" not in item:
             raise UsageError(f"--env {item!r}: write it KEY=VALUE")
@@ -66,8 +68,9 @@ def optimize(args) -> int:
     convert = ConvertOptions("zstdchunked" if args.zstdchunked else "estargz", args.level, args.chunk_size,
                              force=True, prioritized_by_layer=reads)
     digest = copy_between(src_loc, dst_loc, args, convert)
-    print(json.dumps({"source": str(src_loc), "destination": str(dst_loc), "digest": digest,
-                      "filesRead": {str(i): len(p) for i, p in sorted(reads.items())}}))
+    optimized = {"source": str(src_loc), "destination": str(dst_loc), "digest": digest,
+                 "filesRead": {str(i): len(p) for i, p in sorted(reads.items())}}
+    output.emit(args, output.Result(optimized, texts.copied(optimized), primary=digest))
     return 0
 
 

@@ -101,7 +101,7 @@ def test_push_cache_and_lazy_mount_of_the_result(lazy_base, registry, oracle, tm
     assert second.stderr.count("(cached)") == 4  # every step of the three stages
     third = lazy_build(ctx, "--no-cache")
     assert "(cached)" not in third.stderr
-    info = json.loads(lazybuild("inspect", ref).stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", ref).stdout)
     assert info["config"]["config"]["Cmd"] == ["cat", "/out/copy.c"]
     for layer in info["manifest"]["layers"][1:]:  # ours; the first is the base
         blob = tmp_path / "blob"
@@ -137,7 +137,7 @@ def test_cached_rebuild_mounts_nothing_and_timings_say_where_time_went(lazy_base
         for want in ("resolve ", "mount ", ": open layers", "RUN cat /msg > /copy: RunStep", "export", "teardown"):
             assert any(want in line for line in phases), f"no {want!r} phase in:\n" + "\n".join(phases)
 
-        layer_digests = {d["digest"] for d in json.loads(lazybuild("inspect", lazy_base).stdout)["manifest"]["layers"]}
+        layer_digests = {d["digest"] for d in json.loads(lazybuild("inspect", "--format", "json", lazy_base).stdout)["manifest"]["layers"]}
 
         def layer_reads() -> list[str]:  # ranged: the mount's (the OCI output fetches kept layers whole)
             return [path for _, method, path, headers in proxy.requests if method == "GET" and "Range" in headers
@@ -208,7 +208,7 @@ def test_optimize_puts_what_the_workload_reads_first(lazy_base, registry, tmp_pa
                    "--record-base", str(record))
     assert "layer 1 (new, reordered): 2 files" in p.stderr, p.stderr[-2000:]
     subprocess.run(["lazybuild", "pull", ref, f"oci:{tmp_path / 'layout'}"], check=True, capture_output=True)
-    info = json.loads(lazybuild("inspect", ref).stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", ref).stdout)
     blob = tmp_path / "layout" / "blobs" / "sha256" / info["manifest"]["layers"][1]["digest"].split(":")[1]
-    names = [json.loads(line)["path"] for line in lazybuild("layer", "ls", str(blob), "--json").stdout.splitlines()]
+    names = [e["path"] for e in json.loads(lazybuild("layer", "ls", str(blob), "--format", "json").stdout)]
     assert names.index("data/c") < names.index("data/a") < names.index(".prefetch.landmark") < names.index("data/b")

@@ -26,7 +26,7 @@ class Mount:
         lazybuild("mount", "--daemon", ref, self.dir, "--cache", str(cache), *extra)
 
     def status(self):
-        return json.loads(lazybuild("mount", "--status", self.dir).stdout)
+        return json.loads(lazybuild("mount", "--status", "--format", "json", self.dir).stdout)
 
     def close(self):
         lazybuild("umount", self.dir)
@@ -247,7 +247,7 @@ def test_a_directory_of_100000_entries(registry, tmp_path):
             info.size = 2
             tf.addfile(info, io.BytesIO(b"%02d" % (i % 100)))
     layer = tmp_path / "layer.esgz"
-    blob = json.loads(lazybuild("layer", "convert", str(src), str(layer)).stdout)
+    blob = json.loads(lazybuild("layer", "convert", "--format", "json", str(src), str(layer)).stdout)
     ref = f"{registry.host}/mount/bigdir:esgz"
     archive = docker_archive([str(src)], str(tmp_path / "img.tar"))
     lazybuild("convert", f"docker-archive:{archive}", ref)
@@ -313,7 +313,7 @@ def test_a_file_over_4_gib(registry, tmp_path):
     from lazybuild.layout import OCILayout
 
     layout = OCILayout(str(tmp_path / "layout"), create=True)
-    blob = json.loads(lazybuild("layer", "convert", str(src), str(tmp_path / "layer")).stdout)
+    blob = json.loads(lazybuild("layer", "convert", "--format", "json", str(src), str(tmp_path / "layer")).stdout)
     src.unlink()
     layout.adopt_blob(blob["digest"], str(tmp_path / "layer"))
     config = json.dumps({"architecture": "amd64", "os": "linux",

@@ -38,7 +38,7 @@ def base(registry, tmp_path_factory) -> dict:
     archive = docker_archive([debootstrap_rootfs(("python3", "python3-venv"))], str(d / "base.tar"))
     ref = f"{registry.host}/profile/base:1"
     lazybuild("convert", f"docker-archive:{archive}", ref)
-    info = json.loads(lazybuild("inspect", ref).stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", ref).stdout)
     with Registry(registry.host) as reg:
         resolved = reg.resolve(Reference.parse(ref))
     return {"ref": ref, "repo": "profile/base", "digest": resolved.manifest.digest, "manifest": resolved.manifest,
@@ -102,11 +102,11 @@ def test_a_build_records_a_profile_and_the_next_one_prefetches_it(base, proxy, t
     assert 1 <= int(said[3]) < with_profile and "still running" not in second.stderr
 
     # ls / show / rm
-    ls = json.loads(lazybuild("profile", "ls", "--json", "--state-dir", str(state)).stdout)
+    ls = json.loads(lazybuild("profile", "ls", "--format", "json", "--state-dir", str(state)).stdout)[0]
     assert ls["base"] == base["digest"] and ls["files"] == profile.file_count and ls["size"] > 0
-    shown = json.loads(lazybuild("profile", "show", base["digest"], "--state-dir", str(state)).stdout)
+    shown = json.loads(lazybuild("profile", "show", "--format", "json", base["digest"], "--state-dir", str(state)).stdout)
     assert Profile.parse(json.dumps(shown).encode()) == profile
-    shown = json.loads(lazybuild("profile", "show", base["ref"], "--state-dir", str(state)).stdout)
+    shown = json.loads(lazybuild("profile", "show", "--format", "json", base["ref"], "--state-dir", str(state)).stdout)
     assert shown["base"] == base["digest"]
     lazybuild("profile", "rm", base["digest"], "--state-dir", str(state))
     assert lazybuild("profile", "ls", "--state-dir", str(state)).stdout == ""
@@ -151,7 +151,7 @@ def test_a_pushed_profile_is_found_by_a_build_on_another_machine(base, registry,
     assert m["artifactType"] == MEDIA_TYPE and m["subject"]["digest"] == base["digest"]
 
     # `profile push` pushes the local one (the same bytes: the same artifact)
-    pushed = json.loads(lazybuild("profile", "push", base["ref"], "--state-dir", str(here)).stdout)
+    pushed = json.loads(lazybuild("profile", "push", "--format", "json", base["ref"], "--state-dir", str(here)).stdout)
     assert pushed["digest"] == sha256_digest(raw) and pushed["files"] == profile.file_count
 
     there = tmp_path / "there"  # another machine: an empty state dir and chunk cache
@@ -164,7 +164,7 @@ def test_a_pushed_profile_is_found_by_a_build_on_another_machine(base, registry,
     assert blob_gets(proxy, n0, base["layers"]) * 10 < profile.file_count
     assert ProfileStore(str(there)).load(base["digest"]) == profile  # kept locally
 
-    shown = lazybuild("profile", "show", f"{proxy.host}/profile/base:1", "--state-dir", str(tmp_path / "none"))
+    shown = lazybuild("profile", "show", "--format", "json", f"{proxy.host}/profile/base:1", "--state-dir", str(tmp_path / "none"))
     assert Profile.parse(shown.stdout.encode()) == profile and "profile from" in shown.stderr
 
 

@@ -73,7 +73,7 @@ def _unpack(layout_ref: str, dest: str) -> dict[str, str]:
 def test_convert_round_trip(registry, pushed, oracle, tmp_path, compression):
     dst = f"{registry.host}/test/base:{compression}"
     lazybuild("convert", pushed, dst, *(["--zstdchunked"] if compression == "zstd" else []))
-    info = json.loads(lazybuild("inspect", dst).stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", dst).stdout)
     manifest, config = info["manifest"], info["config"]
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
@@ -94,7 +94,7 @@ def test_convert_round_trip(registry, pushed, oracle, tmp_path, compression):
     # Layers that already are eStargz are kept as they are.
     again = f"{registry.host}/test/base:{compression}-again"
     lazybuild("convert", dst, again)
-    assert json.loads(lazybuild("inspect", again).stdout)["manifest"]["layers"] == manifest["layers"]
+    assert json.loads(lazybuild("inspect", "--format", "json", again).stdout)["manifest"]["layers"] == manifest["layers"]
     # Other tools accept the result, and it unpacks to the same root filesystem as the original.
     subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{dst}"], check=True, capture_output=True)
     lazybuild("pull", dst, f"oci:{tmp_path}/layout:conv")
@@ -119,7 +119,7 @@ def test_pull_push_keep_every_byte(registry, pushed, tmp_path):
     assert entry["annotations"]["org.opencontainers.image.ref.name"] == "v1"
     for f in (tmp_path / "l" / "blobs" / "sha256").iterdir():
         assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
-    out = json.loads(lazybuild("push", f"oci:{tmp_path}/l:v1", f"{registry.host}/other/copy:v1").stdout)
+    out = json.loads(lazybuild("push", "--format", "json", f"oci:{tmp_path}/l:v1", f"{registry.host}/other/copy:v1").stdout)
     assert out["digest"] == entry["digest"]
 
 
@@ -141,7 +141,7 @@ def test_platform_selection(registry, pushed, tmp_path):
     with pytest.raises(ValueError, match="os/arch"):
         Platform.parse("linux")
     assert Platform.parse("linux/arm64/v8") == Platform("linux", "arm64", "")
-    p = lazybuild("pull", pushed, f"oci:{tmp_path}/p", "--platform", "linux/amd64")
+    p = lazybuild("pull", "--format", "json", pushed, f"oci:{tmp_path}/p", "--platform", "linux/amd64")
     assert json.loads(p.stdout)["digest"].startswith("sha256:")
 
 
@@ -157,7 +157,7 @@ def test_tls_and_basic_auth(tmp_path_factory, archive):
                "DOCKER_CONFIG": docker_config(work, reg.host, "alice", "s3cret")}
         ref = f"{reg.host}/secure/img:v1"
         lazybuild("push", f"docker-archive:{archive}", ref, env=env)
-        info = json.loads(lazybuild("inspect", ref, env=env).stdout)
+        info = json.loads(lazybuild("inspect", "--format", "json", ref, env=env).stdout)
         assert len(info["manifest"]["layers"]) == 2
         lazybuild("convert", ref, f"{reg.host}/secure/img:esgz", env=env)
         # wrong password: the status and what to do, never the password
@@ -181,7 +181,7 @@ def test_token_auth(tmp_path_factory, archive):
         ref = f"{reg.host}/team/img:v1"
         lazybuild("push", f"docker-archive:{archive}", ref, env=env)
         lazybuild("convert", ref, f"{reg.host}/team/img:esgz", env=env)
-        assert json.loads(lazybuild("inspect", f"{reg.host}/team/img:esgz", env=env).stdout)["manifest"]["layers"]
+        assert json.loads(lazybuild("inspect", "--format", "json", f"{reg.host}/team/img:esgz", env=env).stdout)["manifest"]["layers"]
         assert issuer.issued >= 2
         # a token the registry no longer takes (expired, revoked) is fetched anew on the 401 it answers
         from lazybuild.registry.auth import load_credentials
@@ -329,10 +329,10 @@ def test_multi_platform_images(registry, pushed, tmp_path):
 
     ref = f"{registry.host}/multi/img:v1"
     lazybuild("push", f"oci:{tmp_path}/l:multi", ref, "--all-platforms")
-    assert len(json.loads(lazybuild("inspect", ref).stdout)["index"]["manifests"]) == 2
-    assert json.loads(lazybuild("inspect", ref, "--platform", "linux/arm64").stdout)["config"]["architecture"] == "arm64"
+    assert len(json.loads(lazybuild("inspect", "--format", "json", ref).stdout)["index"]["manifests"]) == 2
+    assert json.loads(lazybuild("inspect", "--format", "json", ref, "--platform", "linux/arm64").stdout)["config"]["architecture"] == "arm64"
     lazybuild("convert", ref, f"{registry.host}/multi/img:esgz", "--all-platforms")
-    info = json.loads(lazybuild("inspect", f"{registry.host}/multi/img:esgz", "--platform", "linux/arm64").stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", f"{registry.host}/multi/img:esgz", "--platform", "linux/arm64").stdout)
     assert info["config"]["architecture"] == "arm64" and len(info["index"]["manifests"]) == 2
     assert all("containerd.io/snapshot/stargz/toc.digest" in x["annotations"] for x in info["manifest"]["layers"])
     p = lazybuild("pull", ref, f"oci:{tmp_path}/p", "--platform", "linux/s390x", ok=False)

@@ -74,7 +74,7 @@ def registry_gets(reg: RegistryProcess, digest: str) -> list[tuple[str, int]]:
 def layer_digests(ref: str) -> list[str]:
     import json
 
-    return [layer["digest"] for layer in json.loads(lazybuild("inspect", ref))["manifest"]["layers"]]
+    return [layer["digest"] for layer in json.loads(lazybuild("inspect", "--format", "json", ref))["manifest"]["layers"]]
 
 
 def run(ctd: Containerd, ref: str, name: str, *cmd: str) -> str:
@@ -266,16 +266,16 @@ def test_lazybuild_rpull_without_the_reference_client(daemons, images):
     esgz, legacy = f"{images.host}/sn/py:esgz", f"{images.host}/sn/py:legacy"
     ctd.ctr("images", "rm", "--sync", esgz, legacy, check=False)  # whatever an earlier test pulled
     wait(lambda: not sn.status()["layers"], "earlier lazy layers to be removed")
-    report = json.loads(lazybuild("rpull", "--address", ctd.sock, esgz))
+    report = json.loads(lazybuild("rpull", "--format", "json", "--address", ctd.sock, esgz))
     assert [l["how"] for l in report["layers"]] == ["lazy", "lazy"]
     assert esgz in ctd.ctr("images", "ls").stdout
     assert run(ctd, esgz, "rp1", "sh", "-c", "python3 -c 'print(1)'; cat /hello.txt").split("\n")[:2] == \
         ["1", "hello from the top layer"]
     wait(lambda: len(sn.status()["layers"]) == 2, "both layers to be served lazily")
-    report = json.loads(lazybuild("rpull", "--address", ctd.sock, legacy))
+    report = json.loads(lazybuild("rpull", "--format", "json", "--address", ctd.sock, legacy))
     assert [l["how"] for l in report["layers"]] == ["downloaded", "downloaded"]
     assert run(ctd, legacy, "rp2", "sh", "-c", "test -e /etc/motd || echo motd-gone").strip() == "motd-gone"
-    again = json.loads(lazybuild("rpull", "--address", ctd.sock, legacy))
+    again = json.loads(lazybuild("rpull", "--format", "json", "--address", ctd.sock, legacy))
     assert [l["how"] for l in again["layers"]] == ["present", "present"]
     ctd.ctr("images", "rm", "--sync", esgz, legacy)
     wait(lambda: not sn.status()["layers"], "the lazy layers to be removed with the image")

@@ -64,7 +64,7 @@ def _layers(out) -> list[dict]:
 def _names(out, layer) -> list[str]:
     """The layer's regular files in blob order (their parent directories go before them, as eStargz needs)."""
     blob = out / "blobs" / "sha256" / layer["digest"].split(":")[1]
-    entries = [json.loads(x) for x in lazybuild("layer", "ls", str(blob), "--json").stdout.splitlines()]
+    entries = json.loads(lazybuild("layer", "ls", str(blob), "--format", "json").stdout)
     return [e["path"] for e in entries if e["type"] == "reg"]
 
 
@@ -148,7 +148,7 @@ def test_the_workloads_files_lead_their_layers_and_a_lazy_start_asks_less(insecu
             try:
                 p = subprocess.run(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD], capture_output=True, timeout=300)
                 assert p.returncode == 0, p.stderr
-                status = json.loads(lazybuild("mount", "--status", str(mnt)).stdout)
+                status = json.loads(lazybuild("mount", "--status", "--format", "json", str(mnt)).stdout)
             finally:
                 lazybuild("umount", str(mnt))
             gets = [s for s in proxy.seen if s.is_blob_get]

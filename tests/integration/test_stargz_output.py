@@ -60,7 +60,7 @@ def test_stargz_output_layout_pushes_verifies_mounts_and_matches(dockerd, fronte
     assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "latest"
     ref = f"{registry.host}/stargz-output/app:{compression}"
     lazybuild("push", f"oci:{out}", ref)
-    info = json.loads(lazybuild("inspect", ref).stdout)
+    info = json.loads(lazybuild("inspect", "--format", "json", ref).stdout)
     layers = info["manifest"]["layers"]
     assert len(layers) == 4  # the base as one layer, then RUN, COPY --from, COPY
     want = "application/vnd.oci.image.layer.v1.tar+" + compression
@@ -69,8 +69,8 @@ def test_stargz_output_layout_pushes_verifies_mounts_and_matches(dockerd, fronte
         blob = out / "blobs" / "sha256" / layer["digest"].split(":")[1]
         toc = layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
         subprocess.run([oracle, "verify", "-toc", toc, str(blob)], check=True, capture_output=True)
-    names = [json.loads(x)["path"] for x in lazybuild("layer", "ls", str(out / "blobs" / "sha256" /
-                                                                      layers[3]["digest"].split(":")[1]), "--json").stdout.splitlines()]
+    names = [x["path"] for x in json.loads(lazybuild("layer", "ls", str(out / "blobs" / "sha256" /
+                                                                      layers[3]["digest"].split(":")[1]), "--format", "json").stdout)]
     assert names.index("app/b.txt") < names.index(".prefetch.landmark") < names.index("app/a.txt")
     assert info["config"]["config"]["Env"][-1] == "MODE=stargz" and info["config"]["config"]["Cmd"] == ["cat", "/app/hi"]
     assert len(info["config"]["rootfs"]["diff_ids"]) == 4
@@ -195,7 +195,7 @@ def test_a_gzip_base_is_converted_layer_by_layer(dockerd, frontend_image, regist
     try:
         assert (mnt / "opt" / "base" / "two").read_text() == "two\n" and (mnt / "x").read_text() == "x\n"
         assert (mnt / "usr" / "bin" / "python3").exists()
-        status = json.loads(lazybuild("mount", "--status", str(mnt)).stdout)["layers"]
+        status = json.loads(lazybuild("mount", "--status", "--format", "json", str(mnt)).stdout)["layers"]
         assert [layer["lazy"] for layer in status] == [True] * 3, status
         debian = status[0]
         assert debian["fetchedBytes"] < 0.5 * debian["size"], debian  # read lazily: a part of the base

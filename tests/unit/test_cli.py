@@ -33,7 +33,7 @@ def layer_tar(tmp_path_factory):
 @pytest.mark.parametrize("zstd", [False, True])
 def test_convert_verify_ls_extract(layer_tar, tmp_path, zstd):
     out = tmp_path / "layer.blob"
-    res = json.loads(run("layer", "convert", layer_tar, str(out), "--chunk-size", "4KiB",
+    res = json.loads(run("layer", "convert", "--format", "json", layer_tar, str(out), "--chunk-size", "4KiB",
                          *(["--zstd"] if zstd else [])).stdout)
     assert set(res) >= {"digest", "size", "tocDigest", "diffID", "uncompressedSize", "mediaType"}
     assert res["mediaType"].endswith("+zstd" if zstd else "+gzip") and res["size"] == out.stat().st_size
@@ -45,7 +45,7 @@ def test_convert_verify_ls_extract(layer_tar, tmp_path, zstd):
     listing = run("layer", "ls", str(out)).stdout.splitlines()
     assert any(line.endswith("etc/sl -> hello.txt") for line in listing)
     assert any(line.startswith("crw-rw-rw-") and line.endswith("dev/null") for line in listing)
-    entries = [json.loads(line) for line in run("layer", "ls", "--json", "--chunks", str(out)).stdout.splitlines()]
+    entries = json.loads(run("layer", "ls", "--format", "json", "--chunks", str(out)).stdout)
     big = [e for e in entries if e["path"] == "data/f12305"]
     assert len(big) == 4 and all(e["compressedRange"][0] == e["offset"] for e in big)
 
@@ -62,9 +62,9 @@ def test_stdin_and_prioritized_record(layer_tar, tmp_path):
     record = tmp_path / "record.ndjson"
     record.write_text('{"path": "etc/hello.txt", "layer": 0}\n\n/data/f4096\n')
     with open(layer_tar, "rb") as f:
-        res = json.loads(run("layer", "convert", "-", str(tmp_path / "o"), "--prioritized-files", str(record),
+        res = json.loads(run("layer", "convert", "--format", "json", "-", str(tmp_path / "o"), "--prioritized-files", str(record),
                              stdin=f).stdout)
-    order = [json.loads(line)["path"] for line in run("layer", "ls", "--json", str(tmp_path / "o")).stdout.splitlines()]
+    order = [e["path"] for e in json.loads(run("layer", "ls", "--format", "json", str(tmp_path / "o")).stdout)]
     assert order[:5] == ["", "etc", "etc/hello.txt", "data", "data/f4096"] and order[5] == ".prefetch.landmark"
     assert res["tocDigest"].startswith("sha256:")
 

@@ -134,6 +134,41 @@ def test_format_json_is_one_document(capsys, tmp_path):
             assert check(json.loads(out)), out
 
 
+def test_format_json_of_layers_and_local_images(capsys, tmp_path, blob):
+    """layer convert/verify/ls and copy/inspect of local images: one JSON document, text by default, -q."""
+    from lazybuild.testing.images import docker_archive
+
+    layer_tar = tarcases.ustar_all_types(str(tmp_path / "in.tar"))
+    code, out, _ = run_main(capsys, "layer", "convert", "--format", "json", layer_tar, str(tmp_path / "b"))
+    converted = json.loads(out)
+    assert code == 0 and converted["digest"].startswith("sha256:") and converted["tocDigest"].startswith("sha256:")
+    code, out, _ = run_main(capsys, "layer", "convert", "-q", layer_tar, str(tmp_path / "c"))
+    assert code == 0 and out == converted["digest"] + "\n"
+    code, out, _ = run_main(capsys, "layer", "convert", layer_tar, str(tmp_path / "d"))
+    assert code == 0 and out.startswith(converted["digest"]) and "TOC digest" in out
+    code, out, _ = run_main(capsys, "layer", "verify", "--format", "json", blob)
+    assert code == 0 and json.loads(out)["filesVerified"] > 0
+    code, out, _ = run_main(capsys, "layer", "ls", "--format", "json", "--chunks", blob)
+    entries = json.loads(out)
+    assert code == 0 and isinstance(entries, list) and any(e["path"] == "etc/hello.txt" for e in entries)
+    code, out, err = run_main(capsys, "layer", "ls", "--json", blob)  # the deprecated spelling: the same array
+    assert code == 0 and json.loads(out) == [e for e in entries if e["type"] != "chunk"]
+    assert err == "lazybuild: warning: --json is deprecated: use --format json\n"
+    code, out, _ = run_main(capsys, "layer", "ls", blob)
+    assert code == 0 and any(line.endswith("etc/sl -> hello.txt") for line in out.splitlines())
+
+    archive = docker_archive([layer_tar], str(tmp_path / "img.tar"), tag="app:v1")
+    code, out, _ = run_main(capsys, "copy", "--format", "json", f"docker-archive:{archive}", f"oci:{tmp_path}/l:v1")
+    copied = json.loads(out)
+    assert code == 0 and copied["destination"] == f"oci:{tmp_path}/l:v1"
+    code, out, _ = run_main(capsys, "copy", "-q", f"docker-archive:{archive}", f"oci:{tmp_path}/m:v1")
+    assert code == 0 and out == copied["digest"] + "\n"
+    code, out, _ = run_main(capsys, "inspect", f"oci:{tmp_path}/l:v1")
+    assert code == 0 and out.startswith(f"oci:{tmp_path}/l:v1\n  digest    {copied['digest']}") and "1 layers" in out
+    code, out, _ = run_main(capsys, "inspect", f"oci:{tmp_path}/l:v1", "--format", "json")
+    assert code == 0 and json.loads(out)["digest"] == copied["digest"]
+
+
 def test_text_is_the_default_and_quiet_prints_the_primary_value(capsys, tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY a /a\n")
     code, out, _ = run_main(capsys, "inspect-dockerfile", str(tmp_path))
@@ -364,6 +399,8 @@ def test_a_missing_extra_or_dependency_is_named(tmp_path, layer_tar):
     p = _main_without("tqdm", "layer", "convert", layer_tar, str(tmp_path / "o"), "--progress", "tty")
     assert p.returncode == 5 and "Traceback" not in p.stderr, p.stderr
     assert "needs tqdm, which lazybuild depends on" in p.stderr and "reinstall lazybuild" in p.stderr
+    p = _main_without("pyfuse3", "optimize", "oci:" + str(tmp_path / "none"), "oci:" + str(tmp_path / "o"), "--", "true")
+    assert p.returncode == 5 and p.stderr.startswith("lazybuild: error: lazybuild optimize needs pyfuse3"), p.stderr
 
 
 # --- README's command reference ------------------------------------------------------------------------

@@ -156,22 +156,22 @@ def archive(tmp_path_factory):
 
 
 def _inspect(image: str) -> dict:
-    return json.loads(run("inspect", image).stdout)
+    return json.loads(run("inspect", "--format", "json", image).stdout)
 
 
 def test_copy_between_local_transports(archive, tmp_path):
     base = _inspect(f"docker-archive:{archive}")
     assert base["config"]["config"]["Cmd"] == ["/bin/true"]
-    out = json.loads(run("copy", f"docker-archive:{archive}:app:v1", f"oci:{tmp_path}/layout:v1").stdout)
+    out = json.loads(run("copy", "--format", "json", f"docker-archive:{archive}:app:v1", f"oci:{tmp_path}/layout:v1").stdout)
     assert out["destination"] == f"oci:{tmp_path}/layout:v1"
     assert _inspect(f"oci:{tmp_path}/layout:v1")["digest"] == out["digest"]
     assert _inspect(f"oci:{tmp_path}/layout@{out['digest']}")["digest"] == out["digest"]
 
     # oci-archive out and in: the same image, byte for byte
-    tar_out = json.loads(run("copy", f"oci:{tmp_path}/layout:v1", f"oci-archive:{tmp_path}/img-oci.tar:v1").stdout)
+    tar_out = json.loads(run("copy", "--format", "json", f"oci:{tmp_path}/layout:v1", f"oci-archive:{tmp_path}/img-oci.tar:v1").stdout)
     assert tar_out["digest"] == out["digest"] and tarfile.is_tarfile(tmp_path / "img-oci.tar")
     assert _inspect(f"oci-archive:{tmp_path}/img-oci.tar")["digest"] == out["digest"]
-    back = json.loads(run("copy", f"oci-archive:{tmp_path}/img-oci.tar:v1", f"oci:{tmp_path}/again").stdout)
+    back = json.loads(run("copy", "--format", "json", f"oci-archive:{tmp_path}/img-oci.tar:v1", f"oci:{tmp_path}/again").stdout)
     assert back["digest"] == out["digest"]
     assert sorted(os.listdir(tmp_path / "again/blobs/sha256")) == sorted(os.listdir(tmp_path / "layout/blobs/sha256"))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".lazybuild")]  # no temporary left behind
@@ -181,12 +181,12 @@ def test_copy_between_local_transports(archive, tmp_path):
 
 
 def test_skopeo_dir_in_and_out(archive, tmp_path, canary):
-    out = json.loads(run("copy", f"docker-archive:{archive}", f"dir:{tmp_path}/d").stdout)
+    out = json.loads(run("copy", "--format", "json", f"docker-archive:{archive}", f"dir:{tmp_path}/d").stdout)
     names = sorted(os.listdir(tmp_path / "d"))
     assert "manifest.json" in names and "version" in names and len(names) == 4  # + config and layer, by hex
     assert (tmp_path / "d/version").read_bytes() == b"Directory Transport Version: 1.1\n"
     assert _inspect(f"dir:{tmp_path}/d")["digest"] == out["digest"]
-    assert json.loads(run("copy", f"dir:{tmp_path}/d", f"oci:{tmp_path}/o").stdout)["digest"] == out["digest"]
+    assert json.loads(run("copy", "--format", "json", f"dir:{tmp_path}/d", f"oci:{tmp_path}/o").stdout)["digest"] == out["digest"]
 
     # a symlinked manifest.json is not followed; a blob that is not its digest is refused
     os.replace(tmp_path / "d/manifest.json", tmp_path / "manifest.json")
@@ -253,9 +253,9 @@ def test_deprecated_convert_names_still_work(archive, tmp_path):
 
 def test_layer_convert_names(tmp_path):
     layer = tarcases.ustar_all_types(str(tmp_path / "in.tar"))
-    new = json.loads(run("layer", "convert", layer, str(tmp_path / "a"), "--zstdchunked", "--estargz-chunk-size",
+    new = json.loads(run("layer", "convert", "--format", "json", layer, str(tmp_path / "a"), "--zstdchunked", "--estargz-chunk-size",
                          "8KiB").stdout)
-    p = run("layer", "convert", layer, str(tmp_path / "b"), "--zstd", "--chunk-size", "8KiB")
+    p = run("layer", "convert", "--format", "json", layer, str(tmp_path / "b"), "--zstd", "--chunk-size", "8KiB")
     old = json.loads(p.stdout)
     assert new == old and new["mediaType"].endswith("+zstd")
     assert [line for line in p.stderr.splitlines() if "deprecated" in line][0].count("--zstdchunked") == 1
@@ -357,9 +357,9 @@ def test_several_platforms_through_dir_and_oci_archive(tmp_path):
     # skopeo's layout for several images: the index in manifest.json, each image as <hex>.manifest.json
     names = set(os.listdir(tmp_path / "d"))
     assert {f"{d[7:]}.manifest.json" for d in digests.values()} <= names and "manifest.json" in names
-    out = json.loads(run("copy", f"dir:{tmp_path}/d", f"oci:{tmp_path}/one", "--platform", "linux/arm64").stdout)
+    out = json.loads(run("copy", "--format", "json", f"dir:{tmp_path}/d", f"oci:{tmp_path}/one", "--platform", "linux/arm64").stdout)
     assert out["digest"] == digests["arm64"]
 
 
 def _inspect_platform(image: str, platform: str) -> str:
-    return json.loads(run("inspect", image, "--platform", platform).stdout)["digest"]
+    return json.loads(run("inspect", "--format", "json", image, "--platform", platform).stdout)["digest"]

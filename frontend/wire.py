@@ -2,7 +2,8 @@
 
 buildkitd serves the gateway API on the frontend's stdin/stdout: HTTP/2 cleartext with prior knowledge.
 grpcio cannot dial a pair of pipes (it needed two relay threads and a socket), and importing it costs
-more than this whole client, on every build. What a frontend needs is small: unary calls, several at a
+more than this whole client, on every build. h2 (python-hyper, sans-IO) would fit, but importing it takes
+~21 ms here against ~5 ms for this module and hpack.py together, and every build pays it. What a frontend needs is small: unary calls, several at a
 time (one stream each), flow control both ways, HPACK decoding (`hpack.py`), trailers with grpc-status.
 
 One daemon thread reads frames; callers write theirs under a lock and wait for their stream to end.

@@ -174,6 +174,16 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 200 else text[:200] + "...")
 
 
+def registry_reference(text: str, what: str) -> Reference:
+    """TEXT parsed as every image argument is (Location.parse), for a command that works on a registry image
+    only (WHAT names it): a layout or archive is refused saying so."""
+    loc = Location.parse(text)
+    if not loc.is_registry:
+        raise LocationError(f"{what} takes an image in a registry; {_shown(text)} is a local {loc.kind} image",
+                            hint="push it to a registry first: lazybuild copy SRC HOST/REPO[:TAG]")
+    return loc.ref
+
+
 def _reference(text: str, original: str) -> Reference:
     try:
         return Reference.parse(text)

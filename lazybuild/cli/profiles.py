@@ -62,9 +62,10 @@ def list_profiles(args) -> int:
 
 
 def _resolve(args, text: str):
-    from ..registry import Reference, Registry
+    from ..registry import Registry
+    from ..transfer import registry_reference
 
-    ref = Reference.parse(text)
+    ref = registry_reference(text, f"lazybuild profile {args.profile_command}")
     registry = Registry(ref.host, insecure=args.insecure)
     try:
         return ref, registry, registry.resolve(ref, platform_of(args))

@@ -66,9 +66,11 @@ def rpull(args) -> int:
     import grpc
 
     from ..snapshotter import pull
+    from ..transfer import registry_reference
 
+    ref = registry_reference(args.ref, "lazybuild rpull")  # docker://, checked before containerd is asked
     try:
-        report = pull.rpull(args.ref, args.address, args.namespace, args.snapshotter, platform_of(args), args.insecure,
+        report = pull.rpull(str(ref), args.address, args.namespace, args.snapshotter, platform_of(args), args.insecure,
                             args.name)
     except grpc.RpcError as e:  # a status from containerd, not a bug of ours
         raise RemoteError(f"containerd at {args.address} answered {e.code().name}: {e.details()}",

@@ -363,3 +363,15 @@ def test_several_platforms_through_dir_and_oci_archive(tmp_path):
 
 def _inspect_platform(image: str, platform: str) -> str:
     return json.loads(run("inspect", "--format", "json", image, "--platform", platform).stdout)["digest"]
+
+
+@pytest.mark.parametrize("argv", [["rpull", "oci:/tmp/layout"], ["profile", "show", "oci-archive:/tmp/a.tar"],
+                                  ["profile", "push", "docker-archive:/tmp/a.tar"]])
+def test_registry_only_commands_parse_references_the_same_way(argv):
+    """rpull and profile take any image argument's spelling (docker:// too) and refuse local images by kind."""
+    p = run(*argv, ok=False)
+    error, hint = _error_and_hint(p)
+    assert p.returncode == 1 and "takes an image in a registry" in error and "is a local" in error, p.stderr
+    assert "lazybuild copy" in hint
+    p = run("rpull", "./relative", ok=False)
+    assert p.returncode == 1 and "looks like a path" in p.stderr

@@ -16,14 +16,12 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 
 from lazybuild.errors import RemoteError, UsageError
@@ -31,6 +29,7 @@ from lazybuild.image import Descriptor, Manifest, canonical_json, sha256_digest
 from lazybuild.registry import Reference
 from lazybuild.transfer import OCIDest, OCISource, RegistryDest, RegistrySource, Source, TransferError
 
+from .executor import publish_step
 from .filecopy import CopyError, unpack_archive
 
 CONFIG_MEDIA_TYPE = "application/vnd.lazybuild.stepcache.config.v1+json"
@@ -229,13 +228,7 @@ def _import_step(source: Source, desc: Descriptor, key: str, final: str, steps_d
         except CopyError as e:
             raise TransferError(str(e)) from None
         os.unlink(blob)
-        with open(os.path.join(tmp, "done"), "w") as f:
-            json.dump({"imported": label, "blob": desc.digest, "time": time.time()}, f)
-        if os.path.exists(final):  # an unfinished step left by a failure: replaced
-            old = final + ".old-" + uuid.uuid4().hex[:6]
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, final)
+        publish_step(tmp, final, {"imported": label, "blob": desc.digest})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

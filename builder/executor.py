@@ -134,6 +134,18 @@ def _sha(*parts) -> str:
     return h.hexdigest()
 
 
+def publish_step(tmp: str, final: str, record: dict) -> None:
+    """Make the step finished in TMP the step cache's entry FINAL: its `done` marker (RECORD and the time),
+    then a rename, replacing what FINAL held (a --no-cache rerun, or an unfinished step left by a failure)."""
+    with open(os.path.join(tmp, "done"), "w") as f:
+        json.dump({**record, "time": time.time()}, f)
+    if os.path.exists(final):
+        old = final + ".old-" + uuid.uuid4().hex[:6]
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+
+
 def tree_digest(root: str, rel_paths: list[str], ignored=None) -> str:
     """A digest of what COPY would read: names, types, modes, owners, link targets and contents.
 
@@ -552,13 +564,7 @@ class Builder:
                     unmount(merged)
                 self.mounts.remove(merged)
             shutil.rmtree(work, ignore_errors=True)
-            with open(os.path.join(tmp, "done"), "w") as f:
-                json.dump({"instruction": step.text, "stage": label, "time": time.time()}, f)
-            if os.path.exists(final):  # --no-cache: the new result replaces the old
-                old = final + ".old-" + uuid.uuid4().hex[:6]
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, final)
+            publish_step(tmp, final, {"instruction": step.text, "stage": label})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

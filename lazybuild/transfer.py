@@ -509,6 +509,19 @@ def open_source(loc: Location, insecure: bool = False) -> Source:
     return ArchiveSource(loc.path, loc.tag)
 
 
+def read_image(loc: Location, platform: Platform | None, insecure: bool = False) -> tuple[Manifest, bytes]:
+    """The manifest of LOC's image for PLATFORM (this machine's if None) and its config's bytes (verified)."""
+    src = open_source(loc, insecure)
+    try:
+        images = src.manifests(platform, False)
+        if not images:
+            raise TransferError(f"{loc}: no image for this platform")
+        manifest = images[0][0]
+        return manifest, src.read(manifest.config)
+    finally:
+        src.close()
+
+
 # --- destinations ---------------------------------------------------------------------------------------
 
 

@@ -200,16 +200,8 @@ def _inspect_registry(ref, args) -> dict:
 
 
 def _inspect_local(loc, args) -> dict:
-    from ..transfer import open_source
+    from ..transfer import read_image
 
-    src = open_source(loc)
-    try:
-        images = src.manifests(platform_of(args), False)
-        if not images:
-            raise DataError(f"{loc}: no image for this platform")
-        manifest = images[0][0]
-        raw_config = src.read(manifest.config)
-    finally:
-        src.close()
+    manifest, raw_config = read_image(loc, platform_of(args))
     return {"reference": str(loc), "digest": manifest.digest, "manifest": json.loads(manifest.raw),
             "config": _config_json(raw_config, str(loc), manifest.config.digest)}

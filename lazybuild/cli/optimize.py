@@ -76,17 +76,9 @@ def optimize(args) -> int:
 
 def _image_config(loc, args) -> tuple[dict, str]:
     """The image's config, and its manifest's digest (of the platform chosen)."""
-    from ..transfer import open_source
+    from ..transfer import read_image
 
-    src = open_source(loc, args.insecure)
-    try:
-        images = src.manifests(platform_of(args), False)
-        if not images:
-            raise DataError(f"{loc}: no image for this platform")
-        manifest = images[0][0]
-        raw = src.read(manifest.config)
-    finally:
-        src.close()
+    manifest, raw = read_image(loc, platform_of(args), args.insecure)
     try:
         config = json.loads(raw)
     except ValueError as e:
